@@ -1,0 +1,505 @@
+"""InternLM2 decoder with partial LoRA (PLoRA), KV cache, image splicing, LM head, generation and checkpoint I/O.
+
+One file from `config.json` + safetensors to logits: the math follows spec ixc25.md §8-§9 (official
+modeling_internlm2.py / build_mlp.py of IXC-2.5), the key names follow the checkpoint (`model.layers.L.attention.wqkv`,
+`...Plora_A`, `vision_proj`, `plora_glb_GN`). `InternLMXComposer2` is the chat/policy model; reward.py puts a `score`
+head on the same trunk.
+"""
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data import DEFAULT_META, Tokenizer, chat_prompt, tokenize_segments
+from vision import CLIPVisionTower, VisionConfig, build_vision_proj, hd_views, layout_tokens, load_visual
+
+
+@dataclass
+class Config:
+    """The official `config.json` fields the model reads (7B defaults), plus what the checkpoint implies."""
+    vocab_size: int = 92544
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    rope_scaling: dict = None  # {"type": "dynamic", "factor": 2.0} in IXC-2.5
+    max_position_embeddings: int = 24576
+    max_length: int = 16384  # the official truncation length
+    bias: bool = False
+    pad_token_id: int = 2
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    vision_config: dict = field(default_factory=dict)
+    plora_rank: int = 256  # not a config field upstream: read from `Plora_A.weight.shape[0]` at load
+    plora_dropout: float = 0.0  # official training uses 0.05; off by default so policy/ref/critic agree (RLHF)
+    head: str = "output"  # "output" (LM), "score" (reward: linear) or "score_mlp" (BaseReward's 2-layer SiLU head)
+
+    REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads")
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config.json not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{path}: missing required field(s) {missing}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def vision(self):
+        return VisionConfig.from_dict(self.vision_config)
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()  # statistics in fp32, as upstream
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class PLoRA(nn.Linear):
+    """Linear + a LoRA that acts only on image tokens (`im_mask`), scale alpha/r = 1 (spec §9)."""
+
+    def __init__(self, in_features, out_features, rank, bias=False, dropout=0.0):
+        super().__init__(in_features, out_features, bias=bias)
+        self.Plora_A = nn.Linear(in_features, rank, bias=False) if rank else None
+        self.Plora_B = nn.Linear(rank, out_features, bias=False) if rank else None
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, im_mask=None):
+        y = super().forward(x)
+        if self.Plora_A is not None and im_mask is not None and im_mask.any():
+            y[im_mask] += self.Plora_B(self.Plora_A(self.lora_dropout(x[im_mask])))
+        return y
+
+
+def rope_inv_freq(cfg, kv_len):
+    """RoPE frequencies; dynamic NTK raises the base only for sequences longer than max_position_embeddings.
+    (Upstream keeps the raised base for later, shorter calls; we recompute per call and say so in the README.)"""
+    base, dim = cfg.rope_theta, cfg.head_dim
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("type") == "dynamic" and kv_len > cfg.max_position_embeddings:
+        f = scaling["factor"]
+        base = base * (f * kv_len / cfg.max_position_embeddings - (f - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+
+
+def rope_cos_sin(cfg, position_ids, kv_len):
+    """position_ids [B, L] -> cos, sin [B, 1, L, head_dim] in fp32 ("rotate_half" layout: the angles twice)."""
+    inv_freq = rope_inv_freq(cfg, kv_len).to(position_ids.device)
+    angles = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        r, p = cfg.plora_rank, cfg.plora_dropout
+        self.wqkv = PLoRA(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.hd, r, cfg.bias, p)
+        self.wo = PLoRA(self.n_head * self.hd, cfg.hidden_size, r, cfg.bias, p)
+
+    def forward(self, x, im_mask, cos, sin, mask, cache, layer):
+        B, L, _ = x.shape
+        g = self.n_head // self.n_kv
+        # packed rows: [kv group][g query heads, 1 key, 1 value][head_dim] (spec §8.3)
+        qkv = self.wqkv(x, im_mask).view(B, L, self.n_kv, g + 2, self.hd)
+        q = qkv[:, :, :, :g].reshape(B, L, self.n_head, self.hd).transpose(1, 2)
+        k = qkv[:, :, :, g].transpose(1, 2)
+        v = qkv[:, :, :, g + 1].transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # query head h reads kv head h // g
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1), im_mask)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, h, r, p = cfg.hidden_size, cfg.intermediate_size, cfg.plora_rank, cfg.plora_dropout
+        self.w1, self.w3, self.w2 = PLoRA(d, h, r, dropout=p), PLoRA(d, h, r, dropout=p), PLoRA(h, d, r, dropout=p)
+
+    def forward(self, x, im_mask):
+        return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, im_mask, cos, sin, mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), im_mask, cos, sin, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x), im_mask)
+
+
+class KVCache:
+    """Preallocated keys/values [layers, B, n_kv, max_len, head_dim] plus which key slots are real (not padding)."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.len = 0  # filled positions, shared by all rows
+        self.n_layers = cfg.num_hidden_layers
+
+    def append_valid(self, attention_mask):
+        L = attention_mask.shape[1]
+        if self.len + L > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {self.len} + {L} > {self.k.shape[3]} positions")
+        self.valid[:, self.len:self.len + L] = attention_mask.bool()
+
+    def update(self, layer, k, v):
+        L = k.shape[2]
+        self.k[layer, :, :, self.len:self.len + L] = k
+        self.v[layer, :, :, self.len:self.len + L] = v
+        if layer == self.n_layers - 1:
+            self.len += L
+            return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
+        return self.k[layer, :, :, :self.len + L], self.v[layer, :, :, :self.len + L]
+
+    def repeat(self, n):
+        """Best-of-N / group sampling: one prefilled prompt becomes n rows (each row repeated n times in place)."""
+        for name in ("k", "v"):
+            setattr(self, name, getattr(self, name).repeat_interleave(n, dim=1))
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+        return self
+
+
+class InternLM2Model(nn.Module):
+    """`model.*`: embeddings, decoder layers, final norm. Returns the final-normed hidden states."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, embeds, im_mask=None, attention_mask=None, position_ids=None, cache=None):
+        """embeds [B, L, D]; im_mask [B, L] bool (PLoRA on); attention_mask [B, L] (0 = padding, any side);
+        position_ids default to 0..L-1 after what the cache holds, as upstream (right padding never shifts them)."""
+        B, L, _ = embeds.shape
+        past = cache.len if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=embeds.device).expand(B, L)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, past + L)
+        mask = None
+        if cache is not None:
+            cache.append_valid(attention_mask if attention_mask is not None else torch.ones_like(position_ids))
+            key_valid = cache.valid[:, :past + L]
+        else:
+            key_valid = attention_mask.bool() if attention_mask is not None else None
+        if key_valid is not None and not key_valid.all():
+            # causal + key padding; a query always sees itself so fully padded rows never softmax over nothing
+            q_pos = torch.arange(past, past + L, device=embeds.device)[:, None]
+            k_pos = torch.arange(past + L, device=embeds.device)[None, :]
+            mask = (k_pos <= q_pos)[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])
+            mask = mask[:, None]
+        elif L > 1 and past > 0:  # chunked prefill on a cache: plain causal offset by `past`
+            q_pos = torch.arange(past, past + L, device=embeds.device)[:, None]
+            mask = (torch.arange(past + L, device=embeds.device)[None, :] <= q_pos)[None, None]
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, im_mask, cos, sin, mask, None, i,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, im_mask, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The multimodal model: vision path + decoder + head
+
+
+class InternLMXComposer2(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        vcfg = cfg.vision
+        self.model = InternLM2Model(cfg)
+        self.vit = CLIPVisionTower(vcfg)
+        self.vision_proj = build_vision_proj(vcfg.hidden_size, cfg.hidden_size)
+        self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, 4 * vcfg.hidden_size))
+        self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, 4 * vcfg.hidden_size))
+        if cfg.head == "output":
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        elif cfg.head == "score":
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        elif cfg.head == "score_mlp":
+            self.score = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.SiLU(),
+                                       nn.Linear(cfg.hidden_size, 1))
+        else:
+            raise ValueError(f"unknown head {cfg.head!r}; expected 'output', 'score' or 'score_mlp'")
+        self.tokenizer = None
+
+    @property
+    def device(self):
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.tok_embeddings.weight.dtype
+
+    # --- vision ---
+    def encode_images(self, pixel_list):
+        """HD pixel tensors -> projected image tokens [n_i, D] each (one ViT batch over all views of all images)."""
+        crop, grid = self.cfg.vision.image_size, self.cfg.vision.grid
+        views, grids = zip(*(hd_views(p.to(self.device), crop) for p in pixel_list))
+        feats = self.vit(torch.cat(views).to(self.dtype))
+        tokens, start = [], 0
+        for hw in grids:
+            n = 1 + hw[0] * hw[1]
+            tokens.append(layout_tokens(feats[start:start + n], hw, self.plora_glb_GN, self.plora_sub_GN, grid))
+            start += n
+        return [self.vision_proj(t) for t in tokens]
+
+    def embed(self, segments, pixel_list=(), max_length=None):
+        """Official splicing: token-id segments and image indices -> embeds [L, D], im_mask [L], cut at max_length."""
+        images = self.encode_images(pixel_list) if len(pixel_list) else []
+        parts, masks = [], []
+        for seg in segments:
+            if isinstance(seg, int):
+                e = images[seg]
+            else:
+                e = self.model.tok_embeddings(torch.tensor(seg, dtype=torch.long, device=self.device))
+            parts.append(e)
+            masks.append(torch.full((e.shape[0],), isinstance(seg, int), dtype=torch.bool, device=self.device))
+        embeds, im_mask = torch.cat(parts), torch.cat(masks)
+        if max_length is not None and embeds.shape[0] > max_length:
+            embeds, im_mask = embeds[:max_length], im_mask[:max_length]
+        return embeds, im_mask
+
+    def prepare(self, text, images=(), hd_num=24, max_length=None, train_transform=False):
+        """Text with `<ImageHere>` placeholders + images -> (embeds, im_mask). Several images force hd_num 6."""
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer attached: load with from_pretrained or set model.tokenizer")
+        images = list(images)
+        hd_num = 6 if len(images) > 1 else hd_num
+        segments = tokenize_segments(self.tokenizer, text, len(images))
+        pixels = [load_visual(im, hd_num, self.cfg.vision.image_size, train_transform) for im in images]
+        return self.embed(segments, pixels, max_length)
+
+    # --- LM head and generation ---
+    def forward(self, embeds, im_mask=None, attention_mask=None, position_ids=None, cache=None):
+        h = self.model(embeds, im_mask, attention_mask, position_ids, cache)
+        return self.output(h).float()
+
+    @torch.no_grad()
+    def generate(self, embeds, im_mask, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
+                 stop_ids=None, generator=None, n=1, repetition_penalty=1.0):
+        """Sample continuations of left-padded prompts (embeds [B, L, D]); the prompt is prefilled once and its KV
+        cache copied to `n` rows per prompt (best-of-N, group sampling). Returns new ids [B*n, T], pad after stop."""
+        B, L, _ = embeds.shape
+        stop_ids = torch.tensor(stop_ids or [self.tokenizer.eos_id, self.tokenizer.eot_id], device=self.device)
+        attention_mask = torch.ones(B, L, dtype=torch.long, device=self.device) if attention_mask is None \
+            else attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.cfg, B, L + max_new_tokens, self.dtype, self.device)
+        logits = self.output(self.model(embeds, im_mask, attention_mask, position_ids, cache)[:, -1]).float()
+        if n > 1:
+            cache.repeat(n)
+            logits, position_ids = logits.repeat_interleave(n, 0), position_ids.repeat_interleave(n, 0)
+        next_pos = position_ids[:, -1:] + 1
+        out = torch.full((B * n, max_new_tokens), self.cfg.pad_token_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(B * n, dtype=torch.bool, device=self.device)
+        for t in range(max_new_tokens):
+            if repetition_penalty != 1.0 and t > 0:  # HF rule: divide positive logits, multiply negative ones
+                seen = logits.gather(1, out[:, :t])
+                logits = logits.scatter(1, out[:, :t], torch.where(seen > 0, seen / repetition_penalty,
+                                                                   seen * repetition_penalty))
+            tok = sample_token(logits, temperature, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.cfg.pad_token_id), tok)
+            out[:, t] = tok
+            done |= torch.isin(tok, stop_ids)
+            if done.all():
+                return out[:, :t + 1]
+            emb = self.model.tok_embeddings(tok)[:, None]
+            logits = self(emb, None, torch.ones(B * n, 1, dtype=torch.long, device=self.device), next_pos, cache)[:, -1]
+            next_pos = next_pos + 1
+        return out
+
+    def chat(self, query, image=(), history=(), use_meta=False, hd_num=24, max_new_tokens=512, temperature=0.0,
+             top_p=1.0, repetition_penalty=1.005):
+        """The official `chat` helper (its default repetition_penalty 1.005): query (+ images), history -> response."""
+        images = [image] if isinstance(image, (str, Path)) else list(image)
+        meta = DEFAULT_META if use_meta else None
+        embeds, im_mask = self.prepare(chat_prompt(query, history, meta), images, hd_num)
+        ids = self.generate(embeds[None], im_mask[None], max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, repetition_penalty=repetition_penalty)[0].tolist()
+        response = self.tokenizer.decode([i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.eot_id)])
+        return response, list(history) + [(query, response)]
+
+    # --- loading and saving ---
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device=None, tokenizer=None, **overrides):
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        cfg = Config.from_json(path / "config.json")
+        files = checkpoint_files(path)
+        shapes = tensor_shapes(files)
+        plora = [s[0] for k, s in shapes.items() if k.endswith("Plora_A.weight")]
+        cfg.plora_rank = plora[0] if plora else 0
+        if "output.weight" not in shapes:
+            cfg.head = "score_mlp" if "score.0.weight" in shapes else "score"
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_weights(model, files, dtype, device or "cpu")
+        tok = tokenizer or (path / "tokenizer.model")
+        model.tokenizer = tok if isinstance(tok, Tokenizer) else Tokenizer(tok)
+        return model.eval()
+
+    def save_pretrained(self, path, metadata=None):
+        """config.json + model.safetensors (+ tokenizer.model), each written to a temp name and renamed."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.cfg)
+        cfg.pop("plora_dropout")
+        atomic_write_text(path / "config.json", json.dumps(cfg, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path / "model.safetensors")
+        if self.tokenizer is not None and (path / "tokenizer.model").resolve() != self.tokenizer.path.resolve():
+            atomic_write_bytes(path / "tokenizer.model", self.tokenizer.path.read_bytes())
+
+
+def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Greedy at temperature 0; else nucleus sampling from softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint files (safetensors only)
+
+# stored upstream but never used by the forward pass: chat-only task LoRAs (infer_mode 'write'/'web'), CLIP's
+# post_layernorm, and non-persistent buffers that old exports may carry
+IGNORED_KEYS = (".lora_sft_", ".lora_dpo_", ".lora_web_", "post_layernorm.", "rotary_emb.", "position_ids")
+
+
+def checkpoint_files(path):
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise ValueError(f"{path} holds only pickle weights (.bin/.pt), which we do not load (pickle can run code). "
+                         "Use the safetensors files: for internlm/internlm-xcomposer2d5-7b-reward they are on the "
+                         "model repo's refs/pr/1 branch (model-0000x-of-00003.safetensors + index).")
+    raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+
+def tensor_shapes(files):
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
+            raise ValueError(f"cannot read safetensors file {f}: {e} (truncated or corrupt download?)") from None
+    return shapes
+
+
+def load_weights(model, files, dtype, device):
+    """Copy each tensor once from the memory-mapped files into the (meta-initialised) model; strict on names/shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found, problems = {}, []
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                if k not in expected:
+                    if not any(s in k for s in IGNORED_KEYS):
+                        problems.append(f"unexpected: {k}")
+                    continue
+                shape = tuple(sf.get_slice(k).get_shape())
+                if shape != expected[k]:
+                    problems.append(f"wrong shape: {k} is {list(shape)} in {f.name}, model expects {list(expected[k])}")
+                    continue
+                try:
+                    found[k] = sf.get_tensor(k).to(device=device, dtype=dtype)
+                except Exception as e:
+                    raise ValueError(f"cannot read tensor {k} from {f}: {e} (truncated or corrupt file?)") from None
+    problems += [f"missing: {k}" for k in expected if k not in found]
+    if problems:
+        raise ValueError(f"checkpoint {files[0].parent} does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(found, assign=True, strict=True)
+
+
+def atomic_write_bytes(path, data):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode())
