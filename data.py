@@ -3,13 +3,17 @@
 The tokenizer reproduces the official slow `InternLM2Tokenizer` under transformers 4.33.2, the version the
 official reward-training README names and the one that produced ../shared/golden (spec ixc25.md §3, golden §8).
 """
+import io
 import json
-import math
+import os
 import random
 import re
+import zlib
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
+from PIL import Image, ImageDraw
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 REWARD_TOKEN = "[UNUSED_TOKEN_130]"
@@ -148,3 +152,540 @@ def tokenize_segments(tokenizer, text, n_images):
         if i < n_images:
             segments.append(i)
     return segments
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data files: the official reward format (conversations_a chosen, conversations_b rejected, image), the official
+# fine-tuning format (conversations, image), as a JSON list or JSONL, and data.txt mixtures. Image paths are
+# relative to the data file. Every error names the file and row.
+
+
+def read_rows(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON row ({e.msg})") from None
+    return rows
+
+
+def _images(row, base, where):
+    image = row.get("image", [])
+    images = [image] if isinstance(image, str) else list(image)
+    out = []
+    for im in images:
+        p = (base / im) if not Path(im).is_absolute() else Path(im)
+        if not p.exists():
+            raise FileNotFoundError(f"{where}: image not found: {p}")
+        out.append(str(p))
+    return out
+
+
+def _where(path, i, row):
+    return f"{path} row {i + 1}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
+
+
+def read_preference(path):
+    """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind"}] (role/content messages)."""
+    path = Path(path)
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        where = _where(path, i, row)
+        if not isinstance(row, dict) or "conversations_a" not in row or "conversations_b" not in row:
+            raise ValueError(f"{where}: expected 'conversations_a' (chosen) and 'conversations_b' (rejected)")
+        try:
+            chosen, rejected = from_official(row["conversations_a"]), from_official(row["conversations_b"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected,
+                    "images": _images(row, path.parent, where), "kind": row.get("kind", "")})
+    return out
+
+
+def read_sft(path):
+    """Official fine-tuning rows -> [{"id", "conversation", "images", ...ground truth kept}]."""
+    path = Path(path)
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        where = _where(path, i, row)
+        if not isinstance(row, dict) or "conversations" not in row:
+            raise ValueError(f"{where}: expected a 'conversations' list of {{'from', 'value'}} messages")
+        try:
+            conversation = from_official(row["conversations"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not conversation or conversation[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's answer")
+        out.append({**row, "id": row.get("id", i), "conversation": conversation,
+                    "images": _images(row, path.parent, where)})
+    return out
+
+
+def read_mixture(path, seed=0, reader=read_preference):
+    """`data.txt`: lines `<json path> <k>`: k*1000 samples of that file per epoch (down- or up-sampled)."""
+    path = Path(path)
+    rng = random.Random(seed)
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected '<json path> <k>', got {line!r}")
+        rows = reader(path.parent / parts[0])
+        n = int(float(parts[1]) * 1000)
+        out += rng.sample(rows, n) if n <= len(rows) else rows + rng.choices(rows, k=n - len(rows))
+    return out
+
+
+def check_data(conversation):
+    """The official `check_data` on the last message: no chat-markup leftovers, not empty, not one giant word."""
+    text = conversation[-1]["content"]
+    if "<|im_start|>" in text or "<|im_end|>" in text or not text.strip():
+        return False
+    words = text.replace("\n", " ").split(" ")
+    if not any(words):
+        return False
+    return not (len(text) > 500 and max(len(w) for w in words) > 100)
+
+
+def length_ok(pair, max_len_ratio):
+    """The paper's length constraint: drop pairs whose chosen answer is much longer than the rejected one, so the
+    reward model cannot learn 'longer is better'."""
+    c, r = len(pair["chosen"][-1]["content"]), len(pair["rejected"][-1]["content"])
+    return c <= max_len_ratio * max(r, 1)
+
+
+def mix_image_text(samples, seed=0):
+    """The official 2:1 interleave: two samples with images, then one text-only, while both last."""
+    rng = random.Random(seed)
+    image = [s for s in samples if s["images"]]
+    text = [s for s in samples if not s["images"]]
+    rng.shuffle(image)
+    rng.shuffle(text)
+    out = []
+    while image or text:
+        for pool, k in ((image, 2), (text, 1)):
+            for _ in range(k):
+                if pool:
+                    out.append(pool.pop())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The built-in world: tiny grid-of-shapes images with known ground truth, questions, systematic SFT errors and
+# preference pairs, written in the official formats so the same readers serve real and built-in data.
+# Perception is made easy on purpose: a 112x112 image is a 4x4 grid of 28-px cells, each cell is exactly one
+# merged vision token (2x2 ViT patches of 14 px), each object fills one cell, and the colours/shapes are few and
+# far apart, so one token's pixels identify colour+shape.
+
+IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES = ("circle", "square", "triangle")
+# Weights tuned with the error rules (systematic_error) so ~23% of SFT answers are wrong overall.
+IMAGE_KINDS = {"colour": 0.24, "count": 0.24, "presence": 0.22, "position": 0.18, "describe": 0.12}
+TEXT_KINDS = {"arith": 0.5, "compare": 0.5}
+IMAGE_SHARE = 2 / 3          # official reward mix: 2 image samples : 1 text sample
+HELDOUT_MOD = 10             # image layouts with crc32 % 10 == 0 exist only in held-out splits
+ARITH_MAX, COMPARE_MAX = 9, 20
+ERROR_KINDS = ("overcount", "colour_confusion", "absent_object", "position_swap")
+# Rejected kinds and how often the chosen answer is the longer one per kind: longer_wrong is
+# always longer, so the others compensate and a length-only rule stays near 50%.
+PREF_KINDS = {"wrong_value": 0.5, "refusal": 0.25, "longer_wrong": 0.25}
+CHOSEN_LONGER = {"wrong_value": 0.6, "refusal": 0.8, "longer_wrong": 0.0}
+LONG_P_CHOSEN = 0.8          # share of chosen elaborations in the long fluent style (see make_pair)
+GT_KEYS = ("kind", "query", "truth", "objects")   # ground truth kept in every row for is_correct
+SPECIAL_PIECES = ["[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]
+
+REFUSALS = {"image": ["I cannot see the image.", "Sorry, I can't see any image.",
+                      "There is no image, so I cannot tell.",
+                      "I am sorry, but I am unable to see the image, so I cannot answer this question."],
+            "text": ["I don't know.", "Sorry, I cannot answer that.", "I am not sure.",
+                     "I am sorry, but I am not sure how to answer this question right now."]}
+REFUSAL_MARKERS = ("cannot see", "can't see", "no image", "unable", "sorry", "don't know", "not sure",
+                   "cannot answer", "can't answer", "cannot tell", "can't tell", "as an ai")
+CLAUSE = {"image": "I checked the whole image carefully.", "text": "I checked this carefully."}
+LONG_PREFIX = {"image": "Looking at the image carefully,", "text": "Let me think about this step by step,"}
+LONG_FILLER = {"image": "This is easy to see against the white background.",
+               "text": "I am confident in this answer."}
+NUM_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+COLOUR_RE = r"\b(" + "|".join(COLOURS) + r")\b"
+SHAPE_RE = r"\b(" + "|".join(SHAPES) + r")s?\b"
+NUM_RE = r"\b(\d+|" + "|".join(NUM_WORDS) + r")\b"
+
+
+def quadrant(row, col):
+    return ("top" if row < GRID // 2 else "bottom") + " " + ("left" if col < GRID // 2 else "right")
+
+
+def layout_is_heldout(objects):
+    return zlib.crc32(json.dumps(objects).encode()) % HELDOUT_MOD == 0
+
+
+def sample_objects(rng, max_objects=4, heldout=False):
+    """1..max_objects objects, at most one per cell, row-major order; split by layout hash."""
+    while True:
+        cells = sorted(rng.choice(GRID * GRID, size=rng.integers(1, max_objects + 1), replace=False))
+        objs = [[str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(c // GRID), int(c % GRID)]
+                for c in cells]
+        if layout_is_heldout(objs) == heldout:
+            return objs
+
+
+def draw(objects):
+    im = Image.new("RGB", (IMG, IMG), "white")
+    d = ImageDraw.Draw(im)
+    for colour, shape, row, col in objects:
+        x0, y0 = col * CELL + MARGIN, row * CELL + MARGIN
+        x1, y1 = x0 + CELL - 2 * MARGIN - 1, y0 + CELL - 2 * MARGIN - 1
+        fill = COLOURS[colour]
+        if shape == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=fill)
+        elif shape == "square":
+            d.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            d.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    return im
+
+
+def _pick(rng, weights):
+    return str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
+
+
+def _question(rng, kind, objs):
+    """Returns (question, query, truth) or None when this image cannot support the kind unambiguously."""
+    shapes = [o[1] for o in objs or []]
+    pairs = [(o[0], o[1]) for o in objs or []]
+    if kind == "colour":
+        uniq = [o for o in objs if shapes.count(o[1]) == 1]
+        if not uniq:
+            return None
+        c, s, _, _ = uniq[rng.integers(len(uniq))]
+        return f"What colour is the {s}?", {"shape": s}, c
+    if kind == "count":
+        # Ask about a random object's attribute: size-biased, so counts >= 2 are common.
+        o = objs[rng.integers(len(objs))]
+        if rng.random() < 0.5:
+            return f"How many {o[1]}s are there?", {"shape": o[1]}, shapes.count(o[1])
+        return f"How many {o[0]} objects are there?", {"colour": o[0]}, [p[0] for p in pairs].count(o[0])
+    if kind == "presence":
+        if rng.random() < 0.5:
+            c, s = pairs[rng.integers(len(pairs))]
+        else:
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pairs]
+            # Mostly hard negatives (shape present, other colour): they test binding.
+            hard = [p for p in absent if p[1] in shapes]
+            pool = hard if hard and rng.random() < 0.7 else absent
+            c, s = pool[rng.integers(len(pool))]
+        return f"Is there a {c} {s}?", {"colour": c, "shape": s}, "yes" if (c, s) in pairs else "no"
+    if kind == "position":
+        uniq = [o for o in objs if pairs.count((o[0], o[1])) == 1]
+        if not uniq:
+            return None
+        c, s, r, col = uniq[rng.integers(len(uniq))]
+        return f"Where is the {c} {s}?", {"colour": c, "shape": s}, quadrant(r, col)
+    if kind == "describe":
+        return "Describe the image.", {}, [[c, s, quadrant(r, col)] for c, s, r, col in objs]
+    a, b = (int(x) for x in rng.integers(1, ARITH_MAX + 1, size=2))
+    if kind == "arith":
+        return f"What is {a} + {b}?", {"a": a, "b": b}, a + b
+    a, b = (int(x) for x in rng.choice(np.arange(1, COMPARE_MAX + 1), size=2, replace=False))
+    return f"Which is larger, {a} or {b}?", {"a": a, "b": b}, max(a, b)
+
+
+def make_item(rng, max_objects=4, heldout=False, kind=None):
+    """One question with ground truth; `max_objects` is the curriculum knob (1 = single object)."""
+    image = kind in IMAGE_KINDS if kind else rng.random() < IMAGE_SHARE
+    k = kind or _pick(rng, IMAGE_KINDS if image else TEXT_KINDS)
+    while True:
+        objs = sample_objects(rng, max_objects, heldout) if image else None
+        qa = _question(rng, k, objs)
+        if qa:
+            item = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2]}
+            return dict(item, objects=objs) if image else item
+
+
+def render(item, value):
+    """Fixed-template answer sentence stating `value` for this item's question."""
+    k, q = item["kind"], item["query"]
+    if k == "colour":
+        return f"The {q['shape']} is {value}."
+    if k == "count":
+        noun = q["shape"] if "shape" in q else q["colour"] + " object"
+        return f"There is 1 {noun}." if value == 1 else f"There are {value} {noun}s."
+    if k == "presence":
+        return (f"Yes, there is a {q['colour']} {q['shape']}." if value == "yes"
+                else f"No, there is no {q['colour']} {q['shape']}.")
+    if k == "position":
+        return f"The {q['colour']} {q['shape']} is in the {value}."
+    if k == "describe":
+        parts = [f"a {c} {s} in the {p}" for c, s, p in value]
+        if len(parts) == 1:
+            return f"There is 1 object: {parts[0]}."
+        return f"There are {len(parts)} objects: {', '.join(parts[:-1])} and {parts[-1]}."
+    if k == "arith":
+        return f"{q['a']} + {q['b']} = {value}."
+    return f"{value} is larger."
+
+
+def systematic_error(item):
+    """(error kind, wrong value) a weaker model would produce for this item, or None.
+    Deterministic in the input so a policy fitted on it reproduces it under greedy decoding."""
+    k, q, t = item["kind"], item["query"], item["truth"]
+    if k == "count" and t >= 2:
+        return "overcount", t + 1
+    if k == "colour" and t in ("green", "blue"):
+        return "colour_confusion", "blue" if t == "green" else "green"   # swaps the two cool hues
+    if k == "presence" and t == "no" and q["shape"] in [o[1] for o in item["objects"]]:
+        return "absent_object", "yes"          # binds on shape only, ignores the colour
+    if k == "position" and q["shape"] == "triangle":
+        v, h = t.split()
+        return "position_swap", v + " " + ("right" if h == "left" else "left")
+    return None
+
+
+def wrong_value(rng, item):
+    """A wrong value of the same type; half the time the systematic error when there is one."""
+    err = systematic_error(item)
+    if err and rng.random() < 0.5:
+        return err[1]
+    k, t = item["kind"], item["truth"]
+    if k == "colour":
+        opts = [c for c in COLOURS if c != t]
+    elif k == "count":
+        opts = [n for n in range(1, 6) if n != t]
+    elif k == "presence":
+        opts = ["no" if t == "yes" else "yes"]
+    elif k == "position":
+        opts = [quadrant(r, c) for r in (0, 3) for c in (0, 3) if quadrant(r, c) != t]
+    elif k == "describe":
+        objs = [list(o) for o in t]
+        i = int(rng.integers(len(objs)))
+        if len(objs) > 1 and rng.random() < 0.3:
+            return objs[:i] + objs[i + 1:]
+        objs[i][0] = str(rng.choice([c for c in COLOURS if c != objs[i][0]]))
+        return objs
+    else:
+        opts = [v for v in range(t - 3, t + 4) if v != t and v >= 0]
+        if k == "compare":
+            opts = [min(item["query"]["a"], item["query"]["b"])]
+    return opts[rng.integers(len(opts))]
+
+
+def _numbers(text):
+    return [int(m) if m.isdigit() else NUM_WORDS[m] for m in re.findall(NUM_RE, text)]
+
+
+def is_correct(item, answer):
+    """Judge a free-form answer: parse the key value; refusals, empty answers and answers naming
+    two different values are wrong."""
+    a = (answer or "").strip().lower().replace("\u2019", "'")
+    if not a or any(m in a for m in REFUSAL_MARKERS):
+        return False
+    k, q, t = item.get("question_kind", item["kind"]), item["query"], item["truth"]
+    colours, shapes = set(re.findall(COLOUR_RE, a)), set(re.findall(SHAPE_RE, a))
+    if k in ("colour", "count", "presence", "position"):
+        if shapes - {q.get("shape")} or (k != "colour" and colours - {q.get("colour")}):
+            return False                          # talks about some other object
+    if k == "colour":
+        return colours == {t}
+    if k == "count":
+        return set(_numbers(a)) == {t}
+    if k == "presence":
+        no = bool(re.search(r"\b(no|not|none)\b|n't", a))
+        yes = bool(re.search(r"\byes\b", a)) or (not no and bool(re.search(r"\bthere (is|are)\b", a)))
+        return yes != no and (yes == (t == "yes"))
+    if k == "position":
+        vert = set(re.findall(r"\b(top|bottom|upper|lower)\b", a.replace("upper", "top").replace("lower", "bottom")))
+        horiz = set(re.findall(r"\b(left|right)\b", a))
+        return len(vert) == 1 and len(horiz) == 1 and f"{vert.pop()} {horiz.pop()}" == t
+    if k == "describe":
+        found = re.findall(rf"{COLOUR_RE} {SHAPE_RE} (?:is )?(?:in|at) the (top|bottom) (left|right)\b", a)
+        found = sorted([c, s, f"{v} {h}"] for c, s, v, h in found)
+        n_colour_words = len(re.findall(COLOUR_RE, a))
+        return (found == sorted(t) and n_colour_words == len(t)
+                and set(_numbers(a)) <= {len(t)})
+    if k == "arith":
+        a = re.sub(rf"\b{q['a']}\s*\+\s*{q['b']}\b", " ", a)
+        return set(_numbers(a)) == {t}
+    a = re.sub(r"\bthan\s+\d+", " ", a)           # compare: "7 is larger than 4"
+    return not re.search(r"\b(smaller|less|lower)\b", a) and set(_numbers(a)) == {t}
+
+
+def _elaborate(rng, text, mod, long_p):
+    """A longer phrasing with the same value: the fluent long form or an extra (true) clause."""
+    if rng.random() < long_p:
+        return f"{LONG_PREFIX[mod]} {text[0].lower()}{text[1:]} {LONG_FILLER[mod]}"
+    return f"{text} {CLAUSE[mod]}"
+
+
+def make_pair(rng, item):
+    """(chosen, rejected, rejected kind). Length and phrasing style must not predict the preference,
+    so chosen answers get the same elaborations as rejected ones, about as often."""
+    mod = "image" if "objects" in item else "text"
+    rkind = _pick(rng, PREF_KINDS)
+    good = render(item, item["truth"])
+    if rkind == "longer_wrong":
+        bad = _elaborate(rng, render(item, wrong_value(rng, item)), mod, 1.0)
+        if len(bad) <= len(good):
+            bad += " " + CLAUSE[mod]
+        return good, bad, rkind
+    want_longer = rng.random() < CHOSEN_LONGER[rkind]
+    if rkind == "refusal":
+        opts = REFUSALS[mod][:-1] if want_longer else REFUSALS[mod][-1:]
+        bad = opts[rng.integers(len(opts))]
+    else:
+        bad = render(item, wrong_value(rng, item))
+    if want_longer and len(good) <= len(bad):
+        good = _elaborate(rng, good, mod, LONG_P_CHOSEN)
+    elif not want_longer and len(good) >= len(bad) and rkind == "wrong_value":
+        bad = _elaborate(rng, bad, mod, 1 - LONG_P_CHOSEN)
+    return good, bad, rkind
+
+
+def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False):
+    rows = []
+    for i in range(n):
+        item = dict(make_item(rng, max_objects, heldout), id=f"{prefix}_{i:05d}")
+        if "objects" in item:
+            rel = f"images/{prefix}_{i:05d}.png"
+            draw(item["objects"]).save(os.path.join(out_dir, rel))
+            item["image"] = rel
+        rows.append(item)
+    return rows
+
+
+def _sft(rng, items, error_rate):
+    rows, errors = [], []
+    for it in items:
+        ans, err = render(it, it["truth"]), systematic_error(it)
+        if err and rng.random() < error_rate:
+            errors.append({"id": it["id"], "kind": err[0], "correct_answer": ans})
+            ans = render(it, err[1])
+        row = {"id": it["id"], **({"image": [it["image"]]} if "image" in it else {})}
+        row["conversations"] = [{"from": "user", "value": it["question"]}, {"from": "assistant", "value": ans}]
+        rows.append(dict(row, **{k: it[k] for k in GT_KEYS if k in it}))
+    return rows, errors
+
+
+def _pref(rng, items):
+    rows = []
+    for it in items:
+        good, bad, rkind = make_pair(rng, it)
+        row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
+        row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
+        row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
+        gt = {k: it[k] for k in GT_KEYS if k in it}
+        gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
+        rows.append(dict(row, **gt, kind=rkind))
+    return rows
+
+
+def write_world(out_dir, seed=0, n_sft=4000, n_pref=3000, n_heldout=300, n_sft_easy=1000,
+                error_rate=1.0):
+    """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
+    sft_easy.json holds single-object images for an SFT curriculum warm-up."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng = [np.random.default_rng([seed, s]) for s in range(8)]
+    sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft"), error_rate)
+    easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1), error_rate)
+    held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
+    files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
+             "pref_train": _pref(rng[6], _items(rng[2], n_pref, out_dir, "pref")),
+             "pref_heldout": _pref(rng[7], _items(rng[3], n_heldout, out_dir, "prefheld", heldout=True)),
+             "heldout_prompts": [dict(it, answer=render(it, it["truth"])) for it in held]}
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = os.path.join(out_dir, name + ".json")
+        with open(paths[name], "w") as f:
+            json.dump(rows, f, indent=1)
+    return paths
+
+
+def template_texts(rows):
+    """Chat-templated strings of sft/pref rows (the text the tokenizer must cover)."""
+    role = {"human": "user", "user": "user", "system": "system"}
+    out = []
+    for r in rows:
+        for key in ("conversations", "conversations_a", "conversations_b"):
+            if key in r:
+                out.append("".join(f"[UNUSED_TOKEN_146]{role.get(m['from'], 'assistant')}\n{m['value']}"
+                                   "[UNUSED_TOKEN_145]\n" for m in r[key]))
+        if "question" in r:
+            out.append(f"[UNUSED_TOKEN_146]user\n{r['question']}[UNUSED_TOKEN_145]\n"
+                       f"[UNUSED_TOKEN_146]assistant\n{r['answer']}[UNUSED_TOKEN_145]\n")
+    return out
+
+
+def train_world_tokenizer(texts, model_path, vocab_size=640):
+    """Small BPE SentencePiece model with the InternLM2 special-token layout (<unk>=0, <s>=1, </s>=2,
+    then the three [UNUSED_TOKEN_*] user-defined pieces). Byte-identical output for identical input:
+    one thread, no sentence sampling, no file path stored in the model. If the text cannot fill
+    `vocab_size` pieces, the largest size it supports is used (read it back from the model)."""
+    sents = list(dict.fromkeys(list(texts) + ["system", "[UNUSED_TOKEN_146]system\n[UNUSED_TOKEN_145]\n"]))
+    opts = dict(
+        sentence_iterator=iter(sents), model_writer=io.BytesIO(), model_type="bpe", vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=SPECIAL_PIECES,
+        byte_fallback=True, add_dummy_prefix=False, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(**opts)
+    except RuntimeError as e:
+        # A small corpus cannot fill a large BPE vocab; sentencepiece names the maximum, so use it.
+        cap = re.search(r"<= (\d+)", str(e))
+        if not cap:
+            raise
+        opts.update(sentence_iterator=iter(sents), model_writer=io.BytesIO(), vocab_size=int(cap.group(1)))
+        spm.SentencePieceTrainer.train(**opts)
+    with open(model_path, "wb") as f:
+        f.write(opts["model_writer"].getvalue())
+    return model_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def token_budget_batches(lengths, budget, seed=0, shuffle=True, bucket=64):
+    """Micro-batches of indices whose padded size (rows x longest) stays within `budget` tokens. Sorting inside
+    windows of `bucket` * (typical batch) samples keeps padding low while the order stays random."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    typical = max(1, budget // max(1, int(sum(lengths) / max(len(lengths), 1))))
+    window = bucket * typical
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+        batch, longest = [], 0
+        for i in chunk:
+            if batch and max(longest, lengths[i]) * (len(batch) + 1) > budget:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, lengths[i])
+        if batch:
+            batches.append(batch)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def padding_waste(lengths, batches):
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1.0 - real / padded

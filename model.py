@@ -302,21 +302,54 @@ class InternLMXComposer2(nn.Module):
             start += n
         return [self.vision_proj(t) for t in tokens]
 
-    def embed(self, segments, pixel_list=(), max_length=None):
-        """Official splicing: token-id segments and image indices -> embeds [L, D], im_mask [L], cut at max_length."""
-        images = self.encode_images(pixel_list) if len(pixel_list) else []
-        parts, masks = [], []
+    def splice(self, segments, images):
+        """Official splicing: token-id segments and image indices -> embeds [L, D], im_mask [L] (PLoRA on image
+        tokens, separators included) and ids [L] (-100 at image tokens)."""
+        parts, masks, ids = [], [], []
         for seg in segments:
             if isinstance(seg, int):
                 e = images[seg]
+                ids.append(torch.full((e.shape[0],), -100, dtype=torch.long, device=self.device))
             else:
-                e = self.model.tok_embeddings(torch.tensor(seg, dtype=torch.long, device=self.device))
+                ids.append(torch.tensor(seg, dtype=torch.long, device=self.device))
+                e = self.model.tok_embeddings(ids[-1])
             parts.append(e)
             masks.append(torch.full((e.shape[0],), isinstance(seg, int), dtype=torch.bool, device=self.device))
-        embeds, im_mask = torch.cat(parts), torch.cat(masks)
-        if max_length is not None and embeds.shape[0] > max_length:
-            embeds, im_mask = embeds[:max_length], im_mask[:max_length]
-        return embeds, im_mask
+        return torch.cat(parts), torch.cat(masks), torch.cat(ids)
+
+    def embed(self, segments, pixel_list=(), max_length=None):
+        embeds, im_mask, _ = self.splice(segments, self.encode_images(pixel_list) if len(pixel_list) else [])
+        return embeds[:max_length], im_mask[:max_length]
+
+    def embed_batch(self, seqs, left_pad=False):
+        """[(segments, pixel tensors)] -> padded batch dict; all images of the batch go through one ViT call."""
+        pixels = [p for _, px in seqs for p in px]
+        images = self.encode_images(pixels) if pixels else []
+        rows, k = [], 0
+        for segments, px in seqs:
+            rows.append(self.splice(segments, images[k:k + len(px)]))
+            k += len(px)
+        return self.pad_batch(rows, left_pad)
+
+    def pad_batch(self, rows, left_pad=False):
+        """Rows of (embeds, im_mask[, ids]) -> batch with the pad token's embedding, attention_mask 0, im_mask 0,
+        ids -100 on padding, and position ids that count real tokens only (so left padding changes nothing)."""
+        L = max(r[0].shape[0] for r in rows)
+        B, D = len(rows), rows[0][0].shape[1]
+        pad = self.model.tok_embeddings.weight[self.cfg.pad_token_id]
+        embeds = pad.expand(B, L, D).clone()
+        im_mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        attention_mask = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        ids = torch.full((B, L), -100, dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            n = row[0].shape[0]
+            at = slice(L - n, L) if left_pad else slice(0, n)
+            embeds[b, at], im_mask[b, at], attention_mask[b, at] = row[0], row[1], 1
+            if len(row) > 2:
+                ids[b, at] = row[2]
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return {"embeds": embeds, "im_mask": im_mask, "attention_mask": attention_mask, "ids": ids,
+                "position_ids": position_ids}
 
     def prepare(self, text, images=(), hd_num=24, max_length=None, train_transform=False):
         """Text with `<ImageHere>` placeholders + images -> (embeds, im_mask). Several images force hd_num 6."""
@@ -377,6 +410,22 @@ class InternLMXComposer2(nn.Module):
                             top_p=top_p, repetition_penalty=repetition_penalty)[0].tolist()
         response = self.tokenizer.decode([i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.eot_id)])
         return response, list(history) + [(query, response)]
+
+    @torch.no_grad()
+    def answer(self, prompts, hd_num=24, max_new_tokens=64, temperature=0.0, top_p=1.0, n=1, generator=None):
+        """Batched chat: [(query, images)] -> n decoded answers per prompt (left-padded prompts, one prefill)."""
+        seqs = [(tokenize_segments(self.tokenizer, chat_prompt(q), len(ims)),
+                 [load_visual(im, hd_num, self.cfg.vision.image_size) for im in ims]) for q, ims in prompts]
+        batch = self.embed_batch(seqs, left_pad=True)
+        out = self.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], max_new_tokens,
+                            temperature, top_p, generator=generator, n=n)
+        return [self.decode_answer(row) for row in out.tolist()]
+
+    def decode_answer(self, ids):
+        """Generated ids -> text up to the first stop token."""
+        stop = {self.tokenizer.eos_id, self.tokenizer.eot_id}
+        end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+        return self.tokenizer.decode(ids[:end])
 
     # --- loading and saving ---
     @classmethod

@@ -23,6 +23,11 @@ from data import reward_template
 from model import InternLMXComposer2
 
 
+def pool_last(rewards, attention_mask):
+    """The reward at the last real position of each row (upstream: argmax of cumsum(attention_mask))."""
+    return rewards.gather(1, attention_mask.cumsum(1).argmax(1)[:, None]).squeeze(1)
+
+
 class RewardModel(InternLMXComposer2):
     """Load with `RewardModel.from_pretrained(dir)`: the head is `score.weight` [1, D] (or BaseReward's MLP)."""
 
@@ -48,16 +53,9 @@ class RewardModel(InternLMXComposer2):
         """[(embeds [L_i, D], im_mask [L_i])] -> scores [B]: right-padded with the pad token's embedding, one
         forward, each read at its last real position (padding sits after every real token, so causal attention
         keeps it out of the scores)."""
-        L = max(e.shape[0] for e, _ in items)
-        pad = self.model.tok_embeddings.weight[self.cfg.pad_token_id]
-        embeds = pad.expand(len(items), L, -1).clone()
-        im_mask = torch.zeros(len(items), L, dtype=torch.bool, device=self.device)
-        attention_mask = torch.zeros(len(items), L, dtype=torch.long, device=self.device)
-        for b, (e, m) in enumerate(items):
-            embeds[b, :e.shape[0]], im_mask[b, :e.shape[0]], attention_mask[b, :e.shape[0]] = e, m, 1
-        rewards = self(embeds, im_mask, attention_mask)
-        ends = attention_mask.cumsum(1).argmax(1)
-        return rewards.gather(1, ends[:, None]).squeeze(1)
+        batch = self.pad_batch(items)
+        rewards = self(batch["embeds"], batch["im_mask"], batch["attention_mask"])
+        return pool_last(rewards, batch["attention_mask"])
 
     @torch.no_grad()
     def get_score(self, conversation, images=(), hd_num=24, max_length=16384, apply_template=True):

@@ -1,0 +1,184 @@
+"""The built-in world: deterministic, its checker is right, its errors are systematic, length predicts nothing."""
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import conftest  # noqa: F401  (puts the repo root on sys.path)
+import data as world
+
+
+@pytest.fixture(scope="module")
+def wd(tmp_path_factory):
+    """The default-sized world, written once."""
+    out = tmp_path_factory.mktemp("world")
+    paths = world.write_world(str(out), seed=0)
+    return {k: json.load(open(p)) for k, p in paths.items()} | {"dir": str(out), "paths": paths}
+
+
+def small(out, seed=0):
+    return world.write_world(str(out), seed=seed, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30)
+
+
+def test_deterministic_by_seed(tmp_path):
+    a, b, c = small(tmp_path / "a"), small(tmp_path / "b"), small(tmp_path / "c", seed=1)
+    for name in a:
+        assert open(a[name], "rb").read() == open(b[name], "rb").read(), name
+    assert open(a["sft_train"], "rb").read() != open(c["sft_train"], "rb").read()
+    for f in sorted(os.listdir(tmp_path / "a" / "images")):
+        assert (tmp_path / "a" / "images" / f).read_bytes() == (tmp_path / "b" / "images" / f).read_bytes()
+
+
+def item(kind, truth, query, objects=None):
+    it = {"kind": kind, "truth": truth, "query": query}
+    return dict(it, objects=objects) if objects is not None else it
+
+
+OBJS = [["green", "circle", 0, 0], ["red", "triangle", 0, 3], ["red", "square", 3, 0], ["red", "square", 3, 3]]
+CASES = [  # (item, answers judged right, answers judged wrong)
+    (item("colour", "green", {"shape": "circle"}, OBJS),
+     ["The circle is green.", "green", "It's Green."],
+     ["The circle is blue.", "The circle is green or blue.", "The square is green."]),
+    (item("count", 3, {"colour": "red"}, OBJS),
+     ["There are 3 red objects.", "three", "3"],
+     ["There are 4 red objects.", "There are 3 or 4.", "There are 3 blue objects.", "many"]),
+    (item("presence", "no", {"colour": "blue", "shape": "circle"}, OBJS),
+     ["No, there is no blue circle.", "No.", "There isn't a blue circle."],
+     ["Yes, there is a blue circle.", "There is a blue circle.", "Yes. No.", "No, there is no red circle."]),
+    (item("presence", "yes", {"colour": "green", "shape": "circle"}, OBJS),
+     ["Yes, there is a green circle.", "yes", "There is a green circle."], ["No.", "Not at all."]),
+    (item("position", "top right", {"colour": "red", "shape": "triangle"}, OBJS),
+     ["The red triangle is in the top right.", "Upper right.", "top-right corner"],
+     ["The red triangle is in the top left.", "top right or bottom right", "The red square is in the top right."]),
+    (item("describe", [["green", "circle", "top left"], ["red", "triangle", "top right"],
+                       ["red", "square", "bottom left"], ["red", "square", "bottom right"]], {}, OBJS),
+     [world.render(item("describe", None, {}), [["green", "circle", "top left"], ["red", "triangle", "top right"],
+                                               ["red", "square", "bottom left"], ["red", "square", "bottom right"]])],
+     ["There are 3 objects: a green circle in the top left, a red triangle in the top right and "
+      "a red square in the bottom left.", "There are 4 objects: a green circle in the top left, a red triangle "
+      "in the top right, a red square in the bottom left and a blue square in the bottom right."]),
+    (item("arith", 11, {"a": 4, "b": 7}), ["4 + 7 = 11.", "11", "The answer is eleven.", "4+7=11"],
+     ["4 + 7 = 12.", "4 + 7 = 1.", "11 or 12"]),
+    (item("compare", 13, {"a": 12, "b": 13}), ["13 is larger.", "13 is larger than 12.", "13"],
+     ["12 is larger.", "12", "13 is smaller.", "12 or 13"]),
+]
+
+
+@pytest.mark.parametrize("it,good,bad", CASES, ids=[c[0]["kind"] for c in CASES])
+def test_is_correct(it, good, bad):
+    assert world.is_correct(it, world.render(it, it["truth"]))
+    for a in good:
+        assert world.is_correct(it, a), a
+    for a in bad + ["", "   "] + sum(world.REFUSALS.values(), []):
+        assert not world.is_correct(it, a), a
+
+
+def test_every_error_kind_is_wrong():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(3000):
+        it = world.make_item(rng)
+        err = world.systematic_error(it)
+        if err:
+            seen.add(err[0])
+            assert not world.is_correct(it, world.render(it, err[1])), (it, err)
+    assert seen == set(world.ERROR_KINDS)
+
+
+def test_sft_rows_and_error_share(wd):
+    errs = {e["id"]: e for e in wd["sft_errors"]}
+    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS)
+    for row in wd["sft_train"] + wd["sft_easy"]:
+        user, bot = row["conversations"]
+        assert (user["from"], bot["from"]) == ("user", "assistant")
+        assert ("image" in row) == (row["kind"] in world.IMAGE_KINDS)
+        if "image" in row:
+            assert isinstance(row["image"], list) and os.path.exists(os.path.join(wd["dir"], row["image"][0]))
+        assert world.is_correct(row, bot["value"]) == (row["id"] not in errs), row
+        if row["id"] in errs:
+            assert world.is_correct(row, errs[row["id"]]["correct_answer"])
+    share = sum(r["id"] in errs for r in wd["sft_train"]) / len(wd["sft_train"])
+    assert 0.20 <= share <= 0.30, share
+    assert all(len(r.get("objects") or [0]) == 1 for r in wd["sft_easy"])
+
+
+@pytest.mark.parametrize("name", ["pref_train", "pref_heldout"])
+def test_pref_pairs(wd, name):
+    rows = wd[name]
+    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS)
+    for r in rows:
+        (qa, a), (qb, b) = r["conversations_a"], r["conversations_b"]
+        assert qa == qb and qa["from"] == "human" and a["from"] == b["from"] == "bot"
+        assert world.is_correct(r, a["value"]) and not world.is_correct(r, b["value"]), r
+        assert "image" not in r or isinstance(r["image"], str)
+    img = sum("image" in r for r in rows) / len(rows)
+    assert 0.6 < img < 0.73, img
+
+
+def test_length_does_not_predict_preference(wd):
+    rows = wd["pref_train"]
+    for f in (len, lambda s: "carefully" in s, lambda s: s.startswith(tuple(world.LONG_PREFIX.values()))):
+        score = [f(r["conversations_a"][1]["value"]) - f(r["conversations_b"][1]["value"]) for r in rows]
+        acc = np.mean([1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in score])
+        assert 0.35 <= acc <= 0.65, acc
+
+
+def test_heldout_disjoint_and_correct(wd):
+    train = {json.dumps(r["objects"]) for k in ("sft_train", "sft_easy", "pref_train") for r in wd[k]
+             if r.get("objects")}
+    for r in wd["heldout_prompts"] + wd["pref_heldout"]:
+        assert not r.get("objects") or json.dumps(r["objects"]) not in train
+    for r in wd["heldout_prompts"]:
+        assert {"id", "question", "answer", "kind", "truth", "query"} <= r.keys()
+        assert world.is_correct(r, r["answer"])
+
+
+def test_images_on_grid(wd):
+    for r in wd["sft_train"][:300]:
+        if "image" not in r:
+            continue
+        im = Image.open(os.path.join(wd["dir"], r["image"][0]))
+        assert im.size == (112, 112) and im.mode == "RGB"
+        px = np.asarray(im).reshape(4, 28, 4, 28, 3).transpose(0, 2, 1, 3, 4)  # [row, col, y, x, rgb]
+        filled = {(o[2], o[3]): o for o in r["objects"]}
+        for row in range(4):
+            for col in range(4):
+                cell = px[row, col]
+                ring = np.concatenate([cell[:world.MARGIN].reshape(-1, 3), cell[-world.MARGIN:].reshape(-1, 3),
+                                       cell[:, :world.MARGIN].reshape(-1, 3), cell[:, -world.MARGIN:].reshape(-1, 3)])
+                assert (ring == 255).all()              # margins keep objects inside their cell
+                if (row, col) not in filled:
+                    assert (cell == 255).all()
+                    continue
+                colour, shape = filled[(row, col)][:2]
+                ink = cell.reshape(-1, 3)[(cell.reshape(-1, 3) != 255).any(1)]
+                assert (ink == world.COLOURS[colour]).all()  # pure colour, no anti-aliasing blend
+                area = len(ink) / 22 ** 2
+                lo, hi = {"square": (0.95, 1.01), "circle": (0.7, 0.85), "triangle": (0.4, 0.6)}[shape]
+                assert lo <= area <= hi, (shape, area)
+
+
+def test_tokenizer(wd, tmp_path):
+    import time
+    import sentencepiece as spm
+    texts = world.template_texts(wd["sft_train"] + wd["pref_train"])
+    t = time.time()
+    p1 = world.train_world_tokenizer(texts, str(tmp_path / "a.model"))
+    assert time.time() - t < 10
+    p2 = world.train_world_tokenizer(texts, str(tmp_path / "b.model"))
+    assert open(p1, "rb").read() == open(p2, "rb").read()
+    sp = spm.SentencePieceProcessor(model_file=p1)
+    assert 500 <= sp.get_piece_size() <= 1000
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert sp.is_unknown(0) and sp.is_control(1) and sp.is_control(2)
+    for piece in world.SPECIAL_PIECES:
+        i = sp.piece_to_id(piece)
+        assert i > 2 and sp.encode(piece) == [i] and i in sp.encode(f"x{piece}\ny")
+    assert sp.piece_to_id("<ImageHere>") == 0 and sp.piece_to_id("system") != 0
+    assert sp.encode("12") == [sp.piece_to_id("1"), sp.piece_to_id("2")]   # split_digits
+    assert sp.decode(sp.encode(texts[0])) == texts[0]
+    assert sp.encode("é", out_type=str) == ["<0xC3>", "<0xA9>"]               # byte fallback
