@@ -594,9 +594,11 @@ def _pref(rng, items):
 
 
 def write_world(out_dir, seed=0, n_sft=4000, n_pref=3000, n_heldout=300, n_sft_easy=1000,
-                error_rate=1.0):
+                error_rate=0.7):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
-    sft_easy.json holds single-object images for an SFT curriculum warm-up."""
+    sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right
+    answer in the SFT policy's distribution (greedy still picks the error), so sampling can find it: best-of-N
+    and PPO need that, as they do with real models."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = [np.random.default_rng([seed, s]) for s in range(8)]
     sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft"), error_rate)

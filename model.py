@@ -44,6 +44,8 @@ class Config:
     plora_rank: int = 256  # not a config field upstream: read from `Plora_A.weight.shape[0]` at load
     plora_dropout: float = 0.0  # official training uses 0.05; off by default so policy/ref/critic agree (RLHF)
     head: str = "output"  # "output" (LM), "score" (reward: linear) or "score_mlp" (BaseReward's 2-layer SiLU head)
+    reward_mean: float = 0.0  # held-out reward statistics stored by the RM stage, for PPO's reward normalisation
+    reward_std: float = 1.0
 
     REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")
@@ -429,7 +431,10 @@ class InternLMXComposer2(nn.Module):
 
     # --- loading and saving ---
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device=None, tokenizer=None, **overrides):
+    def from_pretrained(cls, path, dtype=torch.float32, device=None, tokenizer=None, head=None, seed=0,
+                        **overrides):
+        """Load a checkpoint directory. `head` ("output", "score", "score_mlp") swaps the head: a policy becomes a
+        reward model (or critic) with a freshly initialised score head, as when the RM is built from IXC-2.5."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -438,13 +443,18 @@ class InternLMXComposer2(nn.Module):
         shapes = tensor_shapes(files)
         plora = [s[0] for k, s in shapes.items() if k.endswith("Plora_A.weight")]
         cfg.plora_rank = plora[0] if plora else 0
-        if "output.weight" not in shapes:
-            cfg.head = "score_mlp" if "score.0.weight" in shapes else "score"
+        stored = "output" if "output.weight" in shapes else "score_mlp" if "score.0.weight" in shapes else "score"
+        cfg.head = head or stored
         for k, v in overrides.items():
             setattr(cfg, k, v)
         with torch.device("meta"):
             model = cls(cfg)
-        load_weights(model, files, dtype, device or "cpu")
+        fresh = cfg.head != stored
+        load_weights(model, files, dtype, device or "cpu", skip=("output.", "score.") if fresh else ())
+        if fresh:
+            head_module = model.output if cfg.head == "output" else model.score
+            head_module.to_empty(device=device or "cpu").to(dtype)
+            init_weights(head_module, seed)
         tok = tokenizer or (path / "tokenizer.model")
         model.tokenizer = tok if isinstance(tok, Tokenizer) else Tokenizer(tok)
         return model.eval()
@@ -454,7 +464,8 @@ class InternLMXComposer2(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.cfg)
-        cfg.pop("plora_dropout")
+        for k in ("plora_dropout", "plora_rank", "head"):  # implied by the tensors
+            cfg.pop(k)
         atomic_write_text(path / "config.json", json.dumps(cfg, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = path / "model.safetensors.tmp"
@@ -497,7 +508,7 @@ def checkpoint_files(path):
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))  # not resume.safetensors (training state) or other files
     if files:
         return files
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
@@ -519,15 +530,16 @@ def tensor_shapes(files):
     return shapes
 
 
-def load_weights(model, files, dtype, device):
-    """Copy each tensor once from the memory-mapped files into the (meta-initialised) model; strict on names/shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def load_weights(model, files, dtype, device, skip=()):
+    """Copy each tensor once from the memory-mapped files into the (meta-initialised) model; strict on names/shapes
+    except for the `skip` prefixes (a head being replaced)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
     found, problems = {}, []
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for k in sf.keys():
                 if k not in expected:
-                    if not any(s in k for s in IGNORED_KEYS):
+                    if not any(s in k for s in IGNORED_KEYS) and not k.startswith(skip):
                         problems.append(f"unexpected: {k}")
                     continue
                 shape = tuple(sf.get_slice(k).get_shape())
@@ -540,8 +552,28 @@ def load_weights(model, files, dtype, device):
                     raise ValueError(f"cannot read tensor {k} from {f}: {e} (truncated or corrupt file?)") from None
     problems += [f"missing: {k}" for k in expected if k not in found]
     if problems:
-        raise ValueError(f"checkpoint {files[0].parent} does not match the model:\n  " + "\n  ".join(problems))
-    model.load_state_dict(found, assign=True, strict=True)
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        raise ValueError(f"checkpoint {files[0].parent} does not match the model "
+                         f"({len(problems)} problem(s)):\n  " + "\n  ".join(shown))
+    model.load_state_dict(found, assign=True, strict=not skip)
+
+
+def init_weights(module, seed=0, std=0.02):
+    """Fresh weights for training from scratch or a new head: N(0, std) matrices and embeddings, zero biases, unit
+    norms, and zero `Plora_B` so a new PLoRA starts as a no-op. A scalar head gets N(0, 1/sqrt(D+1)) (the N+
+    implementation details / OpenRLHF value-head init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            elif name.endswith("bias") or "Plora_B" in name:
+                p.zero_()
+            elif p.dim() == 2 and p.shape[0] == 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1] + 1))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
 
 
 def atomic_write_bytes(path, data):

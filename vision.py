@@ -166,19 +166,31 @@ def _pad_bottom(img, crop):
     return canvas
 
 
-def hd_transform(img, hd_num, crop=560, train=False):
-    """Official `Image_transform`: the largest grid with s * ceil(s / ratio) <= hd_num columns-by-rows, never wider
-    than ceil(width / crop) (1.5 x width for the training variant), bilinear resize, white padding to whole crops."""
-    transposed = img.width < img.height
-    if transposed:  # work in landscape; padding then lands on the right of portrait images
-        img = img.transpose(Image.TRANSPOSE)
-    width, height = img.size
+def hd_columns(width, height, hd_num, crop=560, train=False):
+    """Crop columns s of the landscape-oriented image: the largest s with s * ceil(s / ratio) <= hd_num, never
+    more than ceil(width / crop) (1.5 x width for the training variant)."""
+    width, height = max(width, height), min(width, height)
     ratio = width / height
     s = 1
     while s * math.ceil(s / ratio) <= hd_num:
         s += 1
-    s = max(s - 1, 1)
-    s = min(math.ceil((1.5 if train else 1.0) * width / crop), s)
+    return min(math.ceil((1.5 if train else 1.0) * width / crop), max(s - 1, 1)), ratio
+
+
+def hd_grid(width, height, hd_num, crop=560, train=False):
+    """(rows, cols) of crops that hd_transform produces, from the image size alone (for batching by length)."""
+    s, ratio = hd_columns(width, height, hd_num, crop, train)
+    rows = math.ceil(int(int(crop * s) / ratio) / crop)
+    return (s, rows) if width < height else (rows, s)
+
+
+def hd_transform(img, hd_num, crop=560, train=False):
+    """Official `Image_transform`: resize (bilinear) to s crops wide, keep the aspect ratio, pad with white to whole
+    crops; portrait images are handled transposed, so their padding lands on the right."""
+    transposed = img.width < img.height
+    if transposed:
+        img = img.transpose(Image.TRANSPOSE)
+    s, ratio = hd_columns(img.width, img.height, hd_num, crop, train)
     new_w = int(crop * s)
     new_h = int(new_w / ratio)
     img = img.resize((new_w, new_h), Image.BILINEAR)

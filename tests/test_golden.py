@@ -11,7 +11,7 @@ from conftest import ASSETS, GOLDEN, needs_shared
 from data import DEFAULT_META, Tokenizer, chat_prompt, reward_template, tokenize_segments
 from model import InternLMXComposer2
 from reward import RewardModel
-from vision import frames_to_strip, hd_transform, n_image_tokens, open_image, sample_frame_indices, video_transform
+from vision import frames_to_strip, hd_grid, hd_transform, n_image_tokens, open_image, sample_frame_indices, video_transform
 
 pytestmark = needs_shared
 SCORE_TOL, HIDDEN_TOL, PIXEL_TOL, LOGIT_TOL = 1e-4, 1e-4, 1e-5, 1e-3
@@ -172,6 +172,7 @@ def test_image_transform_cases(cases):
         out = hd_transform(img, c["hd_num"], 560)
         h, w = out.height // 560, out.width // 560
         assert list(out.size) == c["out_wh"] and [h, w] == c["grid_hw"], c
+        assert list(hd_grid(*c["orig_wh"], c["hd_num"], 560)) == c["grid_hw"]
         assert n_image_tokens(h, w, 40) == c["n_image_tokens"]
 
 

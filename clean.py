@@ -1,0 +1,184 @@
+"""Data cleaning with IXC-2.5-Reward: score every sample of an instruction-tuning set, flag the lowest-scored ones
+(hallucinated, empty or image-mismatched answers), and write a report a person can review.
+
+    python clean.py --rm runs/rm --out runs/clean          # the built-in world's SFT set, whose wrong answers are known
+    python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
+
+Writes into --out (never over the input): kept.json and flagged.json (the input rows, unchanged, in the input's
+format), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json.
+"""
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import data
+from bon import ensemble_scores
+from model import atomic_write_text
+from reward import RewardModel
+
+ROOT = Path(__file__).resolve().parent
+
+
+def load_samples(path):
+    """Fine-tuning rows (conversations + image), or reward rows whose chosen and rejected sides are scored apart."""
+    rows = data.read_rows(path)
+    if rows and isinstance(rows[0], dict) and "conversations_a" in rows[0]:
+        pairs = data.read_preference(path)
+        return rows, [{"row": i, "side": side, "conversation": p[side], "images": p["images"], "id": p["id"]}
+                      for i, p in enumerate(pairs) for side in ("chosen", "rejected")]
+    return rows, [{"row": i, "side": None, **s} for i, s in enumerate(data.read_sft(path))]
+
+
+@torch.no_grad()
+def score_samples(rms, samples, hd_num, token_budget, normalize=False):
+    """Reward of every sample, in length-sorted batches of at most `token_budget` padded tokens."""
+    tok = rms[0].tokenizer
+    lengths = [len(tok.encode(data.reward_template(s["conversation"]))) + 64 * len(s["images"]) for s in samples]
+    scores = [0.0] * len(samples)
+    batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
+    t0, done = time.time(), 0
+    for b in batches:
+        out = ensemble_scores(rms, [samples[i]["conversation"] for i in b], [samples[i]["images"] for i in b],
+                              hd_num, normalize)
+        for i, s in zip(b, out):
+            scores[i] = s
+        done += len(b)
+        rate = done / (time.time() - t0)
+        print(f"\rscoring {done}/{len(samples)} ({rate:.0f}/s, eta {(len(samples) - done) / rate:.0f}s)", end="",
+              file=sys.stderr)
+    print(file=sys.stderr)
+    return scores
+
+
+def auroc(pos, neg):
+    """P(score of a flagged-worthy sample < score of a good one), ties half: the Mann-Whitney statistic."""
+    if not pos or not neg:
+        return float("nan")
+    neg_sorted = sorted(neg)
+    import bisect
+    total = 0.0
+    for p in pos:
+        lo, hi = bisect.bisect_left(neg_sorted, p), bisect.bisect_right(neg_sorted, p)
+        total += (len(neg_sorted) - hi) + 0.5 * (hi - lo)
+    return total / (len(pos) * len(neg))
+
+
+def thumbnail(path, size=96):
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+        return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    except (OSError, ValueError):
+        return html.escape(Path(path).name)
+
+
+def histogram_svg(scores, flagged_below, bins=40, w=640, h=160):
+    lo, hi = min(scores), max(scores)
+    width = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for s in scores:
+        counts[min(int((s - lo) / width), bins - 1)] += 1
+    top = max(counts)
+    bars = []
+    for i, c in enumerate(counts):
+        x0 = lo + i * width
+        colour = "#d9534f" if x0 < flagged_below else "#5b8def"
+        bh = (h - 20) * c / top
+        bars.append(f'<rect x="{i * w / bins:.1f}" y="{h - 20 - bh:.1f}" width="{w / bins - 1:.1f}" height="{bh:.1f}" '
+                    f'fill="{colour}"><title>{x0:.3f}..{x0 + width:.3f}: {c}</title></rect>')
+    return (f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">{"".join(bars)}'
+            f'<text x="0" y="{h - 4}" font-size="11">{lo:.3f}</text>'
+            f'<text x="{w - 40}" y="{h - 4}" font-size="11">{hi:.3f}</text></svg>')
+
+
+def write_report(path, samples, scores, flagged, threshold, title, show=200):
+    order = sorted(range(len(samples)), key=lambda i: scores[i])
+    rows = []
+    for rank, i in enumerate(order[:show]):
+        s = samples[i]
+        conv = s["conversation"]
+        question = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
+        imgs = "".join(thumbnail(p) for p in s["images"][:4])
+        rows.append(f'<tr class="{"flag" if i in flagged else ""}"><td>{rank + 1}</td><td>{scores[i]:+.4f}</td>'
+                    f'<td>{html.escape(str(s["id"]))}{" (" + s["side"] + ")" if s["side"] else ""}</td><td>{imgs}</td>'
+                    f'<td>{html.escape(question)}</td><td>{html.escape(conv[-1]["content"])}</td></tr>')
+    doc = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
+padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}</style>
+<h1>{html.escape(title)}</h1>
+<p>{len(samples)} samples scored; {len(flagged)} flagged (score &lt; {threshold:.4f}, red). Lowest {min(show, len(samples))}
+shown first: check whether the answer matches the image and the question.</p>
+{histogram_svg(scores, threshold)}
+<table><tr><th>#</th><th>score</th><th>id</th><th>image</th><th>question</th><th>answer</th></tr>{"".join(rows)}</table>
+"""
+    atomic_write_text(path, doc)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
+    p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's SFT set")
+    p.add_argument("--out", required=True, help="output directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--flag-fraction", type=float, default=0.15, help="flag this lowest-scored fraction")
+    g.add_argument("--threshold", type=float, help="flag every sample scored below this")
+    p.add_argument("--hd-num", type=int, default=9)
+    p.add_argument("--token-budget", type=int, default=8192)
+    p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
+    p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
+    a = p.parse_args(argv)
+    world = None
+    if a.data is None:
+        from train import ensure_world
+        world = ensure_world(a.world_dir)
+        a.data = str(world["sft_train"])
+    src, out = Path(a.data).resolve(), Path(a.out).resolve()
+    targets = [out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html", "summary.json")]
+    if src in targets or src == out:
+        raise SystemExit(f"error: refusing to write over the input {src}; choose another --out")
+    rows, samples = load_samples(src)
+    rms = [RewardModel.from_pretrained(d) for d in a.rm]
+    scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
+    ranked = sorted(scores)
+    threshold = a.threshold if a.threshold is not None else \
+        ranked[min(len(ranked) - 1, int(a.flag_fraction * len(ranked)))]
+    flagged = {i for i, s in enumerate(scores) if s < threshold}
+    flagged_rows = sorted({samples[i]["row"] for i in flagged})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in flagged_rows], indent=1, ensure_ascii=False))
+    atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in set(flagged_rows)],
+                                                    indent=1, ensure_ascii=False))
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"], "score": sc}) + "\n"
+                                                    for s, sc in zip(samples, scores)))
+    write_report(out / "report.html", samples, scores, flagged, threshold, f"Reward scores of {src.name}")
+    summary = {"data": str(src), "samples": len(samples), "flagged": len(flagged), "threshold": threshold,
+               "rm": a.rm}
+    if world is not None:  # the world knows which answers it made wrong on purpose
+        errors = {e["id"]: e["kind"] for e in json.loads(world["sft_errors"].read_text())}
+        bad = [i for i, s in enumerate(samples) if s["id"] in errors]
+        good = [scores[i] for i, s in enumerate(samples) if s["id"] not in errors]
+        summary["auroc"] = auroc([scores[i] for i in bad], good)
+        summary["auroc_by_kind"] = {k: auroc([scores[i] for i in bad if errors[samples[i]["id"]] == k], good)
+                                    for k in sorted(set(errors.values()))}
+        hit = len([i for i in bad if i in flagged])
+        summary["precision_at_flagged"] = hit / max(len(flagged), 1)
+        summary["recall_at_flagged"] = hit / max(len(bad), 1)
+        summary["wrong_in_data"] = len(bad)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Training stages on a small built-in world: the loss is Eq. 1, frozen weights stay frozen, resume and 2-process
+runs reproduce a plain run, the filters and the batcher do what they say, bad data fails naming file and row."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ASSETS, REAL_TOKENIZER, ROOT
+import data
+import train
+from model import Config, InternLMXComposer2, init_weights
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             plora_rank=4, max_position_embeddings=1024, max_length=512,
+             vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=112, patch_size=14))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small world (same generator, fewer rows) and a tiny random 'SFT policy' to start from."""
+    root = tmp_path_factory.mktemp("w")
+    wd = root / "world"
+    wd.mkdir()
+    paths = data.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
+    rows = sum((json.loads(open(p).read()) for p in paths.values()), [])
+    data.train_world_tokenizer(data.template_texts(rows), str(wd / "tokenizer.model"))
+    (wd / "world.json").write_text(json.dumps(paths))
+    tok = data.Tokenizer(wd / "tokenizer.model")
+    policy = init_weights(InternLMXComposer2(Config(**SMALL, vocab_size=tok.vocab_size)), seed=0)
+    policy.tokenizer = tok
+    policy.save_pretrained(root / "sft")
+    return root
+
+
+def run(world, out, *extra, stage="rm"):
+    return train.main(["--stage", stage, "--out", str(out), "--world-dir", str(world / "world"), "--init",
+                       str(world / "sft"), "--batch", "8", "--steps", "4", "--save-every", "2", *extra])
+
+
+def test_bt_loss_is_eq1():
+    c, r = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 1.0, -1.0])
+    want = sum(-math.log(1 / (1 + math.exp(-(x - y)))) for x, y in zip(c.tolist(), r.tolist()))
+    assert train.bt_loss(c, r).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
+    summary = run(world, tmp_path / "rm")
+    before, after = load_file(str(world / "sft" / "model.safetensors")), load_file(str(tmp_path / "rm" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("vit.", "vision_proj."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
+    assert not torch.equal(before["plora_glb_GN"], after["plora_glb_GN"])  # separators train, as upstream
+    assert "score.weight" in after and "output.weight" not in after
+    assert set(summary["heldout_accuracy_by_kind"]) <= {"wrong_value", "refusal", "longer_wrong"}
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["reward_std"] == pytest.approx(summary["reward_std"])
+    lines = (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 4
+    with pytest.raises(SystemExit, match="--resume"):
+        run(world, tmp_path / "rm")
+
+
+def test_mlp_head(world, tmp_path):
+    run(world, tmp_path / "mlp", "--head", "mlp", "--steps", "2")
+    assert "score.0.weight" in load_file(str(tmp_path / "mlp" / "model.safetensors"))
+
+
+def test_resume_is_bit_identical(world, tmp_path):
+    run(world, tmp_path / "a", "--steps", "6")
+    run(world, tmp_path / "b", "--steps", "6", "--stop-after", "3")
+    run(world, tmp_path / "b", "--steps", "6", "--resume")
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_stage_learns_only_answers(world, tmp_path):
+    summary = run(world, tmp_path / "sft", stage="sft")
+    assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "colour" in summary["heldout_accuracy_by_kind"]
+    tok = data.Tokenizer(world / "world" / "tokenizer.model")
+    sample = data.read_sft(world / "world" / "sft_train.json")[0]
+    segments, answer = train.sft_sequence(tok, sample)
+    assert tok.decode(answer[:-1]) == sample["conversation"][-1]["content"]  # the loss covers the answer + end of turn
+    assert answer[-1] == tok.eot_id
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_two_processes_equal_one(world, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, DDP) with the same global batch gives the 1-process weights."""
+    args = ["train.py", "--stage", "rm", "--world-dir", str(world / "world"), "--init", str(world / "sft"),
+            "--batch", "8", "--steps", "3", "--save-every", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                    "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_check_data_and_length_filter():
+    conv = lambda text: [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]  # noqa: E731
+    assert data.check_data(conv("A fine answer."))
+    for bad in ("", "   ", "<|im_start|>hi", "done <|im_end|>", "x" * 501, "a " * 200 + "y" * 120):
+        assert not data.check_data(conv(bad)), bad
+    assert data.check_data(conv("a " * 300))  # long but made of words
+    pair = lambda c, r: {"chosen": conv(c), "rejected": conv(r)}  # noqa: E731
+    assert data.length_ok(pair("x" * 25, "y" * 10), 2.5) and not data.length_ok(pair("x" * 26, "y" * 10), 2.5)
+    assert data.length_ok(pair("x" * 5, "y" * 100), 2.5)  # only chosen-much-longer pairs are dropped
+
+
+def test_token_budget_batches_cover_everything_within_budget():
+    lengths = [int(50 + 950 * (i * 7919 % 101) / 101) for i in range(2000)]
+    batches = data.token_budget_batches(lengths, 4096, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+    assert all(max(lengths[i] for i in b) * len(b) <= 4096 for b in batches)
+    assert data.padding_waste(lengths, batches) <= 0.10
+
+
+def test_padding_waste_on_real_lengths():
+    """VL-RewardBench answers with the real InternLM2 tokenizer (images are not shipped, so text tokens only)."""
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip("shared assets not found")
+    tok = data.Tokenizer(REAL_TOKENIZER)
+    rows = data.read_rows(ASSETS / "preference" / "vl_rewardbench_data.jsonl")
+    lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
+                                                     {"role": "assistant", "content": a}]))) for r in rows
+               for a in r["response"]]
+    batches = data.token_budget_batches(lengths, 8192, seed=0)
+    assert data.padding_waste(lengths, batches) <= 0.10
+
+
+def test_bad_data_names_file_and_row(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    good = {"conversations_a": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],
+            "conversations_b": [{"from": "human", "value": "q"}, {"from": "bot", "value": "b"}]}
+    p.write_text(json.dumps(good) + "\n" + '{"conversations_a": [\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: malformed JSON"):
+        data.read_preference(p)
+    p.write_text(json.dumps(good) + "\n" + json.dumps({"id": 7, "conversations_a": []}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl row 2 \(id 7\): expected 'conversations_a'"):
+        data.read_preference(p)
+    p.write_text(json.dumps(dict(good, image="missing.png")) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"pairs.jsonl row 1: image not found: .*missing.png"):
+        data.read_preference(p)
+    p.write_text(json.dumps({"conversations_a": [{"value": "x"}], "conversations_b": []}) + "\n")
+    with pytest.raises(ValueError, match="row 1.*'from' and 'value'"):
+        data.read_preference(p)
+
+
+def test_official_example_reads(tmp_path):
+    if not (ASSETS / "ixc_reward" / "example.json").is_file():
+        pytest.skip("shared assets not found")
+    pairs = data.read_preference(ASSETS / "ixc_reward" / "example.json")
+    assert len(pairs) == 1 and pairs[0]["images"][0].endswith("example.png")
+    assert pairs[0]["chosen"][0]["role"] == "user" and pairs[0]["chosen"][1]["role"] == "assistant"

@@ -1,0 +1,488 @@
+"""Training stages: SFT of the policy, the reward model (paper Eq. 1), and PPO (ppo.py), one file, any scale.
+
+    torchrun --standalone --nproc_per_node 2 train.py --stage rm --out runs/rm     # built-in world, 2 CPU procs
+    python train.py --stage sft --out runs/sft                                      # rebuild the world's SFT policy
+    torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b-reward \\
+        --data data.txt --out runs/rm7b                                             # the official recipe, on GPUs
+
+Without --data every stage uses the built-in world (data.py) and starts from the world's SFT policy shipped in
+checkpoints/world-sft, as the paper starts from IXC-2.5. Outputs in --out: config.json + model.safetensors
+(+ tokenizer.model) loadable by from_pretrained, resume.safetensors (model, optimizer, RNG, step) for --resume,
+metrics.jsonl and summary.json. Every file is written to a temporary name and renamed.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import data
+from model import Config, InternLMXComposer2, atomic_write_text, init_weights
+from reward import RewardModel, pool_last
+from vision import load_visual
+
+ROOT = Path(__file__).resolve().parent
+WORLD_DIR = ROOT / "runs" / "world"  # generated on first use, deterministic by seed
+WORLD_SFT = ROOT / "checkpoints" / "world-sft"  # shipped: the world's pretrained policy (see its summary.json)
+# the tiny model of the built-in world: 112-px crops (4x4 merged tokens per view), a few narrow layers
+WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, plora_rank=16, max_position_embeddings=4096, max_length=512,
+                    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=112, patch_size=14))
+# the official recipe (script_train.sh: lr 1e-5, wd 0.1, beta2 0.95, warmup 1%, cosine, clip 1.0, hd_num 9,
+# max_length 8192) and, where the tiny world needs other values, the world's
+DEFAULTS = {
+    "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=2400, batch=32,
+                                                                             token_budget=1024)),
+    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=180, batch=32)),
+    "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=40, batch=48)),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, choices=["sft", "rm", "ppo"])
+    p.add_argument("--out", required=True, help="output directory (created; an existing run needs --resume)")
+    p.add_argument("--data", help="JSON/JSONL in the official format, or a data.txt mixture (default: the world)")
+    p.add_argument("--init", help="starting checkpoint (default: the world's SFT policy; sft: from scratch)")
+    p.add_argument("--rm", nargs="+", help="ppo: reward model dir(s), averaged when several")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch", type=int, help="samples (rm: pairs; ppo: prompts) per optimizer step, all ranks")
+    p.add_argument("--token-budget", type=int, help="max padded tokens per micro-batch (memory follows this)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--warmup", type=float, default=0.01, help="warmup fraction of the steps, then cosine to 0")
+    p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="rm: IXC's score or BaseReward's")
+    p.add_argument("--hd-num", type=int, default=9)
+    p.add_argument("--train-transform", action="store_true",
+                   help="the official training HD transform (1.5x wider grid, centred padding) instead of inference's")
+    p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument("--max-len-ratio", type=float, default=2.5,
+                   help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
+    p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: frozen (ViT + vision_proj) except when sft builds a model from scratch")
+    p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
+                   "limits); --resume continues")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-dir", default=str(WORLD_DIR))
+    from ppo import add_args as add_ppo_args  # PPO's hyper-parameters live next to its code
+    add_ppo_args(p)
+    a = p.parse_args(argv)
+    d = DEFAULTS[a.stage]
+    for k in ("lr", "steps", "batch", "token_budget"):
+        if getattr(a, k) is None:
+            setattr(a, k, (d["world"] if a.data is None else d).get(k, d[k]))
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK/WORLD_SIZE; one process without it. DDP does the gradient all-reduce.
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def log(rank, *a):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data for each stage
+
+
+def ensure_world(world_dir, tokenizer_path=None):
+    """Write the built-in world once (deterministic by seed) and return its file paths."""
+    world_dir = Path(world_dir)
+    done = world_dir / "world.json"
+    if not done.is_file():
+        world_dir.mkdir(parents=True, exist_ok=True)
+        paths = data.write_world(str(world_dir), seed=0)
+        rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
+        data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
+        atomic_write_text(done, json.dumps(paths, indent=1))
+    return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
+def sft_sequence(tok, sample):
+    """Chat prompt (no loss) + answer and end-of-turn (loss), tokenized apart exactly as generation sees them."""
+    conv = sample["conversation"]
+    prompt = data.chat_prompt(conv[-2]["content"] if len(conv) > 1 else "", history=(), meta_instruction=None)
+    if conv[0]["role"] == "system":
+        prompt = data.chat_prompt(conv[-2]["content"], meta_instruction=conv[0]["content"])
+    segments = data.tokenize_segments(tok, prompt, len(sample["images"]))
+    answer = tok.encode(conv[-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
+    return segments, answer
+
+
+def load_stage_data(a, tok, rank):
+    """Training and held-out samples for the stage, filtered as the official code and the paper do."""
+    world = ensure_world(a.world_dir) if a.data is None else None
+    if a.stage == "sft":
+        if world is None:
+            return data.read_sft(a.data), []
+        # curriculum: single-object images first, then the full world
+        return data.read_sft(world["sft_easy"]) + data.read_sft(world["sft_train"]), \
+            json.loads(world["heldout_prompts"].read_text())
+    if world is None:
+        path = Path(a.data)
+        pairs = data.read_mixture(path, a.seed) if path.suffix == ".txt" else data.read_preference(path)
+        held = []
+    else:
+        pairs, held = data.read_preference(world["pref_train"]), data.read_preference(world["pref_heldout"])
+    kept = [p for p in pairs if data.check_data(p["chosen"]) and data.check_data(p["rejected"])]
+    n_check = len(pairs) - len(kept)
+    pairs = [p for p in kept if data.length_ok(p, a.max_len_ratio)]
+    log(rank, f"data: {len(pairs)} pairs kept; check_data dropped {n_check}, length constraint "
+              f"(chosen <= {a.max_len_ratio} x rejected) dropped {len(kept) - len(pairs)}")
+    return data.mix_image_text(pairs, a.seed), held
+
+
+def sample_length(tok, sample, crop, grid, hd_num):
+    """Tokens of a sample (rm: its longer side) without running the model: image tokens from the image size."""
+    from vision import hd_grid, n_image_tokens
+    from PIL import Image
+    n_img = 0
+    hd = 6 if len(sample["images"]) > 1 else hd_num
+    for im in sample["images"]:
+        if Path(im).suffix.lower() in data.VIDEO_SUFFIXES or Path(im).is_dir():
+            n_img += n_image_tokens(32, 1, grid)  # an upper bound; the exact strip is built at load time
+        else:
+            with Image.open(im) as f:
+                n_img += n_image_tokens(*hd_grid(*f.size, hd, crop), grid)
+    convs = [sample["chosen"], sample["rejected"]] if "chosen" in sample else [sample["conversation"]]
+    text = max(len(tok.encode(data.reward_template(c).replace(data.IMAGE_PLACEHOLDER, ""))) for c in convs)
+    return n_img + text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def sft_loss(model, batch_samples, tok, a):
+    """Teacher-forced next-token loss on assistant tokens only: each sample's mean over its answer tokens, summed
+    over samples (the caller divides by the batch)."""
+    seqs = []
+    for s in batch_samples:
+        segments, answer = sft_sequence(tok, s)
+        seqs.append((segments + [answer], [load_visual(im, a.hd_num, model.cfg.vision.image_size, a.train_transform)
+                                           for im in s["images"]], len(answer)))
+    batch = model.embed_batch([(sg, px) for sg, px, _ in seqs])
+    labels = torch.full_like(batch["ids"], -100)
+    for b, (_, _, n_answer) in enumerate(seqs):
+        end = int(batch["attention_mask"][b].sum())
+        labels[b, end - n_answer:end] = batch["ids"][b, end - n_answer:end]
+    logits = model(batch["embeds"], batch["im_mask"], batch["attention_mask"])
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return (ce.sum(1) / (target != -100).sum(1)).sum()
+
+
+def rm_rewards(model, pairs, a):
+    """Rewards of [c0, r0, c1, r1, ...] in one forward (the official interleave); returns chosen, rejected."""
+    seqs = []
+    for p in pairs:
+        for conv in (p["chosen"], p["rejected"]):
+            text = data.reward_template(conv)
+            hd = 6 if len(p["images"]) > 1 else a.hd_num
+            seqs.append((data.tokenize_segments(model.tokenizer, text, len(p["images"])),
+                         [load_visual(im, hd, model.cfg.vision.image_size, a.train_transform) for im in p["images"]]))
+    batch = model.embed_batch(seqs)
+    L = batch["embeds"].shape[1]
+    if L > a.max_length:
+        print(f"warning: a pair of {L} tokens truncated to --max-length {a.max_length}: its reward token is lost",
+              file=sys.stderr)
+        batch = {k: v[:, :a.max_length] for k, v in batch.items()}
+    r = pool_last(model(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
+    return r[0::2], r[1::2]
+
+
+def bt_loss(chosen, rejected):
+    """Paper Eq. 1: -log sigmoid(r_chosen - r_rejected), summed over pairs (the caller divides by the batch)."""
+    return -F.logsigmoid(chosen - rejected).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def eval_policy(model, items, hd_num=9, batch=64, max_new_tokens=48):
+    """Greedy held-out accuracy of a policy on world items, overall and per question kind (world checker)."""
+    model.eval()
+    correct, by_kind = [], {}
+    for s in range(0, len(items), batch):
+        chunk = items[s:s + batch]
+        prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in chunk]
+        for it, ans in zip(chunk, model.answer(prompts, hd_num, max_new_tokens)):
+            ok = data.is_correct(it, ans)
+            correct.append(ok)
+            by_kind.setdefault(it["kind"], []).append(ok)
+    return sum(correct) / len(correct), {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+
+
+@torch.no_grad()
+def eval_rm(model, pairs, a, batch=32):
+    model.eval()
+    chosen, rejected = [], []
+    for s in range(0, len(pairs), batch):
+        c, r = rm_rewards(model, pairs[s:s + batch], a)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    ok = [c > r for c, r in zip(chosen, rejected)]
+    by_kind = {}
+    for p, o in zip(pairs, ok):
+        by_kind.setdefault(p["kind"] or "all", []).append(o)
+    allr = torch.tensor(chosen + rejected)
+    return {"heldout_accuracy": sum(ok) / len(ok), "heldout_accuracy_by_kind": {k: sum(v) / len(v) for k, v in
+                                                                               sorted(by_kind.items())},
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(ok),
+            "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}
+
+
+def heldout_items(world):
+    items = json.loads(world["heldout_prompts"].read_text())
+    return [dict(it, _dir=str(world["heldout_prompts"].parent)) for it in items]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer, schedule, checkpoints
+
+
+def make_optimizer(model, a):
+    """AdamW; no weight decay on norms, biases, separators and other vectors."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, a.beta2), eps=1e-8)
+
+
+def lr_at(step, a):
+    """Linear warmup over --warmup of the steps, then cosine to zero."""
+    warm = max(1, int(a.warmup * a.steps))
+    if step < warm:
+        return a.lr * (step + 1) / warm
+    return a.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, a.steps - warm)))
+
+
+def save_checkpoint(out, model, opt, step, extra=None):
+    """model (from_pretrained layout) and resume.safetensors (model + optimizer + RNG + step), each atomic; the
+    resume file alone is enough to continue, so a kill between the two writes loses nothing."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = v.detach().contiguous().cpu().reshape(v.shape)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "param_groups": opt_state["param_groups"], "python_rng": random.getstate(),
+            **(extra or {})}
+    tmp = out / "resume.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, out / "resume.safetensors")
+    model.save_pretrained(out, metadata={"step": step})
+
+
+def load_checkpoint(out, model, opt):
+    """Restore model, optimizer and RNG from resume.safetensors; returns (step, metadata)."""
+    from safetensors import safe_open
+    path = out / "resume.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out} (expected {path.name})")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in meta["python_rng"]))
+    return meta["step"], meta
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT and RM
+
+
+def build_model(a, device):
+    """sft: the world's tiny policy from scratch (or --init); rm: --init (default the world SFT) with a fresh head."""
+    if a.stage == "sft":
+        if a.init:
+            return InternLMXComposer2.from_pretrained(a.init, device=device)
+        world = ensure_world(a.world_dir)
+        cfg = Config(**WORLD_CONFIG, vocab_size=data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
+                     .vocab_size)
+        model = init_weights(InternLMXComposer2(cfg), a.seed).to(device)
+        model.tokenizer = data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
+        return model
+    head = {"linear": "score", "mlp": "score_mlp"}[a.head]
+    return RewardModel.from_pretrained(a.init or WORLD_SFT, device=device, head=head, seed=a.seed)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    if a.stage == "ppo":
+        import ppo
+        return ppo.train(a, rank, world, device)
+    out = Path(a.out)
+    if (out / "resume.safetensors").exists() and not a.resume:
+        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model = build_model(a, device)
+    scratch = a.stage == "sft" and not a.init
+    if a.freeze_vision == "yes" or (a.freeze_vision == "auto" and not scratch):
+        for p in list(model.vit.parameters()) + list(model.vision_proj.parameters()):
+            p.requires_grad_(False)  # the paper freezes the vision encoder and projector
+    tok = model.tokenizer
+    samples, held = load_stage_data(a, tok, rank)
+    opt = make_optimizer(model, a)
+    step = 0
+    if a.resume:
+        step, _ = load_checkpoint(out, model, opt)
+        log(rank, f"resumed {out} at step {step}")
+    fwd = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    crop, grid = model.cfg.vision.image_size, model.cfg.vision.grid
+    lengths = [sample_length(tok, s, crop, grid, a.hd_num) for s in samples]
+    per_epoch = max(1, len(samples) // a.batch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log(rank, f"{a.stage}: {len(samples)} samples, {a.steps} steps of {a.batch}, {world} process(es), "
+              f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    t0, tokens, order_epoch, order, first_step, waste = time.time(), 0, -1, None, step, []
+    while step < a.steps:
+        epoch = step // per_epoch
+        if epoch != order_epoch:  # a fresh random order per epoch, identical on every rank
+            order = list(range(len(samples)))
+            random.Random(a.seed + epoch).shuffle(order)
+            order_epoch = epoch
+        at = (step % per_epoch) * a.batch
+        # steps stay random (length-sorted steps would make each one a single kind of sample); inside a step,
+        # samples are sorted by length and packed into micro-batches of at most --token-budget padded tokens
+        step_items = sorted(order[at:at + a.batch], key=lambda i: lengths[i])
+        mine = step_items[rank::world]
+        model.train()
+        micro = data.token_budget_batches([lengths[i] for i in mine], a.token_budget, shuffle=False)
+        waste.append((sum(lengths[mine[i]] for b in micro for i in b),
+                      sum(max(lengths[mine[i]] for i in b) * len(b) for b in micro)))
+        loss_total, n_correct = 0.0, 0
+        for k, mb in enumerate(micro):
+            items = [samples[mine[i]] for i in mb]
+            m = model if world == 1 else _Fwd(model, fwd)
+            # DDP all-reduces on the last micro-batch only; every rank has one, since batch >= processes
+            with fwd.no_sync() if world > 1 and k < len(micro) - 1 else contextlib.nullcontext():
+                if a.stage == "sft":
+                    loss_sum = sft_loss(m, items, tok, a)
+                else:
+                    c, r = rm_rewards(m, items, a)
+                    loss_sum = bt_loss(c, r)
+                    n_correct += (c > r).sum().item()
+                (loss_sum * world / a.batch).backward()  # DDP averages over ranks: the global mean
+            loss_total += loss_sum.item()
+            tokens += sum(lengths[mine[i]] for i in mb) * (2 if a.stage == "rm" else 1)
+        if not math.isfinite(loss_total):
+            last = f"the last good checkpoint is {out} (step {step})" if (out / "resume.safetensors").exists() \
+                else "no checkpoint was written yet"
+            raise SystemExit(f"error: loss is {loss_total} at step {step + 1}; stopping without saving; {last}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.clip).item()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        rec = {"step": step, "loss": loss_total / len(mine), "grad_norm": grad_norm, "lr": lr_at(step - 1, a),
+               "padding_waste": 1 - sum(r for r, _ in waste[-10:]) / sum(p for _, p in waste[-10:])}
+        if a.stage == "rm":
+            rec["accuracy"] = n_correct / len(mine)
+        elapsed = time.time() - t0
+        rec["tokens_per_s"] = tokens * world / elapsed
+        if rank == 0 and (step % 10 == 0 or step == a.steps):
+            eta = elapsed / (step - first_step) * (a.steps - step)
+            print(f"step {step}/{a.steps} loss {rec['loss']:.4f}" + (f" acc {rec['accuracy']:.3f}" if "accuracy" in rec
+                  else "") + f" lr {rec['lr']:.2e} pad {rec['padding_waste']:.2f} tok/s {rec['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+            append_jsonl(out / "metrics.jsonl", rec)
+        if rank == 0 and (step % a.save_every == 0 or step == a.steps):
+            save_checkpoint(out, model, opt, step)
+        if a.eval_every and step % a.eval_every == 0 and step < a.steps and rank == 0:
+            append_jsonl(out / "metrics.jsonl", {"step": step, **evaluate(a, model, held)})
+        if a.stop_after and step - first_step >= a.stop_after and step < a.steps:
+            if rank == 0:
+                save_checkpoint(out, model, opt, step)
+                log(rank, f"stopped after {a.stop_after} steps at step {step}; continue with --resume")
+            if world > 1:
+                dist.barrier()
+                dist.destroy_process_group()
+            return None
+    summary = {"stage": a.stage, "steps": step, "seconds": round(time.time() - t0, 1), "processes": world,
+               "command": " ".join(sys.argv), "seed": a.seed}
+    if rank == 0:
+        summary.update(evaluate(a, model, held))
+        if a.stage == "rm" and "reward_mean" in summary:
+            model.cfg.reward_mean, model.cfg.reward_std = summary["reward_mean"], summary["reward_std"]
+            model.save_pretrained(out, metadata={"step": step})
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+class _Fwd:
+    """The model's methods, with forward() routed through DDP so it can schedule the gradient all-reduce."""
+
+    def __init__(self, model, ddp):
+        self._model, self._ddp = model, ddp
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kw):
+        return self._ddp(*args, **kw)
+
+
+def evaluate(a, model, held):
+    if not held:
+        return {}
+    if a.stage == "sft":
+        world = ensure_world(a.world_dir)
+        acc, by_kind = eval_policy(model, heldout_items(world), a.hd_num)
+        return {"heldout_accuracy": acc, "heldout_accuracy_by_kind": by_kind}
+    return eval_rm(model, held, a)
+
+
+if __name__ == "__main__":
+    main()
