@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import reward_template
+from data import reward_template, tokenize_segments
 from model import InternLMXComposer2
+from vision import load_visual
 
 
 def pool_last(rewards, attention_mask):
@@ -38,16 +39,32 @@ class RewardModel(InternLMXComposer2):
 
     def encode(self, conversation, images=(), hd_num=24, max_length=16384, apply_template=True):
         """A conversation (list of {"role", "content"}) or, with apply_template=False, a formatted string."""
-        text = reward_template(conversation) if apply_template else conversation
-        embeds, im_mask = self.prepare(text, images, hd_num, max_length=None)
-        if embeds.shape[0] > max_length:
-            cut = embeds.shape[0] - max_length
-            what = "the reward token is cut off, so the score is read at an arbitrary position" if apply_template \
-                else "the last tokens are lost"
-            warnings.warn(f"sequence of {embeds.shape[0]} tokens truncated to max_length={max_length} "
-                          f"({cut} dropped, as the official code does): {what}", stacklevel=3)
-            embeds, im_mask = embeds[:max_length], im_mask[:max_length]
-        return embeds, im_mask
+        return self.encode_many([conversation], [images], hd_num, max_length, apply_template)[0]
+
+    def encode_many(self, conversations, images, hd_num=24, max_length=16384, apply_template=True):
+        """Each conversation -> (embeds, im_mask), cut at max_length as upstream; all images in one ViT batch."""
+        seqs = []
+        for conv, ims in zip(conversations, images):
+            ims = list(ims)
+            text = reward_template(conv) if apply_template else conv
+            hd = 6 if len(ims) > 1 else hd_num  # upstream forces hd_num 6 for several images
+            seqs.append((tokenize_segments(self.tokenizer, text, len(ims)),
+                         [load_visual(im, hd, self.cfg.vision.image_size) for im in ims]))
+        pixels = [p for _, px in seqs for p in px]
+        encoded = self.encode_images(pixels) if pixels else []
+        out, k = [], 0
+        for segments, px in seqs:
+            embeds, im_mask, _ = self.splice(segments, encoded[k:k + len(px)])
+            k += len(px)
+            if embeds.shape[0] > max_length:
+                what = "the reward token is cut off, so the score is read at an arbitrary position" \
+                    if apply_template else "the last tokens are lost"
+                warnings.warn(f"sequence of {embeds.shape[0]} tokens truncated to max_length={max_length} "
+                              f"({embeds.shape[0] - max_length} dropped, as the official code does): {what}",
+                              stacklevel=4)
+                embeds, im_mask = embeds[:max_length], im_mask[:max_length]
+            out.append((embeds, im_mask))
+        return out
 
     def score_embedded(self, items):
         """[(embeds [L_i, D], im_mask [L_i])] -> scores [B]: right-padded with the pad token's embedding, one
@@ -68,8 +85,7 @@ class RewardModel(InternLMXComposer2):
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists")
-        items = [self.encode(c, im, hd_num, max_length, apply_template) for c, im in zip(conversations, images)]
-        return self.score_embedded(items).tolist()
+        return self.score_embedded(self.encode_many(conversations, images, hd_num, max_length, apply_template)).tolist()
 
     def compare(self, conversation1, images1, conversation2, images2, hd_num=24, max_length=16384,
                 return_logits=False):

@@ -1,0 +1,429 @@
+"""Speed and memory benchmarks of the IXC-2.5 / IXC-2.5-Reward implementation, on CPU or CUDA.
+
+    python bench.py                        # full sizes (repeat counts budgeted for < 3 min on 2 idle CPU cores)
+    python bench.py --quick                # every size shrunk: a smoke run
+    python bench.py --only prefill_vs_hf decode_flatness --json bench.json
+    python bench.py --quick --only bon_cost --profile      # also the top ops of each timed callable
+
+Every number is printed next to its target; nothing is asserted (timings depend on the machine and its load).
+Comparisons with transformers load the same weights into both models and interleave their runs (a, b, a, b, ...)
+so that background load hits both alike; times are medians. On a machine busy with other work, `--threads 1` avoids
+OpenMP threads spinning against the other job (on 2 shared cores that slowed small ops here by 30-100x).
+"""
+import argparse
+import functools
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import bon  # noqa: E402
+import data  # noqa: E402
+from model import Config, InternLM2Model, InternLMXComposer2, KVCache, init_weights  # noqa: E402
+from reward import RewardModel  # noqa: E402
+from vision import CLIPVisionTower, VisionConfig  # noqa: E402
+
+SHARED = Path(os.environ.get("IXC_SHARED", ROOT.parent / "shared"))
+TOKENIZER = SHARED / "assets" / "internlm2" / "tokenizer.model"
+VL_REWARDBENCH = SHARED / "assets" / "preference" / "vl_rewardbench_data.jsonl"
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                   patch_size=14)  # tests/conftest.py TINY's vision_config
+BON_PROMPT = "Describe the picture in detail, then list every object you can see."
+FULL = dict(
+    # the mid-size decoder, 4:1 GQA; a small vocab since only the trunk is timed (an embedding lookup is free)
+    decoder=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=1024),
+    plora_rank=256, seq=1024, reps=3,  # 256 is the real IXC-2.5 rank
+    vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=560,
+                patch_size=14), crops=4,
+    decode_ctx=(64, 256, 1024), decode_steps=16,
+    bon=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2), bon_tokens=32,
+    train_seq=512, train_reps=2, matmul=2048,  # an RM step sees one (chosen, rejected) pair of 512 tokens
+    ckpt=dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+              num_hidden_layers=2, plora_rank=256))
+QUICK = dict(
+    decoder=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=256),
+    plora_rank=64, seq=256, reps=3,
+    vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+                patch_size=14), crops=2,
+    decode_ctx=(16, 64, 256), decode_steps=8,
+    bon=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2), bon_tokens=8,
+    train_seq=128, train_reps=2, matmul=512,
+    ckpt=dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
+              num_hidden_layers=2, plora_rank=32))
+# keys shown in the table, with (comparison, target[, sub-key]) or None; other keys go to --json only
+TARGETS = {"prefill_vs_hf": (">=", 1.0), "prefill_plora_vs_hf": None, "vision_vs_hf": (">=", 1.0),
+           "decode_ms_per_token": None, "decode_flatness": ("<=", 1.2), "bon_cost": ("<=", 2.0, "4"),
+           "rm_train_mfu": (">=", 0.5), "rm_train_mfu_bf16": None, "padding_waste": ("<=", 0.10),
+           "load_rss_ratio": ("<=", 1.15), "load_vs_read": ("<=", 1.5)}
+# dense bf16 tensor-core peaks (FLOP/s) by device name, most specific first; other GPUs use a measured matmul
+GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                 ("L4", 121e12)]
+PROFILE = False  # --profile
+
+
+def medians(fns, reps, dev, warmup=1):
+    """{name: callable} -> {name: median seconds}; runs interleaved so drift in the machine's load hits every one."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    if PROFILE:  # one more run of each under the profiler, after timing so it cannot skew the numbers
+        for k, f in fns.items():
+            with torch.profiler.profile() as prof:
+                f()
+                sync()
+            sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            print(f"--- profile: {k}\n" + prof.key_averages().table(sort_by=sort, row_limit=12), flush=True)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def build(module, dev, dtype, seed=0):
+    return init_weights(module, seed).to(device=dev, dtype=dtype).eval()
+
+
+def llama_twin(tf, ours, cfg):
+    """transformers.LlamaModel (sdpa) holding our rank-0 decoder's weights, wqkv unpacked as in tests/test_reference."""
+    n_kv, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    g = cfg.num_attention_heads // n_kv
+    hf = tf.LlamaModel(tf.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=D, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=n_kv,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attention_bias=False, mlp_bias=False,
+        max_position_embeddings=4096, attn_implementation="sdpa"))
+    sd = {"embed_tokens.weight": ours.tok_embeddings.weight, "norm.weight": ours.norm.weight}
+    for i, layer in enumerate(ours.layers):
+        p, wqkv, ff = f"layers.{i}.", layer.attention.wqkv.weight.view(n_kv, g + 2, hd, D), layer.feed_forward
+        sd.update({p + "self_attn.q_proj.weight": wqkv[:, :g].reshape(-1, D),
+                   p + "self_attn.k_proj.weight": wqkv[:, g].reshape(-1, D),
+                   p + "self_attn.v_proj.weight": wqkv[:, g + 1].reshape(-1, D),
+                   p + "self_attn.o_proj.weight": layer.attention.wo.weight, p + "mlp.gate_proj.weight": ff.w1.weight,
+                   p + "mlp.up_proj.weight": ff.w3.weight, p + "mlp.down_proj.weight": ff.w2.weight,
+                   p + "input_layernorm.weight": layer.attention_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    hf.load_state_dict(sd, strict=True)  # copies into HF's own tensors
+    return hf.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements: each returns ({json key: value}, a note for the table)
+
+
+def needs_transformers(fn):
+    """Import transformers lazily (a test/bench-only dependency): without it the comparison is skipped."""
+    @functools.wraps(fn)
+    def wrapper(s, dev, dt):
+        try:
+            import transformers
+        except ImportError:
+            return {}, "skipped: transformers is not installed"
+        transformers.logging.set_verbosity_error()
+        return fn(transformers, s, dev, dt)
+    return wrapper
+
+
+@needs_transformers
+def bench_prefill(tf, s, dev, dt):
+    cfg = Config(**s["decoder"], plora_rank=0)
+    ours = build(InternLM2Model(cfg), dev, dt)
+    lora = init_weights(InternLM2Model(Config(**s["decoder"], plora_rank=s["plora_rank"])), seed=1)
+    lora.load_state_dict(ours.state_dict(), strict=False)  # the same base weights, plus the PLoRA matrices
+    lora, hf = lora.to(dev, dt).eval(), llama_twin(tf, ours, cfg).to(dev, dt)
+    S = s["seq"]
+    x = torch.randn(1, S, cfg.hidden_size, device=dev, dtype=dt)
+    im_mask = torch.arange(S, device=dev)[None] < S // 2  # a prompt that opens with its image: PLoRA on half
+    with torch.no_grad():
+        t = medians({"ours": lambda: ours(x), "ours_plora": lambda: lora(x, im_mask=im_mask),
+                     "hf": lambda: hf(inputs_embeds=x, use_cache=False)}, s["reps"], dev)
+    tps = {k: S / v for k, v in t.items()}
+    return ({"prefill_vs_hf": t["hf"] / t["ours"], "prefill_plora_vs_hf": t["hf"] / t["ours_plora"],
+             "prefill_tokens_per_s": tps},
+            "tok/s " + ", ".join(f"{k} {v:.0f}" for k, v in tps.items()) + f" (seq {S}, {str(dt)[6:]})")
+
+
+@needs_transformers
+def bench_vision(tf, s, dev, dt):
+    vc = dict(s["vision"], hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    hf = tf.CLIPVisionModel(tf.CLIPVisionConfig(**vc, attn_implementation="sdpa")).eval()
+    ours = CLIPVisionTower(VisionConfig(**vc)).eval()
+    # transformers 4.x nests under `vision_model.`, 5.x flattens CLIPVisionModel (the same mapping as the tests)
+    ours.load_state_dict({"vision_tower.vision_model." + k.removeprefix("vision_model."): v
+                          for k, v in hf.state_dict().items() if "post_layernorm" not in k and "position_ids" not in k})
+    hf, ours = hf.to(dev, dt), ours.to(dev, dt)
+    px = torch.randn(s["crops"], 3, vc["image_size"], vc["image_size"], device=dev, dtype=dt)
+    with torch.no_grad():
+        t = medians({"ours": lambda: ours(px), "hf": lambda: hf(pixel_values=px)}, s["reps"], dev)
+    return {"vision_vs_hf": t["hf"] / t["ours"]}, \
+        f"ours {t['ours'] * 1e3:.0f} ms, HF {t['hf'] * 1e3:.0f} ms ({s['crops']} crops of {vc['image_size']} px)"
+
+
+def bench_decode(s, dev, dt):
+    cfg = Config(**s["decoder"], plora_rank=0)
+    model = build(InternLM2Model(cfg), dev, dt)
+    ctxs, T = s["decode_ctx"], s["decode_steps"]
+    cache = KVCache(cfg, 1, max(ctxs) + T, dt, dev)
+    tok = torch.randn(1, 1, cfg.hidden_size, device=dev, dtype=dt)
+
+    def steps(ctx):
+        cache.len = ctx  # rewind: the first ctx slots hold a valid prefix, the decoded ones get overwritten
+        for _ in range(T):
+            model(tok, cache=cache)
+    with torch.no_grad():
+        model(torch.randn(1, max(ctxs), cfg.hidden_size, device=dev, dtype=dt), cache=cache)  # one prefill for all
+        t = medians({str(c): functools.partial(steps, c) for c in ctxs}, s["reps"], dev)
+    ms = {k: v / T * 1e3 for k, v in t.items()}
+    return {"decode_ms_per_token": ms, "decode_flatness": ms[str(ctxs[-1])] / ms[str(ctxs[0])]}, \
+        "ms/token " + ", ".join(f"ctx {k}: {v:.2f}" for k, v in ms.items()) + f" (flatness {ctxs[-1]}/{ctxs[0]})"
+
+
+def bench_bon(s, dev, dt):
+    if not TOKENIZER.is_file():
+        return {}, f"skipped: {TOKENIZER} not found (the real tokenizer fixes the vocab at 92544)"
+    kw = dict(s["bon"], vision_config=TINY_VISION)
+    policy = build(InternLMXComposer2(Config(**kw)), dev, dt)
+    rm = build(RewardModel(Config(**kw, head="score")), dev, dt, seed=1)
+    policy.tokenizer = rm.tokenizer = data.Tokenizer(TOKENIZER)
+    # no token id is -1: no candidate stops early, all N generate exactly bon_tokens tokens
+    policy.generate = functools.partial(policy.generate, stop_ids=[-1])
+
+    def run(n):
+        bon.best_of_n(policy, [rm], BON_PROMPT, n=n, temperature=1.0, max_new_tokens=s["bon_tokens"], seed=0)
+    t = medians({n: functools.partial(run, n) for n in (1, 4, 8)}, s["reps"], dev)
+    return {"bon_cost": {"4": t[4] / t[1], "8": t[8] / t[1]}}, \
+        f"best-of-1/4/8 {t[1] * 1e3:.0f}/{t[4] * 1e3:.0f}/{t[8] * 1e3:.0f} ms ({s['bon_tokens']} new tokens)"
+
+
+def matmul_flops(n, dev, dtype, reps):
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / medians({"mm": lambda: torch.mm(a, b)}, 3 * reps, dev, warmup=2)["mm"]
+
+
+def train_flops(s, dev, dtype):
+    """FLOP/s of one RM step: forward + backward + AdamW on a (chosen, rejected) pair, Bradley-Terry loss on the
+    last-token rewards. FLOPs = per sequence 6*N*seq + 12*layers*hidden*seq^2, with N the matmul parameters (no
+    embeddings, no norms) and the attention term as in PaLM appendix B (QK^T and AV, fwd + bwd, causal not halved)."""
+    cfg = Config(**s["decoder"], plora_rank=0)  # text-only pairs: PLoRA would never act
+    trunk = build(InternLM2Model(cfg), dev, dtype).train()
+    score = build(nn.Linear(cfg.hidden_size, 1, bias=False), dev, dtype).train()
+    opt = torch.optim.AdamW([*trunk.parameters(), *score.parameters()], lr=1e-5)
+    S = s["train_seq"]
+    ids = torch.randint(cfg.vocab_size, (2, S), device=dev)
+
+    def step():
+        r = score(trunk(trunk.tok_embeddings(ids))[:, -1]).float().squeeze(-1)
+        (-F.logsigmoid(r[0] - r[1])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = medians({"rm_step": step}, s["train_reps"], dev)["rm_step"]
+    n = score.weight.numel() + sum(p.numel() for k, p in trunk.named_parameters()
+                                   if p.dim() == 2 and "tok_embeddings" not in k)
+    return 2 * (6 * n * S + 12 * cfg.num_hidden_layers * cfg.hidden_size * S ** 2) / t, t
+
+
+def bench_rm_train(s, dev, dt):
+    peak = matmul_flops(s["matmul"], dev, torch.float32, s["reps"])
+    achieved, t = train_flops(s, dev, torch.float32)
+    out = {"rm_train_mfu": achieved / peak, "rm_train_flops_per_s": achieved, "matmul_flops_per_s": peak}
+    note = f"step {t:.2f} s, {achieved / 1e9:.1f} GFLOP/s vs fp32 mm {s['matmul']}^2 {peak / 1e9:.1f} GFLOP/s"
+    if dev.type == "cuda":  # bf16 against the GPU's tensor-core peak, measured if the device is not in the table
+        name = torch.cuda.get_device_name(dev)
+        bf_peak = next((p for k, p in GPU_BF16_PEAK if k in name), None) or \
+            matmul_flops(4 * s["matmul"], dev, torch.bfloat16, s["reps"])
+        achieved16, _ = train_flops(s, dev, torch.bfloat16)
+        out.update(rm_train_mfu_bf16=achieved16 / bf_peak, bf16_peak_flops_per_s=bf_peak)
+        note += f"; bf16 {achieved16 / 1e12:.1f} TFLOP/s vs {bf_peak / 1e12:.0f} ({name})"
+    return out, note
+
+
+def bench_padding(s, dev, dt):
+    if not TOKENIZER.is_file() or not VL_REWARDBENCH.is_file():
+        return {}, f"skipped: {TOKENIZER} or {VL_REWARDBENCH} not found"
+    tok = data.Tokenizer(TOKENIZER)
+    rows = data.read_rows(VL_REWARDBENCH)  # all rows even with --quick: about a second, and a subset shifts the number
+    lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
+                                                     {"role": "assistant", "content": a}])))
+               for r in rows for a in r["response"]]  # text tokens only: the images are not shipped
+    batches = data.token_budget_batches(lengths, 8192, seed=0)
+    return {"padding_waste": data.padding_waste(lengths, batches)}, \
+        f"{len(lengths)} sequences, {len(batches)} batches of <= 8192 tokens"
+
+
+def write_checkpoint(s, out):
+    """A reward checkpoint in the official layout with 7B-shaped layers, bf16, written by our save_pretrained."""
+    cfg = Config(**s["ckpt"], vision_config=dict(TINY_VISION, image_size=560), head="score")
+    torch.set_default_dtype(torch.bfloat16)  # allocate in bf16 straight away: no 3.3 GB fp32 copy
+    try:
+        with torch.device("meta"):
+            model = RewardModel(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.01)  # values do not matter for loading, and filling is much faster than a random init
+    model.to(torch.bfloat16).save_pretrained(out)
+    if TOKENIZER.is_file():
+        (out / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+    else:  # any tokenizer with the InternLM2 special pieces will do
+        data.train_world_tokenizer(["a tiny corpus for the load benchmark's tokenizer"], out / "tokenizer.model")
+    return sum(f.stat().st_size for f in out.iterdir())
+
+
+def bench_load(s, dev, dt):
+    with tempfile.TemporaryDirectory() as d:
+        nbytes = write_checkpoint(s, Path(d))
+        buf = bytearray(1 << 24)
+        for f in Path(d).iterdir():  # warm the page cache once (it is, having just been written), in small chunks
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        proc = subprocess.run([sys.executable, __file__, "--load-child", d], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"load subprocess failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+    grown = r["peak"] - r["base"]
+    return {"load_rss_ratio": grown / nbytes, "load_vs_read": r["load"] / r["read"], "load_child": r}, \
+        f"{nbytes / 2 ** 20:.0f} MiB on disk, +{grown / 2 ** 20:.0f} MiB peak RSS; load {r['load']:.2f} s " \
+        f"(from_pretrained {r['from_pretrained']:.2f} s + touch), read {r['read']:.2f} s"
+
+
+def max_rss():
+    """Peak RSS in bytes: VmHWM on Linux, as ru_maxrss also keeps the peak of the memory map from before exec, i.e.
+    of the (large) parent process we were forked from, and would swamp the baseline."""
+    try:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
+def load_child(ckpt, reps=3):
+    """In a fresh interpreter: peak RSS of the first load over the baseline, then medians of load and of plainly
+    reading every file's bytes, interleaved, all from a warm page cache. safetensors maps CPU tensors from the file
+    without copying, so from_pretrained alone reads almost nothing: "load" also touches one element per 4 KiB page of
+    every tensor, which is what the first forward pass would otherwise pay."""
+    with torch.device("meta"):  # the first meta-device normal_ imports ~800 torch modules (~70 MB, fixed): not load
+        nn.Embedding(2, 2)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak := current RSS, so no earlier spike hides the load
+    except OSError:
+        pass
+    base, files = max_rss(), [f for f in Path(ckpt).iterdir() if f.is_file()]
+    loads, lazy, reads = [], [], []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        model = RewardModel.from_pretrained(ckpt, dtype=torch.bfloat16)
+        lazy.append(time.perf_counter() - t0)
+        for t in [*model.parameters(), *model.buffers()]:
+            t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].sum()
+        loads.append(time.perf_counter() - t0)
+        peak = max_rss() if i == 0 else peak
+        del model
+        gc.collect()
+        t0 = time.perf_counter()
+        blobs = [f.read_bytes() for f in files]
+        reads.append(time.perf_counter() - t0)
+        del blobs
+    print(json.dumps({"base": base, "peak": peak, "load": statistics.median(loads),
+                      "from_pretrained": statistics.median(lazy), "read": statistics.median(reads)}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+MEASUREMENTS = {"prefill_vs_hf": bench_prefill, "prefill_plora_vs_hf": bench_prefill, "vision_vs_hf": bench_vision,
+                "decode_ms_per_token": bench_decode, "decode_flatness": bench_decode, "bon_cost": bench_bon,
+                "rm_train_mfu": bench_rm_train, "padding_waste": bench_padding, "load_rss_ratio": bench_load,
+                "load_vs_read": bench_load}
+
+
+def fmt(v):
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{fmt(x)}" for k, x in v.items())
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def verdict(key, v):
+    t = TARGETS[key]
+    if t is None:
+        return "", ""
+    x = v[t[2]] if len(t) > 2 else v
+    ok = x >= t[1] if t[0] == ">=" else x <= t[1]
+    return f"{t[0]} {t[1]}" + (f" ({t[2]})" if len(t) > 2 else ""), "ok" if ok else "MISS"
+
+
+def main(argv=None):
+    global PROFILE
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shrink every size for a fast smoke run")
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), metavar="KEY",
+                   help=f"measure only these keys: {', '.join(MEASUREMENTS)}")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--profile", action="store_true", help="print the top ops of each timed callable")
+    p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
+    a = p.parse_args(argv)
+    if a.load_child:
+        return load_child(a.load_child)
+    PROFILE, s = a.profile, QUICK if a.quick else FULL
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # inference comparisons; RM training runs fp32
+    fns = list(dict.fromkeys(MEASUREMENTS[k] for k in (a.only or MEASUREMENTS)))
+    print(f"bench on {dev} ({torch.get_num_threads()} threads), {'quick' if a.quick else 'full'} sizes, "
+          f"torch {torch.__version__}", flush=True)
+    results, notes, seconds, shown = {}, {}, {}, {}
+    for fn in fns:
+        name, t0 = fn.__name__.removeprefix("bench_"), time.perf_counter()
+        torch.manual_seed(0)
+        try:
+            out, note = fn(s, dev, dt)
+        except Exception as e:  # one broken measurement must not hide the others
+            traceback.print_exc()
+            out, note = {}, f"failed: {type(e).__name__}: {e}"
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        results.update(out)
+        notes[name], shown[name] = note, [k for k in out if k in TARGETS]
+        print(f"  {name}: {seconds[name]} s", file=sys.stderr, flush=True)
+        gc.collect()
+    print(f"\n{'key':20} {'value':26} {'target':14} {'':4} detail")
+    for name, keys in shown.items():
+        if not keys:  # skipped or failed
+            print(f"{name:20} {'-':26} {'':14} {'':4} {notes[name]}")
+        for i, k in enumerate(keys):
+            target, ok = verdict(k, results[k])
+            print(f"{k:20} {fmt(results[k]):26} {target:14} {ok:4} {notes[name] if i == 0 else ''}".rstrip())
+    print(f"total {sum(seconds.values()):.0f} s")
+    if a.json:
+        meta = {"device": str(dev), "dtype": str(dt), "quick": a.quick, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "seconds": seconds, "notes": notes}
+        Path(a.json).write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

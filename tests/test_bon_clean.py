@@ -1,0 +1,84 @@
+"""Best-of-N and data cleaning: shared prefill is exact, N=1 is plain sampling, clean.py never overwrites input."""
+import json
+import random
+
+import pytest
+import torch
+
+import bon
+import clean
+from conftest import randomize
+from model import InternLMXComposer2, KVCache
+from reward import RewardModel
+from test_train import world  # noqa: F401  (the small-world fixture)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(world, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("rm")
+    rm = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=2)
+    rm.save_pretrained(d)
+    return d
+
+
+def test_shared_prefill_gives_the_logits_of_separate_prefills(world):  # noqa: F811
+    policy = InternLMXComposer2.from_pretrained(world / "sft")
+    e, m = policy.prepare("<ImageHere>How many squares are there?", [str(next((world / "world" / "images").iterdir()))])
+    with torch.no_grad():
+        shared = KVCache(policy.cfg, 1, e.shape[0] + 2, policy.dtype, policy.device)
+        policy(e[None], m[None], cache=shared)
+        shared.repeat(3)
+        tok = torch.tensor([[5], [6], [7]])
+        step_shared = policy(policy.model.tok_embeddings(tok), cache=shared)
+        sep = KVCache(policy.cfg, 3, e.shape[0] + 2, policy.dtype, policy.device)
+        policy(e[None].expand(3, -1, -1), m[None].expand(3, -1), cache=sep)
+        step_sep = policy(policy.model.tok_embeddings(tok), cache=sep)
+    torch.testing.assert_close(step_shared, step_sep, atol=1e-5, rtol=0)
+
+
+def test_best_of_one_is_plain_sampling(world, rm_dir):  # noqa: F811
+    policy = InternLMXComposer2.from_pretrained(world / "sft")
+    rm = RewardModel.from_pretrained(rm_dir)
+    best, cands, scores = bon.best_of_n(policy, [rm], "What is 2 + 3?", n=1, hd_num=9, max_new_tokens=8, seed=7)
+    plain = policy.answer([("What is 2 + 3?", [])], 9, 8, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert best == cands[0] == plain[0] and len(scores) == 1
+    best4, cands4, scores4 = bon.best_of_n(policy, [rm], "What is 2 + 3?", n=4, hd_num=9, max_new_tokens=8, seed=7)
+    assert best4 == cands4[max(range(4), key=lambda i: scores4[i])]
+    assert scores4 == pytest.approx(rm.get_scores([bon.conversation("What is 2 + 3?", c) for c in cands4],
+                                                  [[]] * 4, hd_num=9), abs=1e-6)
+
+
+def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
+    r = bon.main(["--n", "2", "--rm", str(rm_dir), "--policy", str(world / "sft"), "--world-dir",
+                  str(world / "world"), "--limit", "6", "--max-new-tokens", "6", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert set(saved["accuracy_by_n"]) == {"1", "2", "4", "8"} and saved["accuracy_by_n"] == r["accuracy_by_n"]
+
+
+def test_auroc_matches_pairwise_count():
+    rng = random.Random(0)
+    pos, neg = [rng.gauss(0, 1) for _ in range(30)], [rng.gauss(1, 1) for _ in range(40)] + [0.5, 0.5]
+    pos += [0.5]
+    want = sum((p < n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert clean.auroc(pos, neg) == pytest.approx(want)
+
+
+def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "c"
+    s = clean.main(["--rm", str(rm_dir), "--world-dir", str(world / "world"), "--out", str(out),
+                    "--flag-fraction", "0.25"])
+    kept, flagged = json.loads((out / "kept.json").read_text()), json.loads((out / "flagged.json").read_text())
+    src = json.loads((world / "world" / "sft_train.json").read_text())
+    assert len(kept) + len(flagged) == len(src) and flagged and s["flagged"] == len(flagged)
+    assert {r["id"] for r in kept} | {r["id"] for r in flagged} == {r["id"] for r in src}
+    assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= {"overcount", "colour_confusion",
+                                                                     "absent_object", "position_swap"}
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "data:image/png;base64" in html
+    data_file = world / "world" / "sft_train.json"
+    before = data_file.read_bytes()
+    with pytest.raises(SystemExit, match="refusing to write over the input"):
+        clean.main(["--rm", str(rm_dir), "--data", str(data_file), "--out", str(data_file)])
+    with pytest.raises(SystemExit, match="refusing to write over the input"):
+        clean.main(["--rm", str(rm_dir), "--data", str(out / "kept.json"), "--out", str(out)])
+    assert data_file.read_bytes() == before

@@ -1,0 +1,155 @@
+"""PPO pieces against naive references, and the padding contract of the rollout."""
+import argparse
+
+import pytest
+import torch
+
+import data
+import ppo
+from conftest import randomize
+from model import Config, InternLMXComposer2
+from reward import RewardModel
+from test_train import SMALL, world  # noqa: F401  (the small-world fixture)
+
+
+def naive_gae(rewards, values, lengths, gamma, lam):
+    """The textbook double loop, one row at a time, over its valid tokens only."""
+    adv = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):
+                v_next = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * v_next - values[b, k].item()
+                total += (gamma * lam) ** (k - t) * delta
+            adv[b, t] = total
+    return adv
+
+
+def test_gae_equals_naive_double_loop():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    lengths = [7, 4, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths])
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8)):
+        adv, ret = ppo.gae(rewards * mask, values, mask, gamma, lam)
+        want = naive_gae(rewards, values, lengths, gamma, lam)
+        torch.testing.assert_close(adv, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ret, (want + values) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_whitening_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = ppo.whiten(x, mask)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    want = (valid - valid.mean()) / (valid.var(unbiased=False) + 1e-8).sqrt()
+    torch.testing.assert_close(w[mask.bool()], want)
+    assert (w[~mask.bool()] == 0).all()
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(ppo.kl_penalty(logp, ref, "k1"), logp - ref)
+    r = (ref - logp).exp()
+    torch.testing.assert_close(ppo.kl_penalty(logp, ref, "k3"), r - 1 - (ref - logp))
+    assert (ppo.kl_penalty(logp, ref, "k3") >= 0).all()
+
+
+def args(**kw):
+    p = argparse.ArgumentParser()
+    ppo.add_args(p)
+    a = p.parse_args([])
+    a.hd_num, a.token_budget, a.clip, a.max_new_tokens, a.rollout_chunk = 9, 4096, 1.0, 8, 4
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+@pytest.fixture(scope="module")
+def roles(world):  # noqa: F811
+    policy = InternLMXComposer2.from_pretrained(world / "sft")
+    ref = InternLMXComposer2.from_pretrained(world / "sft").requires_grad_(False)
+    rm = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3).requires_grad_(False)
+    critic = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3)
+    rows = data.read_sft(world / "world" / "sft_train.json")[:6]
+    prompts = [(r["conversation"][-2]["content"], r["images"], r) for r in rows]
+    return policy, ref, rm, critic, prompts
+
+
+def rollout(roles, **kw):
+    policy, ref, rm, critic, prompts = roles
+    a = args(**kw)
+    samples = ppo.collect_rollouts(policy, ref, critic, [rm], prompts, a, torch.device("cpu"),
+                                   torch.Generator().manual_seed(0))
+    for s in samples:
+        s["mask"] = torch.ones(len(s["response"]))
+        s["segments_len"] = 50
+    return a, samples
+
+
+def test_first_minibatch_ratio_is_one_and_ref_equals_policy(roles):
+    a, samples = rollout(roles, mini_batches=1, ppo_epochs=1)
+    for s in samples:
+        torch.testing.assert_close(s["old_logp"], s["ref_logp"], atol=1e-5, rtol=0)  # policy == ref at the start
+    ppo.compute_advantages(samples, a)
+    policy, _, _, critic, _ = roles
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
+    stats = ppo.ppo_update(policy, critic, policy, None, samples, opt, opt_v, a, torch.device("cpu"), 1)
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-6) and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logprobs_of_padded_batch_equal_each_alone(roles):
+    a, samples = rollout(roles)
+    policy = roles[0]
+    batch = ppo.rollout_batch(policy, samples, "images", torch.device("cpu"))
+    together, _ = ppo.logprobs_of(policy, batch, a.temperature)
+    for b, s in enumerate(samples):
+        alone, _ = ppo.logprobs_of(policy, ppo.rollout_batch(policy, [s], "images", torch.device("cpu")), a.temperature)
+        n = len(s["response"])
+        torch.testing.assert_close(together[b, :n], alone[0, :n], atol=1e-5, rtol=0)
+
+
+def test_critic_value_at_reward_token_equals_rm_score(roles):
+    """The critic starts as a copy of the reward model: on the reward-template sequence its last value is the score."""
+    policy, ref, rm, critic, prompts = roles
+    a, samples = rollout(roles)
+    scores = ppo.reward_scores([critic], samples, torch.device("cpu"), normalize=False)
+    torch.testing.assert_close(scores, ppo.reward_scores([rm], samples, torch.device("cpu"), normalize=False))
+
+
+def test_missing_eos_is_penalised_and_score_sits_on_last_token(roles):
+    a, samples = rollout(roles, max_new_tokens=3, missing_eos_penalty=1.5)
+    raw = ppo.reward_scores([roles[2]], samples, torch.device("cpu"), normalize=False)
+    for s, r in zip(samples, raw.tolist()):
+        assert s["score"] == pytest.approx(r - (0.0 if s["stopped"] else 1.5), abs=1e-5)
+    assert any(not s["stopped"] for s in samples)
+    a.kl_coef, a.lam, a.gamma = 0.0, 1.0, 1.0
+    for s in samples:
+        s["values"] = torch.zeros(len(s["response"]))
+    ppo.compute_advantages(samples, a)
+    # with no KL, gamma = lambda = 1 and V = 0, every token's return is the final score
+    for s in samples:
+        torch.testing.assert_close(s["returns"], torch.full((len(s["response"]),), s["score"]), atol=1e-5, rtol=0)
+
+
+def test_seeded_sampler_is_reproducible(roles):
+    policy, _, _, _, prompts = roles
+    q = [(p[0], p[1]) for p in prompts[:3]]
+    a1 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(5))
+    a2 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(5))
+    a3 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(6))
+    assert a1 == a2 and a1 != a3
+
+
+def test_rloo_baseline_is_leave_one_out(roles):
+    a, samples = rollout(roles, algo="rloo", rloo_k=2, kl_coef=0.0)
+    assert len(samples) == 12 and samples[0]["group"] == samples[1]["group"] != samples[2]["group"]
+    raw = [s["score"] for s in samples]
+    ppo.compute_advantages(samples, a)
+    # before whitening each row's advantage is its score minus its sibling's: pairs are antisymmetric
+    for i in range(0, 12, 2):
+        d = raw[i] - raw[i + 1]
+        if abs(d) > 1e-6:
+            assert (samples[i]["adv"][0] > samples[i + 1]["adv"][0]) == (d > 0)
