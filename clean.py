@@ -181,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

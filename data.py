@@ -34,6 +34,19 @@ DEFAULT_META = (
 )
 
 
+def run_cli(main):
+    """Entry points: bad input ends in one clear message and exit status 1, not a traceback (IXC_DEBUG=1 shows it)."""
+    import os
+    import sys
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError, json.JSONDecodeError) as e:
+        if os.environ.get("IXC_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 

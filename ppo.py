@@ -287,8 +287,8 @@ def explained_variance(samples):
 
 
 def train(a, rank, world, device):
-    from train import WORLD_SFT, ensure_world, eval_policy, heldout_items, load_checkpoint, log, lr_at, \
-        make_optimizer, save_checkpoint, append_jsonl
+    from train import WORLD_SFT, append_jsonl, ensure_world, eval_policy, heldout_items, load_checkpoint, log, \
+        lr_at, make_optimizer, save_checkpoint, trim_metrics
     from model import atomic_write_text
     if not a.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
@@ -314,6 +314,7 @@ def train(a, rank, world, device):
     step = 0
     if a.resume:
         step, _ = load_checkpoint(out, policy, opt_pi)
+        trim_metrics(out / "metrics.jsonl", step)
         if critic is not None:
             load_checkpoint(out / "critic", critic, opt_v)
         log(rank, f"resumed {out} at step {step}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 from data import reward_template, tokenize_segments
 from model import InternLMXComposer2
 from vision import load_visual
@@ -368,4 +369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

@@ -326,6 +326,13 @@ def load_checkpoint(out, model, opt):
     return meta["step"], meta
 
 
+def trim_metrics(path, step):
+    """On resume, forget log lines of steps after the checkpoint: they are about to be run again."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -375,6 +382,8 @@ def main(argv=None):
     if a.resume:
         step, _ = load_checkpoint(out, model, opt)
         log(rank, f"resumed {out} at step {step}")
+        if rank == 0:
+            trim_metrics(out / "metrics.jsonl", step)
     fwd = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     crop, grid = model.cfg.vision.image_size, model.cfg.vision.grid
     lengths = [sample_length(tok, s, crop, grid, a.hd_num) for s in samples]
@@ -383,6 +392,7 @@ def main(argv=None):
     log(rank, f"{a.stage}: {len(samples)} samples, {a.steps} steps of {a.batch}, {world} process(es), "
               f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     t0, tokens, order_epoch, order, first_step, waste = time.time(), 0, -1, None, step, []
+    saved_step = step if a.resume else None
     while step < a.steps:
         epoch = step // per_epoch
         if epoch != order_epoch:  # a fresh random order per epoch, identical on every rank
@@ -414,7 +424,7 @@ def main(argv=None):
             loss_total += loss_sum.item()
             tokens += sum(lengths[mine[i]] for i in mb) * (2 if a.stage == "rm" else 1)
         if not math.isfinite(loss_total):
-            last = f"the last good checkpoint is {out} (step {step})" if (out / "resume.safetensors").exists() \
+            last = f"the last good checkpoint is {out} (step {saved_step})" if saved_step is not None \
                 else "no checkpoint was written yet"
             raise SystemExit(f"error: loss is {loss_total} at step {step + 1}; stopping without saving; {last}")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.clip).item()
@@ -434,8 +444,10 @@ def main(argv=None):
             print(f"step {step}/{a.steps} loss {rec['loss']:.4f}" + (f" acc {rec['accuracy']:.3f}" if "accuracy" in rec
                   else "") + f" lr {rec['lr']:.2e} pad {rec['padding_waste']:.2f} tok/s {rec['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
             append_jsonl(out / "metrics.jsonl", rec)
-        if rank == 0 and (step % a.save_every == 0 or step == a.steps):
-            save_checkpoint(out, model, opt, step)
+        if step % a.save_every == 0 or step == a.steps:
+            if rank == 0:
+                save_checkpoint(out, model, opt, step)
+            saved_step = step
         if a.eval_every and step % a.eval_every == 0 and step < a.steps and rank == 0:
             append_jsonl(out / "metrics.jsonl", {"step": step, **evaluate(a, model, held)})
         if a.stop_after and step - first_step >= a.stop_after and step < a.steps:
@@ -485,4 +497,4 @@ def evaluate(a, model, held):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

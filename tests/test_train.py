@@ -160,3 +160,73 @@ def test_official_example_reads(tmp_path):
     pairs = data.read_preference(ASSETS / "ixc_reward" / "example.json")
     assert len(pairs) == 1 and pairs[0]["images"][0].endswith("example.png")
     assert pairs[0]["chosen"][0]["role"] == "user" and pairs[0]["chosen"][1]["role"] == "assistant"
+
+
+def test_nan_loss_stops_without_saving_nan(world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.bt_loss
+
+    def flaky(c, r):
+        calls["n"] += 1
+        return real(c, r) * (float("nan") if calls["n"] > 3 else 1.0)
+    monkeypatch.setattr(train, "bt_loss", flaky)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 4.*last good checkpoint is .* \(step 2\)"):
+        run(world, tmp_path / "nan", "--steps", "6")
+    saved = load_file(str(tmp_path / "nan" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_sigkill_then_resume_is_bit_identical(world, tmp_path):
+    """A run killed with SIGKILL mid-training and resumed ends with the weights of an uninterrupted run."""
+    import random
+    import signal
+    import time
+    args = [sys.executable, "train.py", "--stage", "rm", "--world-dir", str(world / "world"), "--init",
+            str(world / "sft"), "--batch", "8", "--steps", "10", "--save-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(args + ["--out", str(tmp_path / "straight")], cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=300)
+    kill_at = random.Random().randint(2, 7)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and _saved_step(tmp_path / "killed") < kill_at:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _saved_step(tmp_path / "killed") < 10, "the run finished before it could be killed"
+    subprocess.run(args + ["--out", str(tmp_path / "killed"), "--resume"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _saved_step(out):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(out / "resume.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["state"])["step"]
+    except Exception:
+        return -1
+
+
+def test_cli_errors_are_one_paragraph(world, tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--stage", "rm", "--out", str(tmp_path / "x"), "--init",
+                        str(tmp_path / "no-such-ckpt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "checkpoint directory not found" in r.stderr and "no-such-ckpt" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations_a": [], "conversations_b": []}\n{oops\n')
+    r = subprocess.run([sys.executable, "train.py", "--stage", "rm", "--out", str(tmp_path / "y"), "--init",
+                        str(world / "sft"), "--data", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "bad.jsonl:2: malformed JSON row" in r.stderr
+
+
+def test_video_without_decoder_names_the_package(tmp_path, monkeypatch):
+    import vision
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(ImportError, match=r"clip.mp4 needs the optional package PyAV: pip install av"):
+        vision.load_video_frames(video)
