@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_POLICY = ROOT / "checkpoints" / "world-sft"
 
 
-def conversation(query, answer):
-    return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-
-
 def ensemble_scores(rms, convs, images, hd_num, normalize=False):
     """Mean over reward models of their scores (each optionally standardised by its stored held-out mean/std)."""
     total = torch.zeros(len(convs))
@@ -46,7 +42,7 @@ def best_of_n(policy, rms, query, images=(), n=4, hd_num=24, temperature=1.0, to
     """One prompt -> (best answer, all answers, their scores)."""
     images = list(images)
     candidates = sample_candidates(policy, [(query, images)], n, hd_num, temperature, top_p, max_new_tokens, seed)[0]
-    scores = ensemble_scores(rms, [conversation(query, c) for c in candidates], [images] * n, hd_num, normalize)
+    scores = ensemble_scores(rms, [data.qa(query, c) for c in candidates], [images] * n, hd_num, normalize)
     best = max(range(n), key=lambda i: scores[i])
     return candidates[best], candidates, scores
 
@@ -64,7 +60,7 @@ def world_eval(policy, rms, a):
         chunk = prompts[s:s + a.batch]
         cs = sample_candidates(policy, chunk, max(ks), a.hd_num, a.temperature, a.top_p, a.max_new_tokens,
                                a.seed + s)
-        convs = [conversation(q, c) for (q, _), row in zip(chunk, cs) for c in row]
+        convs = [data.qa(q, c) for (q, _), row in zip(chunk, cs) for c in row]
         imgs = [ims for (_, ims), row in zip(chunk, cs) for _ in row]
         flat = ensemble_scores(rms, convs, imgs, a.hd_num, a.normalize)
         cands += cs

@@ -123,6 +123,11 @@ def reward_template(conversation):
     return text + "</s>" + REWARD_TOKEN
 
 
+def qa(query, answer):
+    """A one-turn conversation in the API's {"role", "content"} form."""
+    return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+
+
 def chat_prompt(query, history=(), meta_instruction=None):
     """The IXC-2.5 chat prompt that ends where the assistant starts to speak (`interleav_wrap_chat`)."""
     text = f"{START_OF_TURN}system\n{meta_instruction}{END_OF_TURN}\n" if meta_instruction else ""
@@ -606,7 +611,7 @@ def _pref(rng, items):
     return rows
 
 
-def write_world(out_dir, seed=0, n_sft=4000, n_pref=3000, n_heldout=300, n_sft_easy=1000,
+def write_world(out_dir, seed=0, n_sft=16000, n_pref=3000, n_heldout=300, n_sft_easy=2000,
                 error_rate=0.7):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right

@@ -10,6 +10,7 @@ K epochs of clipped policy (Eq. 3) and value (Eq. 4) updates over shuffled mini-
 Padding contract, in one place (`rollout_batch`): prompts left-padded, responses right-padded after them, position
 ids count real tokens only, pad id is distinct from the stop tokens, rewards sit on the last real response token.
 """
+import argparse
 import json
 import math
 import random
@@ -42,7 +43,8 @@ def add_args(p):
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted when no stop token came")
-    g.add_argument("--normalize-reward", action="store_true", help="(score - mean) / std from the RM stage")
+    g.add_argument("--normalize-reward", action=argparse.BooleanOptionalAction, default=True,
+                   help="(score - mean) / std with the held-out statistics the RM stage stored in its config")
     g.add_argument("--rloo-k", type=int, default=4, help="rloo: samples per prompt")
     g.add_argument("--rollout-chunk", type=int, default=32, help="prompts per generation call")
 

@@ -270,26 +270,6 @@ def read_scores_jsonl(path, bench):
 # Command line
 
 
-def read_rows(path):
-    """Benchmark data: a JSON list or JSONL rows; errors name the file and line."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON row ({e.msg})") from None
-    return rows
-
-
-def pair(query, answer):
-    return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-
-
 def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234):
     """Score every row with the (averaged) reward model(s); returns records in the --scores file format."""
     def scores(convs, imgs):
@@ -300,13 +280,13 @@ def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234):
         if bench == "vl_rewardbench":
             image = [str(Path(images_dir or ".") / row["image_path"])]
             order = [1, 0] if swaps[i] else [0, 1]  # shown in a seeded random order, as the official script
-            s = scores([pair(row["query"], row["response"][k]) for k in order], [image, image])
+            s = scores([data.qa(row["query"], row["response"][k]) for k in order], [image, image])
             out.append({"id": row["id"], "scores": [s[order.index(0)], s[order.index(1)]]})
         elif bench == "rm_bench":
-            s = scores([pair(row["prompt"], r) for r in row["chosen"] + row["rejected"]], [[]] * 6)
+            s = scores([data.qa(row["prompt"], r) for r in row["chosen"] + row["rejected"]], [[]] * 6)
             out.append({"id": row["id"], "scores_chosen": s[:3], "scores_rejected": s[3:]})
         else:
-            s = scores([pair(row["prompt"], row["chosen"]), pair(row["prompt"], row["rejected"])], [[], []])
+            s = scores([data.qa(row["prompt"], row["chosen"]), data.qa(row["prompt"], row["rejected"])], [[], []])
             out.append({"id": row["id"], "score_chosen": s[0], "score_rejected": s[1]})
     return out
 
@@ -341,7 +321,7 @@ def main(argv=None):
         a = p.parse_args(argv[1:])
         if bool(a.ckpt) == bool(a.scores):
             p.error("give exactly one of --ckpt or --scores")
-        rows = read_rows(a.data)
+        rows = data.read_rows(a.data)
         if a.scores:
             records = read_scores_jsonl(a.scores, a.bench)
         else:

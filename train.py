@@ -123,8 +123,8 @@ def ensure_world(world_dir, tokenizer_path=None):
         paths = data.write_world(str(world_dir), seed=0)
         rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
         data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
-        atomic_write_text(done, json.dumps(paths, indent=1))
-    return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+        atomic_write_text(done, json.dumps({k: Path(p).name for k, p in paths.items()}, indent=1))
+    return {k: world_dir / name for k, name in json.loads(done.read_text()).items()}
 
 
 def sft_sequence(tok, sample):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bon
+import data
 import clean
 from conftest import randomize
 from model import InternLMXComposer2, KVCache
@@ -44,7 +45,7 @@ def test_best_of_one_is_plain_sampling(world, rm_dir):  # noqa: F811
     assert best == cands[0] == plain[0] and len(scores) == 1
     best4, cands4, scores4 = bon.best_of_n(policy, [rm], "What is 2 + 3?", n=4, hd_num=9, max_new_tokens=8, seed=7)
     assert best4 == cands4[max(range(4), key=lambda i: scores4[i])]
-    assert scores4 == pytest.approx(rm.get_scores([bon.conversation("What is 2 + 3?", c) for c in cands4],
+    assert scores4 == pytest.approx(rm.get_scores([data.qa("What is 2 + 3?", c) for c in cands4],
                                                   [[]] * 4, hd_num=9), abs=1e-6)
 
 

@@ -30,7 +30,7 @@ def world(tmp_path_factory):
     paths = data.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
     rows = sum((json.loads(open(p).read()) for p in paths.values()), [])
     data.train_world_tokenizer(data.template_texts(rows), str(wd / "tokenizer.model"))
-    (wd / "world.json").write_text(json.dumps(paths))
+    (wd / "world.json").write_text(json.dumps({k: os.path.basename(p) for k, p in paths.items()}))
     tok = data.Tokenizer(wd / "tokenizer.model")
     policy = init_weights(InternLMXComposer2(Config(**SMALL, vocab_size=tok.vocab_size)), seed=0)
     policy.tokenizer = tok

@@ -16,7 +16,7 @@ import data as world
 def wd(tmp_path_factory):
     """The default-sized world, written once."""
     out = tmp_path_factory.mktemp("world")
-    paths = world.write_world(str(out), seed=0)
+    paths = world.write_world(str(out), seed=0, n_sft=4000, n_sft_easy=1000)
     return {k: json.load(open(p)) for k, p in paths.items()} | {"dir": str(out), "paths": paths}
 
 
