@@ -320,17 +320,22 @@ ARITH_MAX, COMPARE_MAX = 9, 20
 ERROR_KINDS = ("overcount", "colour_confusion", "absent_object", "position_swap")
 # Rejected kinds and how often the chosen answer is the longer one per kind: longer_wrong is
 # always longer, so the others compensate and a length-only rule stays near 50%.
-PREF_KINDS = {"wrong_value": 0.5, "refusal": 0.25, "longer_wrong": 0.25}
-CHOSEN_LONGER = {"wrong_value": 0.6, "refusal": 0.8, "longer_wrong": 0.0}
-LONG_P_CHOSEN = 0.8          # share of chosen elaborations in the long fluent style (see make_pair)
+PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
+CHOSEN_STYLE = {"plain": 0.15, "clause": 0.3, "long": 0.55}    # phrasing of right answers (see make_pair)
+REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values; longer_wrong is always long
+MAX_LEN_RATIO = 2.5          # train.py's default --max-len-ratio (the paper's length constraint)
 GT_KEYS = ("kind", "query", "truth", "objects")   # ground truth kept in every row for is_correct
 SPECIAL_PIECES = ["[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]
 
 REFUSALS = {"image": ["I cannot see the image.", "Sorry, I can't see any image.",
                       "There is no image, so I cannot tell.",
-                      "I am sorry, but I am unable to see the image, so I cannot answer this question."],
+                      "I am sorry, but I am unable to see the image, so I cannot answer this question.",
+                      "Unfortunately no image came through on my side, so I cannot tell you anything about it.",
+                      "I am not able to view images in this conversation, so I cannot answer that question."],
             "text": ["I don't know.", "Sorry, I cannot answer that.", "I am not sure.",
-                     "I am sorry, but I am not sure how to answer this question right now."]}
+                     "I am sorry, but I am not sure how to answer this question right now.",
+                     "I am unable to work this out right now, so I would rather not give you an answer here.",
+                     "That is a question I am unable to answer at the moment, sorry about that."]}
 REFUSAL_MARKERS = ("cannot see", "can't see", "no image", "unable", "sorry", "don't know", "not sure",
                    "cannot answer", "can't answer", "cannot tell", "can't tell", "as an ai")
 CLAUSE = {"image": "I checked the whole image carefully.", "text": "I checked this carefully."}
@@ -542,35 +547,36 @@ def is_correct(item, answer):
     return not re.search(r"\b(smaller|less|lower)\b", a) and set(_numbers(a)) == {t}
 
 
-def _elaborate(rng, text, mod, long_p):
-    """A longer phrasing with the same value: the fluent long form or an extra (true) clause."""
-    if rng.random() < long_p:
+def _styled(text, mod, style):
+    """The same answer phrased plainly, with an extra (true) clause, or in the long fluent form."""
+    if style == "clause":
+        return f"{text} {CLAUSE[mod]}"
+    if style == "long":
         return f"{LONG_PREFIX[mod]} {text[0].lower()}{text[1:]} {LONG_FILLER[mod]}"
-    return f"{text} {CLAUSE[mod]}"
+    return text
 
 
 def make_pair(rng, item):
-    """(chosen, rejected, rejected kind). Length and phrasing style must not predict the preference,
-    so chosen answers get the same elaborations as rejected ones, about as often."""
+    """(chosen, rejected, rejected kind). Both sides draw their phrasing from style distributions tuned so that
+    neither length nor style predicts the preference, and a draw whose chosen answer is more than MAX_LEN_RATIO
+    times longer than the rejected one is redrawn: the paper's length filter must find nothing to drop here,
+    or it would remove the long-but-right answers and leave "long style = wrong" as a shortcut."""
     mod = "image" if "objects" in item else "text"
     rkind = _pick(rng, PREF_KINDS)
     good = render(item, item["truth"])
-    if rkind == "longer_wrong":
-        bad = _elaborate(rng, render(item, wrong_value(rng, item)), mod, 1.0)
-        if len(bad) <= len(good):
-            bad += " " + CLAUSE[mod]
-        return good, bad, rkind
-    want_longer = rng.random() < CHOSEN_LONGER[rkind]
-    if rkind == "refusal":
-        opts = REFUSALS[mod][:-1] if want_longer else REFUSALS[mod][-1:]
-        bad = opts[rng.integers(len(opts))]
-    else:
-        bad = render(item, wrong_value(rng, item))
-    if want_longer and len(good) <= len(bad):
-        good = _elaborate(rng, good, mod, LONG_P_CHOSEN)
-    elif not want_longer and len(good) >= len(bad) and rkind == "wrong_value":
-        bad = _elaborate(rng, bad, mod, 1 - LONG_P_CHOSEN)
-    return good, bad, rkind
+    for _ in range(100):
+        if rkind == "longer_wrong":
+            chosen = _styled(good, mod, _pick(rng, {"plain": 0.5, "clause": 0.5}))
+            rejected = _styled(render(item, wrong_value(rng, item)), mod, "long")
+        elif rkind == "refusal":
+            chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
+            rejected = REFUSALS[mod][rng.integers(len(REFUSALS[mod]))]
+        else:
+            chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
+            rejected = _styled(render(item, wrong_value(rng, item)), mod, _pick(rng, REJECTED_STYLE))
+        if len(chosen) <= MAX_LEN_RATIO * len(rejected):
+            return chosen, rejected, rkind
+    raise RuntimeError(f"cannot phrase a pair within the length ratio for {item}")
 
 
 def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False):
@@ -611,7 +617,7 @@ def _pref(rng, items):
     return rows
 
 
-def write_world(out_dir, seed=0, n_sft=16000, n_pref=3000, n_heldout=300, n_sft_easy=2000,
+def write_world(out_dir, seed=0, n_sft=16000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
                 error_rate=0.7):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right

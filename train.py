@@ -41,9 +41,9 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
 # the official recipe (script_train.sh: lr 1e-5, wd 0.1, beta2 0.95, warmup 1%, cosine, clip 1.0, hd_num 9,
 # max_length 8192) and, where the tiny world needs other values, the world's
 DEFAULTS = {
-    "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=2400, batch=32,
+    "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=3600, batch=32,
                                                                              token_budget=1024)),
-    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=180, batch=32)),
+    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=400, batch=32)),
     "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=40, batch=48)),
 }
 
