@@ -44,7 +44,7 @@ def score_samples(rms, samples, hd_num, token_budget, normalize=False):
     lengths = [len(tok.encode(data.reward_template(s["conversation"]))) + 64 * len(s["images"]) for s in samples]
     scores = [0.0] * len(samples)
     batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
-    t0, done = time.time(), 0
+    t0, done, shown = time.time(), 0, 0.0
     for b in batches:
         out = ensemble_scores(rms, [samples[i]["conversation"] for i in b], [samples[i]["images"] for i in b],
                               hd_num, normalize)
@@ -52,8 +52,10 @@ def score_samples(rms, samples, hd_num, token_budget, normalize=False):
             scores[i] = s
         done += len(b)
         rate = done / (time.time() - t0)
-        print(f"\rscoring {done}/{len(samples)} ({rate:.0f}/s, eta {(len(samples) - done) / rate:.0f}s)", end="",
-              file=sys.stderr)
+        if time.time() - shown > 1.0 or done == len(samples):  # redraw the progress line at most once a second
+            shown = time.time()
+            print(f"\rscoring {done}/{len(samples)} ({rate:.0f}/s, eta {(len(samples) - done) / rate:.0f}s)", end="",
+                  file=sys.stderr)
     print(file=sys.stderr)
     return scores
 
