@@ -488,7 +488,9 @@ def wrong_value(rng, item):
     if k == "colour":
         opts = [c for c in COLOURS if c != t]
     elif k == "count":
-        opts = [n for n in range(1, 6) if n != t]
+        # one off either way (0 included): true counts are mostly 1, so drawing wrong counts from 1..5 made
+        # "the smaller count is right" a shortcut the reward model learned instead of counting
+        opts = [n for n in (t - 1, t + 1) if n >= 0]
     elif k == "presence":
         opts = ["no" if t == "yes" else "yes"]
     elif k == "position":
