@@ -171,8 +171,11 @@ def sample_length(tok, sample, crop, grid, hd_num):
         if Path(im).suffix.lower() in data.VIDEO_SUFFIXES or Path(im).is_dir():
             n_img += n_image_tokens(32, 1, grid)  # an upper bound; the exact strip is built at load time
         else:
-            with Image.open(im) as f:
-                n_img += n_image_tokens(*hd_grid(*f.size, hd, crop), grid)
+            try:
+                with Image.open(im) as f:  # the header is enough for the size
+                    n_img += n_image_tokens(*hd_grid(*f.size, hd, crop), grid)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {im}: not a valid image file ({e})") from None
     convs = [sample["chosen"], sample["rejected"]] if "chosen" in sample else [sample["conversation"]]
     text = max(len(tok.encode(data.reward_template(c).replace(data.IMAGE_PLACEHOLDER, ""))) for c in convs)
     return n_img + text

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
@@ -230,3 +231,27 @@ def test_video_without_decoder_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(ImportError, match=r"clip.mp4 needs the optional package PyAV: pip install av"):
         vision.load_video_frames(video)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_one_failing_rank_ends_the_job_promptly(world, tmp_path):
+    """Two processes; one pair's image is corrupt, so only the rank whose shard holds it fails, while the other waits
+    in the gradient all-reduce. torchrun must stop the job quickly and show the failing rank's message."""
+    import shutil
+    import time
+    rows = json.loads((world / "world" / "pref_train.json").read_text())[:8]
+    (tmp_path / "images").mkdir()
+    for r in rows:
+        if "image" in r:
+            shutil.copy(world / "world" / r["image"], tmp_path / r["image"])
+    bad = next(r for r in rows if "image" in r)
+    png = (tmp_path / bad["image"]).read_bytes()
+    (tmp_path / bad["image"]).write_bytes(png[:len(png) // 2])  # header intact, pixels cut: fails when decoded
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train.py", "--stage", "rm", "--init", str(world / "sft"), "--data", str(tmp_path / "pairs.json"),
+                        "--out", str(tmp_path / "out"), "--batch", "2", "--steps", "4", "--lr", "1e-4"],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert "cannot read image" in r.stderr and Path(bad["image"]).name in r.stderr
