@@ -12,9 +12,9 @@ ids count real tokens only, pad id is distinct from the stop tokens, rewards sit
 """
 import argparse
 import json
-import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -257,7 +257,8 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                     stats["value_loss"].append(masked_mean(vf, mask).item())
                     stats["value_clipfrac"].append(masked_mean(((v - old_v).abs() > a.value_clip).float(), mask).item())
                 sync = world == 1 or k == len(micro) - 1
-                with (fwd_pi.no_sync() if not sync else _null()), (fwd_v.no_sync() if not sync and fwd_v else _null()):
+                with (fwd_pi.no_sync() if not sync else nullcontext()), \
+                        (fwd_v.no_sync() if not sync and fwd_v else nullcontext()):
                     loss.backward()
                 with torch.no_grad():
                     stats["policy_loss"].append(masked_mean(pg, mask).item())
@@ -271,11 +272,6 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                     opt.step()
                     opt.zero_grad(set_to_none=True)
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def explained_variance(samples):
@@ -333,7 +329,7 @@ def train(a, rank, world, device):
         summary["accuracy_before"], summary["accuracy_before_by_kind"] = eval_policy(policy, held, a.hd_num)
         log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
     generator = torch.Generator(device=device).manual_seed(a.seed * 1000 + rank)
-    t0 = time.time()
+    t0, tokens_done = time.time(), 0
     while step < a.steps:
         rng = random.Random(a.seed + step)
         chunk = rng.sample(prompts, a.batch)[rank::world]
@@ -355,9 +351,10 @@ def train(a, rank, world, device):
         stats.update(ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device, world))
         step += 1
         n_tok = sum(len(s["response"]) for s in samples)
+        tokens_done += n_tok
         stats.update(step=step, response_length=n_tok / len(samples),
                      eos_rate=sum(s["stopped"] for s in samples) / len(samples),
-                     tokens_per_s=n_tok / (time.time() - t0 + 1e-9) * step / step,
+                     tokens_per_s=tokens_done / (time.time() - t0),
                      rollout_s=t_roll, explained_variance=explained_variance(samples) if critic else float("nan"))
         if held:
             stats["train_accuracy"] = sum(data.is_correct(s["item"], policy.decode_answer(s["response"]))
