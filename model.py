@@ -351,15 +351,19 @@ class InternLMXComposer2(nn.Module):
         return {"embeds": embeds, "im_mask": im_mask, "attention_mask": attention_mask, "ids": ids,
                 "position_ids": position_ids}
 
-    def prepare(self, text, images=(), hd_num=24, max_length=None, train_transform=False):
-        """Text with `<ImageHere>` placeholders + images -> (embeds, im_mask). Several images force hd_num 6."""
+    def sequence(self, text, images=(), hd_num=24, train_transform=False):
+        """Text with `<ImageHere>` placeholders + images -> (token segments, HD pixel tensors), the input of embed /
+        embed_batch. Several images force hd_num 6, as upstream."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached: load with from_pretrained or set model.tokenizer")
         images = list(images)
         hd_num = 6 if len(images) > 1 else hd_num
-        segments = tokenize_segments(self.tokenizer, text, len(images))
-        pixels = [load_visual(im, hd_num, self.cfg.vision.image_size, train_transform) for im in images]
-        return self.embed(segments, pixels, max_length)
+        return (tokenize_segments(self.tokenizer, text, len(images)),
+                [load_visual(im, hd_num, self.cfg.vision.image_size, train_transform) for im in images])
+
+    def prepare(self, text, images=(), hd_num=24, max_length=None, train_transform=False):
+        """Text with `<ImageHere>` placeholders + images -> (embeds, im_mask)."""
+        return self.embed(*self.sequence(text, images, hd_num, train_transform), max_length)
 
     # --- LM head and generation ---
     def forward(self, embeds, im_mask=None, attention_mask=None, position_ids=None, cache=None):
@@ -414,9 +418,7 @@ class InternLMXComposer2(nn.Module):
     @torch.no_grad()
     def answer(self, prompts, hd_num=24, max_new_tokens=64, temperature=0.0, top_p=1.0, n=1, generator=None):
         """Batched chat: [(query, images)] -> n decoded answers per prompt (left-padded prompts, one prefill)."""
-        seqs = [(tokenize_segments(self.tokenizer, chat_prompt(q), len(ims)),
-                 [load_visual(im, hd_num, self.cfg.vision.image_size) for im in ims]) for q, ims in prompts]
-        batch = self.embed_batch(seqs, left_pad=True)
+        batch = self.embed_batch([self.sequence(chat_prompt(q), ims, hd_num) for q, ims in prompts], left_pad=True)
         out = self.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], max_new_tokens,
                             temperature, top_p, generator=generator, n=n)
         return [self.decode_answer(row) for row in out.tolist()]

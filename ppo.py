@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 import data
 from model import InternLMXComposer2
-from reward import RewardModel, pool_last
-from vision import load_visual
+from reward import RewardModel
 
 
 def add_args(p):
@@ -134,8 +133,7 @@ def reward_scores(rms, samples, device, normalize):
         for s in samples:
             resp = s["response"] if s["stopped"] else s["response"] + [rm.tokenizer.eot_id]
             rows.append(rm.splice(s["segments"] + [resp + suffix], [im.to(device) for im in s[f"rm_images{i}"]]))
-        batch = rm.pad_batch(rows)
-        score = pool_last(rm(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
+        score = rm.score_embedded(rows)
         total += (score - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else score
     return total / len(rms)
 
@@ -148,8 +146,7 @@ def collect_rollouts(policy, ref, critic, rms, prompts, a, device, generator):
     samples = []
     for c in range(0, len(prompts), a.rollout_chunk):
         chunk = prompts[c:c + a.rollout_chunk]
-        seqs = [(data.tokenize_segments(policy.tokenizer, data.chat_prompt(q), len(ims)),
-                 [load_visual(im, a.hd_num, policy.cfg.vision.image_size) for im in ims]) for q, ims, _ in chunk]
+        seqs = [policy.sequence(data.chat_prompt(q), ims, a.hd_num) for q, ims, _ in chunk]
         batch = policy.embed_batch(seqs, left_pad=True)
         out = policy.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
                               a.temperature, a.top_p, generator=generator, n=n)

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 import data
-from data import reward_template, tokenize_segments
+from data import reward_template
 from model import InternLMXComposer2
-from vision import load_visual
 
 
 def pool_last(rewards, attention_mask):
@@ -42,15 +41,11 @@ class RewardModel(InternLMXComposer2):
         """A conversation (list of {"role", "content"}) or, with apply_template=False, a formatted string."""
         return self.encode_many([conversation], [images], hd_num, max_length, apply_template)[0]
 
-    def encode_many(self, conversations, images, hd_num=24, max_length=16384, apply_template=True):
+    def encode_many(self, conversations, images, hd_num=24, max_length=16384, apply_template=True,
+                    train_transform=False):
         """Each conversation -> (embeds, im_mask), cut at max_length as upstream; all images in one ViT batch."""
-        seqs = []
-        for conv, ims in zip(conversations, images):
-            ims = list(ims)
-            text = reward_template(conv) if apply_template else conv
-            hd = 6 if len(ims) > 1 else hd_num  # upstream forces hd_num 6 for several images
-            seqs.append((tokenize_segments(self.tokenizer, text, len(ims)),
-                         [load_visual(im, hd, self.cfg.vision.image_size) for im in ims]))
+        seqs = [self.sequence(reward_template(conv) if apply_template else conv, ims, hd_num, train_transform)
+                for conv, ims in zip(conversations, images)]
         pixels = [p for _, px in seqs for p in px]
         encoded = self.encode_images(pixels) if pixels else []
         out, k = [], 0

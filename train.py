@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 import data
 from model import Config, InternLMXComposer2, atomic_write_text, init_weights
 from reward import RewardModel, pool_last
-from vision import load_visual
 
 ROOT = Path(__file__).resolve().parent
 WORLD_DIR = ROOT / "runs" / "world"  # generated on first use, deterministic by seed
@@ -114,7 +113,7 @@ def log(rank, *a):
 # Data for each stage
 
 
-def ensure_world(world_dir, tokenizer_path=None):
+def ensure_world(world_dir):
     """Write the built-in world once (deterministic by seed) and return its file paths."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
@@ -127,15 +126,16 @@ def ensure_world(world_dir, tokenizer_path=None):
     return {k: world_dir / name for k, name in json.loads(done.read_text()).items()}
 
 
-def sft_sequence(tok, sample):
-    """Chat prompt (no loss) + answer and end-of-turn (loss), tokenized apart exactly as generation sees them."""
+def sft_prompt(sample):
+    """The chat prompt (no loss) of a fine-tuning sample: its last question, after its system turn if any."""
     conv = sample["conversation"]
-    prompt = data.chat_prompt(conv[-2]["content"] if len(conv) > 1 else "", history=(), meta_instruction=None)
-    if conv[0]["role"] == "system":
-        prompt = data.chat_prompt(conv[-2]["content"], meta_instruction=conv[0]["content"])
-    segments = data.tokenize_segments(tok, prompt, len(sample["images"]))
-    answer = tok.encode(conv[-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
-    return segments, answer
+    meta = conv[0]["content"] if conv[0]["role"] == "system" else None
+    return data.chat_prompt(conv[-2]["content"] if len(conv) > 1 else "", meta_instruction=meta)
+
+
+def sft_answer(tok, sample):
+    """The answer and its end-of-turn (loss), tokenized apart from the prompt exactly as generation sees them."""
+    return tok.encode(sample["conversation"][-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
 
 
 def load_stage_data(a, tok, rank):
@@ -190,9 +190,9 @@ def sft_loss(model, batch_samples, tok, a):
     over samples (the caller divides by the batch)."""
     seqs = []
     for s in batch_samples:
-        segments, answer = sft_sequence(tok, s)
-        seqs.append((segments + [answer], [load_visual(im, a.hd_num, model.cfg.vision.image_size, a.train_transform)
-                                           for im in s["images"]], len(answer)))
+        segments, pixels = model.sequence(sft_prompt(s), s["images"], a.hd_num, a.train_transform)
+        answer = sft_answer(tok, s)
+        seqs.append((segments + [answer], pixels, len(answer)))
     batch = model.embed_batch([(sg, px) for sg, px, _ in seqs])
     labels = torch.full_like(batch["ids"], -100)
     for b, (_, _, n_answer) in enumerate(seqs):
@@ -206,13 +206,8 @@ def sft_loss(model, batch_samples, tok, a):
 
 def rm_rewards(model, pairs, a):
     """Rewards of [c0, r0, c1, r1, ...] in one forward (the official interleave); returns chosen, rejected."""
-    seqs = []
-    for p in pairs:
-        for conv in (p["chosen"], p["rejected"]):
-            text = data.reward_template(conv)
-            hd = 6 if len(p["images"]) > 1 else a.hd_num
-            seqs.append((data.tokenize_segments(model.tokenizer, text, len(p["images"])),
-                         [load_visual(im, hd, model.cfg.vision.image_size, a.train_transform) for im in p["images"]]))
+    seqs = [model.sequence(data.reward_template(conv), p["images"], a.hd_num, a.train_transform)
+            for p in pairs for conv in (p["chosen"], p["rejected"])]
     batch = model.embed_batch(seqs)
     L = batch["embeds"].shape[1]
     if L > a.max_length:

@@ -85,7 +85,7 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "colour" in summary["heldout_accuracy_by_kind"]
     tok = data.Tokenizer(world / "world" / "tokenizer.model")
     sample = data.read_sft(world / "world" / "sft_train.json")[0]
-    segments, answer = train.sft_sequence(tok, sample)
+    answer = train.sft_answer(tok, sample)
     assert tok.decode(answer[:-1]) == sample["conversation"][-1]["content"]  # the loss covers the answer + end of turn
     assert answer[-1] == tok.eot_id
 
