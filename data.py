@@ -215,7 +215,8 @@ def _where(path, i, row):
 
 
 def read_preference(path):
-    """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind"}] (role/content messages)."""
+    """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind", "question_kind"}] (role/content
+    messages; the two kinds are the built-in world's labels, empty for other data)."""
     path = Path(path)
     out = []
     for i, row in enumerate(read_rows(path)):
@@ -227,7 +228,8 @@ def read_preference(path):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected,
-                    "images": _images(row, path.parent, where), "kind": row.get("kind", "")})
+                    "images": _images(row, path.parent, where), "kind": row.get("kind", ""),
+                    "question_kind": row.get("question_kind", "")})
     return out
 
 
@@ -308,13 +310,15 @@ def mix_image_text(samples, seed=0):
 # merged vision token (2x2 ViT patches of 14 px), each object fills one cell, and the colours/shapes are few and
 # far apart, so one token's pixels identify colour+shape.
 
+WORLD_VERSION = 2            # train.ensure_world rewrites a cached world written by another version
 IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
 # Weights tuned with the error rules (systematic_error) so ~23% of SFT answers are wrong overall.
 IMAGE_KINDS = {"colour": 0.24, "count": 0.24, "presence": 0.22, "position": 0.18, "describe": 0.12}
 TEXT_KINDS = {"arith": 0.5, "compare": 0.5}
-IMAGE_SHARE = 2 / 3          # official reward mix: 2 image samples : 1 text sample
+IMAGE_SHARE = 2 / 3          # official reward mix: 2 image samples : 1 text sample (preference and held-out sets)
+SFT_IMAGE_SHARE = 0.9        # the tiny policy learns the text kinds in a few hundred steps; its budget goes to seeing
 HELDOUT_MOD = 10             # image layouts with crc32 % 10 == 0 exist only in held-out splits
 ARITH_MAX, COMPARE_MAX = 9, 20
 ERROR_KINDS = ("overcount", "colour_confusion", "absent_object", "position_swap")
@@ -428,9 +432,9 @@ def _question(rng, kind, objs):
     return f"Which is larger, {a} or {b}?", {"a": a, "b": b}, max(a, b)
 
 
-def make_item(rng, max_objects=4, heldout=False, kind=None):
+def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SHARE):
     """One question with ground truth; `max_objects` is the curriculum knob (1 = single object)."""
-    image = kind in IMAGE_KINDS if kind else rng.random() < IMAGE_SHARE
+    image = kind in IMAGE_KINDS if kind else rng.random() < image_share
     k = kind or _pick(rng, IMAGE_KINDS if image else TEXT_KINDS)
     while True:
         objs = sample_objects(rng, max_objects, heldout) if image else None
@@ -581,10 +585,10 @@ def make_pair(rng, item):
     raise RuntimeError(f"cannot phrase a pair within the length ratio for {item}")
 
 
-def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False):
+def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IMAGE_SHARE):
     rows = []
     for i in range(n):
-        item = dict(make_item(rng, max_objects, heldout), id=f"{prefix}_{i:05d}")
+        item = dict(make_item(rng, max_objects, heldout, image_share=image_share), id=f"{prefix}_{i:05d}")
         if "objects" in item:
             rel = f"images/{prefix}_{i:05d}.png"
             draw(item["objects"]).save(os.path.join(out_dir, rel))
@@ -619,7 +623,7 @@ def _pref(rng, items):
     return rows
 
 
-def write_world(out_dir, seed=0, n_sft=16000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
+def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
                 error_rate=0.7):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right
@@ -627,8 +631,9 @@ def write_world(out_dir, seed=0, n_sft=16000, n_pref=10000, n_heldout=300, n_sft
     and PPO need that, as they do with real models."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = [np.random.default_rng([seed, s]) for s in range(8)]
-    sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft"), error_rate)
-    easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1), error_rate)
+    sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft", image_share=SFT_IMAGE_SHARE), error_rate)
+    easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1,
+                                          image_share=SFT_IMAGE_SHARE), error_rate)
     held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
              "pref_train": _pref(rng[6], _items(rng[2], n_pref, out_dir, "pref")),

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 from model import Config, InternLMXComposer2, atomic_write_text, init_weights
+from vision import sincos_position_embedding
 from reward import RewardModel, pool_last
 
 ROOT = Path(__file__).resolve().parent
@@ -72,6 +73,8 @@ def parse_args(argv=None):
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
                    help="auto: frozen (ViT + vision_proj) except when sft builds a model from scratch")
+    p.add_argument("--vit-pos", type=float, default=1.0,
+                   help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
     p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
@@ -117,13 +120,14 @@ def ensure_world(world_dir):
     """Write the built-in world once (deterministic by seed) and return its file paths."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
-    if not done.is_file():
+    if not done.is_file() or json.loads(done.read_text()).get("version") != data.WORLD_VERSION:
         world_dir.mkdir(parents=True, exist_ok=True)
         paths = data.write_world(str(world_dir), seed=0)
         rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
         data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
-        atomic_write_text(done, json.dumps({k: Path(p).name for k, p in paths.items()}, indent=1))
-    return {k: world_dir / name for k, name in json.loads(done.read_text()).items()}
+        files = {k: Path(p).name for k, p in paths.items()}
+        atomic_write_text(done, json.dumps({"version": data.WORLD_VERSION, "files": files}, indent=1))
+    return {k: world_dir / name for k, name in json.loads(done.read_text())["files"].items()}
 
 
 def sft_prompt(sample):
@@ -144,8 +148,8 @@ def load_stage_data(a, tok, rank):
     if a.stage == "sft":
         if world is None:
             return data.read_sft(a.data), []
-        # curriculum: single-object images first, then the full world
-        return data.read_sft(world["sft_easy"]) + data.read_sft(world["sft_train"]), \
+        # curriculum: the first epoch starts with the single-object images (see the training loop)
+        return [dict(s, warmup=True) for s in data.read_sft(world["sft_easy"])] + data.read_sft(world["sft_train"]), \
             json.loads(world["heldout_prompts"].read_text())
     if world is None:
         path = Path(a.data)
@@ -251,12 +255,15 @@ def eval_rm(model, pairs, a, batch=32):
         chosen += c.tolist()
         rejected += r.tolist()
     ok = [c > r for c, r in zip(chosen, rejected)]
-    by_kind = {}
+    by_kind, by_question = {}, {}
     for p, o in zip(pairs, ok):
         by_kind.setdefault(p["kind"] or "all", []).append(o)
+        if p["kind"] == "wrong_value" and p.get("question_kind"):   # the pairs that need the image (or the sum)
+            by_question.setdefault(p["question_kind"], []).append(o)
     allr = torch.tensor(chosen + rejected)
-    return {"heldout_accuracy": sum(ok) / len(ok), "heldout_accuracy_by_kind": {k: sum(v) / len(v) for k, v in
-                                                                               sorted(by_kind.items())},
+    return {"heldout_accuracy": sum(ok) / len(ok),
+            "heldout_accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "wrong_value_accuracy_by_question_kind": {k: sum(v) / len(v) for k, v in sorted(by_question.items())},
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(ok),
             "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}
 
@@ -348,7 +355,12 @@ def build_model(a, device):
         world = ensure_world(a.world_dir)
         cfg = Config(**WORLD_CONFIG, vocab_size=data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
                      .vocab_size)
-        model = init_weights(InternLMXComposer2(cfg), a.seed).to(device)
+        model = init_weights(InternLMXComposer2(cfg), a.seed)
+        if a.vit_pos:
+            table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
+            with torch.no_grad():
+                table.copy_(sincos_position_embedding(cfg.vision.grid, cfg.vision.hidden_size, a.vit_pos))
+        model.to(device)
         model.tokenizer = data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
         return model
     head = {"linear": "score", "mlp": "score_mlp"}[a.head]
@@ -396,6 +408,8 @@ def main(argv=None):
         if epoch != order_epoch:  # a fresh random order per epoch, identical on every rank
             order = list(range(len(samples)))
             random.Random(a.seed + epoch).shuffle(order)
+            if epoch == 0:  # stable: warm-up samples first, each group still shuffled
+                order.sort(key=lambda i: not samples[i].get("warmup"))
             order_epoch = epoch
         at = (step % per_epoch) * a.batch
         # steps stay random (length-sorted steps would make each one a single kind of sample); inside a step,

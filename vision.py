@@ -103,6 +103,20 @@ class CLIPEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
+def sincos_position_embedding(grid, dim, amplitude=1.0):
+    """[grid*grid + 1, dim] fixed 2-D sin-cos table (MAE, He et al. 2021, Eq. of Vaswani et al. per axis), CLS row 0.
+    For a ViT trained from scratch: CLIP's learned table starts at N(0, 0.02), which the patch features soon
+    outgrow a hundredfold, so a tower trained from scratch forgets where each patch is."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    ang_y, ang_x = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
+    table = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
+    table = torch.cat([torch.zeros(1, 4 * q, dtype=torch.float64), table])
+    return amplitude * F.pad(table, (0, dim - 4 * q)).float()
+
+
 class CLIPVisionTransformer(nn.Module):
     """`vision_model`: the official feature is the last block's output, before `post_layernorm` (never applied, so
     not built; its stored weights are skipped at load), with the CLS token dropped."""

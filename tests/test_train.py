@@ -31,7 +31,8 @@ def world(tmp_path_factory):
     paths = data.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
     rows = sum((json.loads(open(p).read()) for p in paths.values()), [])
     data.train_world_tokenizer(data.template_texts(rows), str(wd / "tokenizer.model"))
-    (wd / "world.json").write_text(json.dumps({k: os.path.basename(p) for k, p in paths.items()}))
+    (wd / "world.json").write_text(json.dumps({"version": data.WORLD_VERSION,
+                                               "files": {k: os.path.basename(p) for k, p in paths.items()}}))
     tok = data.Tokenizer(wd / "tokenizer.model")
     policy = init_weights(InternLMXComposer2(Config(**SMALL, vocab_size=tok.vocab_size)), seed=0)
     policy.tokenizer = tok
@@ -255,3 +256,37 @@ def test_one_failing_rank_ends_the_job_promptly(world, tmp_path):
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and time.time() - t0 < 120
     assert "cannot read image" in r.stderr and Path(bad["image"]).name in r.stderr
+
+
+
+def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
+    """The table is MAE's 2-D sin-cos (dot products depend only on the offset along each axis); a from-scratch SFT
+    model starts with it at --vit-pos amplitude, and --vit-pos 0 keeps CLIP's N(0, 0.02) init."""
+    from vision import sincos_position_embedding
+    t = sincos_position_embedding(4, 16).double()
+    assert t.shape == (17, 16) and not t[0].any()
+    g = t[1:].reshape(4, 4, 16)
+    assert torch.allclose(g[0, 0] @ g[1, 0], g[2, 3] @ g[3, 3]) and torch.allclose(g[1, 1] @ g[1, 3], g[3, 0] @ g[3, 2])
+    assert (torch.cdist(t[1:], t[1:]) + torch.eye(16)).min() > 0.1          # every patch position distinct
+    for amp in (3.0, 0.0):
+        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"),
+                              "--vit-pos", str(amp)])
+        model = train.build_model(a, torch.device("cpu"))
+        table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
+        if amp:
+            assert torch.equal(table, sincos_position_embedding(model.cfg.vision.grid, table.shape[1], amp))
+        else:
+            assert table.std() < 0.05
+
+
+def test_stale_world_is_rewritten(tmp_path, monkeypatch):
+    """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
+    real = data.write_world
+    monkeypatch.setattr(data, "write_world",
+                        lambda out, seed: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
+    wd = tmp_path / "world"
+    wd.mkdir()
+    (wd / "world.json").write_text(json.dumps({"sft_train": "sft_train.json"}))
+    files = train.ensure_world(wd)
+    assert json.loads((wd / "world.json").read_text())["version"] == data.WORLD_VERSION
+    assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
