@@ -459,15 +459,16 @@ class InternLMXComposer2(nn.Module):
         model.tokenizer = tok if isinstance(tok, Tokenizer) else Tokenizer(tok)
         return model.eval()
 
-    def save_pretrained(self, path, metadata=None):
-        """config.json + model.safetensors (+ tokenizer.model), each written to a temp name and renamed."""
+    def save_pretrained(self, path, metadata=None, state=None):
+        """config.json + model.safetensors (+ tokenizer.model), each written to a temp name and renamed. `state`: the
+        weights when they are not this module's own tensors (gathered from FSDP's shards by train.py)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.cfg)
         for k in ("plora_dropout", "plora_rank", "head"):  # implied by the tensors
             cfg.pop(k)
         atomic_write_text(path / "config.json", json.dumps(cfg, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = state or {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = path / "model.safetensors.tmp"
         save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         os.replace(tmp, path / "model.safetensors")

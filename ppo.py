@@ -214,10 +214,22 @@ def pad_rows(samples, key, T):
     return torch.stack([F.pad(s[key], (0, T - len(s[key]))) for s in samples])
 
 
+class _Fwd:
+    """The model's methods, with forward() routed through DDP so it can schedule the gradient all-reduce."""
+
+    def __init__(self, model, ddp):
+        self._model, self._ddp = model, ddp
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kw):
+        return self._ddp(*args, **kw)
+
+
 def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device, world):
     """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
     micro-batches that fit --token-budget. Losses are token means over the whole mini-batch."""
-    from train import _Fwd  # DDP routing helper shared with the SFT/RM loop
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "value_clipfrac",
                              "ratio")}
     idx = list(range(len(samples)))

@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
 from model import Config, InternLMXComposer2, atomic_write_text, init_weights
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
                    "limits); --resume continues")
+    p.add_argument("--fsdp", action="store_true", help="sft, rm under torchrun: shard weights, gradients and optimizer "
+                   "state across processes (FSDP2) instead of replicating them (DDP), for models that do not fit one GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-dir", default=str(WORLD_DIR))
     from ppo import add_args as add_ppo_args  # PPO's hyper-parameters live next to its code
@@ -92,7 +97,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed: torchrun sets RANK/WORLD_SIZE; one process without it. DDP does the gradient all-reduce.
+# Distributed: torchrun sets RANK/WORLD_SIZE; one process without it. DDP (or FSDP2) does the gradient reduction.
 
 
 def setup_distributed():
@@ -105,6 +110,52 @@ def setup_distributed():
     if cuda:
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+class Whole(torch.nn.Module):
+    """What DDP / FSDP wrap: a forward that is a whole loss or evaluation, fn(model, *args). The token embeddings and
+    image separators are used before model.forward (splicing); inside this forward FSDP has them gathered, and
+    their gradients are reduced once the whole backward is done."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def wrap_model(model, a, world):
+    """One process: as is. torchrun: DDP, or with --fsdp FSDP2 with one all-gather / reduce-scatter unit per decoder
+    layer and the root (embeddings, norm, head, separators) as another."""
+    whole = Whole(model)
+    if world == 1:
+        return whole
+    if not a.fsdp:
+        return torch.nn.parallel.DistributedDataParallel(whole, find_unused_parameters=True)
+    # frozen parameters (ViT + vision_proj for rm) stay whole on every rank: no gradient or optimizer state to
+    # shard, and small next to the decoder
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(whole, ignored_params=frozen)
+    # PLoRA and the separators get no gradient on a rank whose micro-batch has no image: reduce zeros there (as
+    # DDP's find_unused_parameters) so the ranks' reduce-scatters match
+    whole.set_reduce_scatter_unused_params(True)
+    return whole
+
+
+def to_cpu(t, keep=True):
+    """A tensor on the CPU, gathered whole first if FSDP shards it (a collective: every rank calls it; only the
+    `keep` ones hold the result)."""
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    return t.detach().contiguous().cpu() if keep else None
+
+
+def like(t, ref):
+    """A whole tensor laid out as `ref`: this rank's shard when FSDP shards `ref` (every rank read the same file)."""
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None) \
+        if isinstance(ref, DTensor) else t
 
 
 def log(rank, *a):
@@ -293,40 +344,47 @@ def lr_at(step, a):
     return a.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, a.steps - warm)))
 
 
-def save_checkpoint(out, model, opt, step, extra=None):
+def save_checkpoint(out, model, opt, step, extra=None, write=True):
     """model (from_pretrained layout) and resume.safetensors (model + optimizer + RNG + step), each atomic; the
-    resume file alone is enough to continue, so a kill between the two writes loses nothing."""
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    resume file alone is enough to continue, so a kill between the two writes loses nothing. Under FSDP every rank
+    calls it to gather the shards, and the one with `write` writes whole tensors, the layout of an unsharded run."""
+    weights = {k: to_cpu(v, write) for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in weights.items()}
     opt_state = opt.state_dict()
     for i, st in opt_state["state"].items():
         for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = v.detach().contiguous().cpu().reshape(v.shape)
+            tensors[f"optim.{i}.{k}"] = to_cpu(v, write)
+    if not write:
+        return
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "param_groups": opt_state["param_groups"], "python_rng": random.getstate(),
             **(extra or {})}
     tmp = out / "resume.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
     os.replace(tmp, out / "resume.safetensors")
-    model.save_pretrained(out, metadata={"step": step})
+    model.save_pretrained(out, metadata={"step": step}, state=weights)
 
 
 def load_checkpoint(out, model, opt):
-    """Restore model, optimizer and RNG from resume.safetensors; returns (step, metadata)."""
-    from safetensors import safe_open
+    """Restore model, optimizer and RNG from resume.safetensors; returns (step, metadata). Under FSDP each rank keeps
+    its shard of every tensor, read one at a time."""
     path = out / "resume.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out} (expected {path.name})")
+    ref, params, weights, state = model.state_dict(), [p for g in opt.param_groups for p in g["params"]], {}, {}
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
+        for k in f.keys():
+            if k.startswith("model."):
+                weights[k[6:]] = like(f.get_tensor(k), ref.get(k[6:]))
+            elif k.startswith("optim."):
+                _, i, name = k.split(".", 2)  # Adam's moments are laid out as their parameter, its step count is not
+                state.setdefault(int(i), {})[name] = f.get_tensor(k) if name == "step" else \
+                    like(f.get_tensor(k), params[int(i)])
+        rng = f.get_tensor("rng.torch")
+    model.load_state_dict(weights)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(rng)
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in meta["python_rng"]))
     return meta["step"], meta
 
@@ -372,6 +430,11 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     torch.manual_seed(a.seed)
     random.seed(a.seed)
+    sharded = world > 1 and a.fsdp
+    if a.fsdp and a.stage == "ppo":
+        raise SystemExit("error: --fsdp covers --stage sft and rm; ppo replicates its models with DDP")
+    if sharded and a.batch % world:  # equal shares let every rank run as many micro-batches (see the loop)
+        raise SystemExit(f"error: --fsdp needs --batch ({a.batch}) divisible by the {world} processes")
     if a.stage == "ppo":
         import ppo
         return ppo.train(a, rank, world, device)
@@ -387,6 +450,7 @@ def main(argv=None):
             p.requires_grad_(False)  # the paper freezes the vision encoder and projector
     tok = model.tokenizer
     samples, held = load_stage_data(a, tok, rank)
+    fwd = wrap_model(model, a, world)  # before the optimizer: FSDP replaces the parameters by their shards
     opt = make_optimizer(model, a)
     step = 0
     if a.resume:
@@ -394,7 +458,17 @@ def main(argv=None):
         log(rank, f"resumed {out} at step {step}")
         if rank == 0:
             trim_metrics(out / "metrics.jsonl", step)
-    fwd = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+
+    def checkpoint():  # FSDP: every rank gathers its shards, rank 0 writes
+        if rank == 0 or sharded:
+            save_checkpoint(out, model, opt, step, write=rank == 0)
+
+    def evaluate_now():  # FSDP: every rank evaluates, through the root, so that the layers' all-gathers pair up
+        result = fwd(evaluate, a, held) if sharded else evaluate(model, a, held)
+        if sharded:
+            fwd.reshard()  # FSDP2 leaves the root gathered after a forward, for a backward that is not coming
+        return result
+
     crop, grid = model.cfg.vision.image_size, model.cfg.vision.grid
     lengths = [sample_length(tok, s, crop, grid, a.hd_num) for s in samples]
     per_epoch = max(1, len(samples) // a.batch)
@@ -418,28 +492,36 @@ def main(argv=None):
         mine = step_items[rank::world]
         model.train()
         micro = data.token_budget_batches([lengths[i] for i in mine], a.token_budget, shuffle=False)
+        if sharded:  # each forward all-gathers every layer: all ranks run as many micro-batches, the largest split
+            n = torch.tensor(len(micro))
+            dist.all_reduce(n, dist.ReduceOp.MAX)
+            while len(micro) < n:
+                micro.sort(key=len)
+                big = micro.pop()
+                micro += [big[:len(big) // 2], big[len(big) // 2:]]
         waste.append((sum(lengths[mine[i]] for b in micro for i in b),
                       sum(max(lengths[mine[i]] for i in b) * len(b) for b in micro)))
         loss_total, n_correct = 0.0, 0
         for k, mb in enumerate(micro):
             items = [samples[mine[i]] for i in mb]
-            m = model if world == 1 else _Fwd(model, fwd)
-            # DDP all-reduces on the last micro-batch only; every rank has one, since batch >= processes
-            with fwd.no_sync() if world > 1 and k < len(micro) - 1 else contextlib.nullcontext():
+            # DDP all-reduces on the last micro-batch only; every rank has one, since batch >= processes. FSDP
+            # reduce-scatters after each, so that only a shard of the gradients is ever held
+            ddp_wait = world > 1 and not sharded and k < len(micro) - 1
+            with fwd.no_sync() if ddp_wait else contextlib.nullcontext():
                 if a.stage == "sft":
-                    loss_sum = sft_loss(m, items, tok, a)
+                    loss_sum = fwd(sft_loss, items, tok, a)
                 else:
-                    c, r = rm_rewards(m, items, a)
+                    c, r = fwd(rm_rewards, items, a)
                     loss_sum = bt_loss(c, r)
                     n_correct += (c > r).sum().item()
-                (loss_sum * world / a.batch).backward()  # DDP averages over ranks: the global mean
+                (loss_sum * world / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss_sum.item()
             tokens += sum(lengths[mine[i]] for i in mb) * (2 if a.stage == "rm" else 1)
         if not math.isfinite(loss_total):
             last = f"the last good checkpoint is {out} (step {saved_step})" if saved_step is not None \
                 else "no checkpoint was written yet"
             raise SystemExit(f"error: loss is {loss_total} at step {step + 1}; stopping without saving; {last}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.clip).item()
+        grad_norm = to_cpu(torch.nn.utils.clip_grad_norm_(trainable, a.clip)).item()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         opt.step()
@@ -457,26 +539,29 @@ def main(argv=None):
                   else "") + f" lr {rec['lr']:.2e} pad {rec['padding_waste']:.2f} tok/s {rec['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
             append_jsonl(out / "metrics.jsonl", rec)
         if step % a.save_every == 0 or step == a.steps:
-            if rank == 0:
-                save_checkpoint(out, model, opt, step)
+            checkpoint()
             saved_step = step
-        if a.eval_every and step % a.eval_every == 0 and step < a.steps and rank == 0:
-            append_jsonl(out / "metrics.jsonl", {"step": step, **evaluate(a, model, held)})
-        if a.stop_after and step - first_step >= a.stop_after and step < a.steps:
+        if a.eval_every and step % a.eval_every == 0 and step < a.steps and (rank == 0 or sharded):
+            metrics = evaluate_now()
             if rank == 0:
-                save_checkpoint(out, model, opt, step)
-                log(rank, f"stopped after {a.stop_after} steps at step {step}; continue with --resume")
+                append_jsonl(out / "metrics.jsonl", {"step": step, **metrics})
+        if a.stop_after and step - first_step >= a.stop_after and step < a.steps:
+            checkpoint()
+            log(rank, f"stopped after {a.stop_after} steps at step {step}; continue with --resume")
             if world > 1:
                 dist.barrier()
                 dist.destroy_process_group()
             return None
     summary = {"stage": a.stage, "steps": step, "seconds": round(time.time() - t0, 1), "processes": world,
                "command": " ".join(sys.argv), "seed": a.seed}
-    if rank == 0:
-        summary.update(evaluate(a, model, held))
+    if rank == 0 or sharded:
+        summary.update(evaluate_now())
         if a.stage == "rm" and "reward_mean" in summary:
             model.cfg.reward_mean, model.cfg.reward_std = summary["reward_mean"], summary["reward_std"]
-            model.save_pretrained(out, metadata={"step": step})
+            weights = {k: to_cpu(v, rank == 0) for k, v in model.state_dict().items()}
+            if rank == 0:
+                model.save_pretrained(out, metadata={"step": step}, state=weights)
+    if rank == 0:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     if world > 1:
@@ -485,20 +570,7 @@ def main(argv=None):
     return summary
 
 
-class _Fwd:
-    """The model's methods, with forward() routed through DDP so it can schedule the gradient all-reduce."""
-
-    def __init__(self, model, ddp):
-        self._model, self._ddp = model, ddp
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kw):
-        return self._ddp(*args, **kw)
-
-
-def evaluate(a, model, held):
+def evaluate(model, a, held):
     if not held:
         return {}
     if a.stage == "sft":

@@ -91,19 +91,60 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert answer[-1] == tok.eot_id
 
 
+def run_rm(world, out, *extra, procs=1):
+    """3 rm steps of a global batch of 8 in a fresh process, or under torchrun with `procs` processes (gloo). The
+    small token budget makes several micro-batches per step, a different number on each rank at step 1."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+                                 if procs > 1 else [])
+    r = subprocess.run(launch + ["train.py", "--stage", "rm", "--world-dir", str(world / "world"), "--init",
+                                 str(world / "sft"), "--batch", "8", "--steps", "3", "--save-every", "3",
+                                 "--token-budget", "200", "--out", str(out), *extra], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+    return run_rm(world, tmp_path_factory.mktemp("one") / "out")
+
+
+@pytest.fixture(scope="module")
+def fsdp_two(world, tmp_path_factory):
+    return run_rm(world, tmp_path_factory.mktemp("fsdp") / "out", "--fsdp", procs=2)
+
+
+def assert_same_weights(a, b, exact=False):
+    a, b = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0 if exact else 2e-5, rtol=0 if exact else 1e-4, msg=k)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
-def test_two_processes_equal_one(world, tmp_path):
+def test_two_processes_equal_one(world, tmp_path, one_process):
     """torchrun --nproc_per_node 2 (gloo, DDP) with the same global batch gives the 1-process weights."""
-    args = ["train.py", "--stage", "rm", "--world-dir", str(world / "world"), "--init", str(world / "sft"),
-            "--batch", "8", "--steps", "3", "--save-every", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
-                    "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert_same_weights(one_process, run_rm(world, tmp_path / "two", procs=2))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_fsdp_two_processes_equal_one(one_process, fsdp_two):
+    """--fsdp (FSDP2 on gloo) trains as one process, and its checkpoint holds whole tensors in the same layout:
+    the weights, and Adam's moments in resume.safetensors."""
+    assert_same_weights(one_process, fsdp_two)
+    a, b = load_file(str(one_process / "resume.safetensors")), load_file(str(fsdp_two / "resume.safetensors"))
+    assert set(a) == set(b) and any(k.endswith("exp_avg") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_fsdp_resume_is_identical(world, tmp_path, fsdp_two):
+    """An --fsdp run stopped after 2 steps and resumed (shards re-made from the whole saved tensors) ends with the
+    weights of an uninterrupted --fsdp run."""
+    run_rm(world, tmp_path / "b", "--fsdp", "--stop-after", "2", procs=2)
+    run_rm(world, tmp_path / "b", "--fsdp", "--resume", procs=2)
+    assert_same_weights(fsdp_two, tmp_path / "b", exact=True)
 
 
 def test_check_data_and_length_filter():
