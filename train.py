@@ -84,6 +84,8 @@ def parse_args(argv=None):
                    "limits); --resume continues")
     p.add_argument("--fsdp", action="store_true", help="sft, rm under torchrun: shard weights, gradients and optimizer "
                    "state across processes (FSDP2) instead of replicating them (DDP), for models that do not fit one GPU")
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                   help="sft, rm: bf16 autocast of the forward passes over fp32 weights; auto: on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-dir", default=str(WORLD_DIR))
     from ppo import add_args as add_ppo_args  # PPO's hyper-parameters live next to its code
@@ -458,13 +460,16 @@ def main(argv=None):
         log(rank, f"resumed {out} at step {step}")
         if rank == 0:
             trim_metrics(out / "metrics.jsonl", step)
+    bf16 = a.autocast == "bf16" or (a.autocast == "auto" and device.type == "cuda")
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # noqa: E731  weights stay fp32
 
     def checkpoint():  # FSDP: every rank gathers its shards, rank 0 writes
         if rank == 0 or sharded:
             save_checkpoint(out, model, opt, step, write=rank == 0)
 
     def evaluate_now():  # FSDP: every rank evaluates, through the root, so that the layers' all-gathers pair up
-        result = fwd(evaluate, a, held) if sharded else evaluate(model, a, held)
+        with amp():
+            result = fwd(evaluate, a, held) if sharded else evaluate(model, a, held)
         if sharded:
             fwd.reshard()  # FSDP2 leaves the root gathered after a forward, for a backward that is not coming
         return result
@@ -508,12 +513,13 @@ def main(argv=None):
             # reduce-scatters after each, so that only a shard of the gradients is ever held
             ddp_wait = world > 1 and not sharded and k < len(micro) - 1
             with fwd.no_sync() if ddp_wait else contextlib.nullcontext():
-                if a.stage == "sft":
-                    loss_sum = fwd(sft_loss, items, tok, a)
-                else:
-                    c, r = fwd(rm_rewards, items, a)
-                    loss_sum = bt_loss(c, r)
-                    n_correct += (c > r).sum().item()
+                with amp():
+                    if a.stage == "sft":
+                        loss_sum = fwd(sft_loss, items, tok, a)
+                    else:
+                        c, r = fwd(rm_rewards, items, a)
+                        loss_sum = bt_loss(c, r)
+                        n_correct += (c > r).sum().item()
                 (loss_sum * world / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss_sum.item()
             tokens += sum(lengths[mine[i]] for i in mb) * (2 if a.stage == "rm" else 1)
