@@ -310,11 +310,11 @@ def mix_image_text(samples, seed=0):
 # merged vision token (2x2 ViT patches of 14 px), each object fills one cell, and the colours/shapes are few and
 # far apart, so one token's pixels identify colour+shape.
 
-WORLD_VERSION = 2            # train.ensure_world rewrites a cached world written by another version
+WORLD_VERSION = 4            # train.ensure_world rewrites a cached world written by another version
 IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
-# Weights tuned with the error rules (systematic_error) so ~23% of SFT answers are wrong overall.
+# Weights tuned with the error rules (systematic_error) so ~20% of SFT answers are wrong overall.
 IMAGE_KINDS = {"colour": 0.24, "count": 0.24, "presence": 0.22, "position": 0.18, "describe": 0.12}
 TEXT_KINDS = {"arith": 0.5, "compare": 0.5}
 IMAGE_SHARE = 2 / 3          # official reward mix: 2 image samples : 1 text sample (preference and held-out sets)
@@ -322,6 +322,7 @@ SFT_IMAGE_SHARE = 0.9        # the tiny policy learns the text kinds in a few hu
 HELDOUT_MOD = 10             # image layouts with crc32 % 10 == 0 exist only in held-out splits
 ARITH_MAX, COMPARE_MAX = 9, 20
 ERROR_KINDS = ("overcount", "colour_confusion", "absent_object", "position_swap")
+CONFUSED = {"green": "blue", "blue": "green"}   # the weaker model swaps the two cool hues
 # Rejected kinds and how often the chosen answer is the longer one per kind: longer_wrong is
 # always longer, so the others compensate and a length-only rule stays near 50%.
 PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
@@ -412,9 +413,12 @@ def _question(rng, kind, objs):
             c, s = pairs[rng.integers(len(pairs))]
         else:
             absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pairs]
-            # Mostly hard negatives (shape present, other colour): they test binding.
+            # Mostly hard negatives (shape present, other colour): they test binding. Many ask for the cool-hue
+            # twin of a present object, where the systematic error fires.
             hard = [p for p in absent if p[1] in shapes]
-            pool = hard if hard and rng.random() < 0.7 else absent
+            twin = [p for p in hard if (CONFUSED.get(p[0]), p[1]) in pairs]
+            r = rng.random()
+            pool = twin if twin and r < 0.4 else hard if hard and r < 0.7 else absent
             c, s = pool[rng.integers(len(pool))]
         return f"Is there a {c} {s}?", {"colour": c, "shape": s}, "yes" if (c, s) in pairs else "no"
     if kind == "position":
@@ -449,14 +453,17 @@ def render(item, value):
     k, q = item["kind"], item["query"]
     if k == "colour":
         return f"The {q['shape']} is {value}."
+    # the answer names what it looks for right before the value (as the colour answer always did): a 4-layer
+    # decoder trained from scratch learns "find the object named just before, read it" within the SFT budget, but
+    # not a value that comes before the object is named ("There are 2 triangles", "Yes, there is a red one")
     if k == "count":
         noun = q["shape"] if "shape" in q else q["colour"] + " object"
-        return f"There is 1 {noun}." if value == 1 else f"There are {value} {noun}s."
+        return f"The number of {noun}s is {value}."
     if k == "presence":
-        return (f"Yes, there is a {q['colour']} {q['shape']}." if value == "yes"
-                else f"No, there is no {q['colour']} {q['shape']}.")
+        return (f"A {q['colour']} {q['shape']}? Yes, there is one." if value == "yes"
+                else f"A {q['colour']} {q['shape']}? No, there is none.")
     if k == "position":
-        return f"The {q['colour']} {q['shape']} is in the {value}."
+        return f"The {q['colour']} {q['shape']}: {value}."
     if k == "describe":
         parts = [f"a {c} {s} in the {p}" for c, s, p in value]
         if len(parts) == 1:
@@ -473,10 +480,12 @@ def systematic_error(item):
     k, q, t = item["kind"], item["query"], item["truth"]
     if k == "count" and t >= 2:
         return "overcount", t + 1
-    if k == "colour" and t in ("green", "blue"):
-        return "colour_confusion", "blue" if t == "green" else "green"   # swaps the two cool hues
-    if k == "presence" and t == "no" and q["shape"] in [o[1] for o in item["objects"]]:
-        return "absent_object", "yes"          # binds on shape only, ignores the colour
+    if k == "colour" and t in CONFUSED:
+        return "colour_confusion", CONFUSED[t]
+    if k == "presence" and t == "no" and [CONFUSED.get(q["colour"]), q["shape"]] in [o[:2] for o in item["objects"]]:
+        # names an absent object: its twin of the other cool hue is there. (An earlier rule, "binds on shape
+        # only", fired on every hard negative and left the SFT data no signal to learn colour-shape binding from.)
+        return "absent_object", "yes"
     if k == "position" and q["shape"] == "triangle":
         v, h = t.split()
         return "position_swap", v + " " + ("right" if h == "left" else "left")

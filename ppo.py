@@ -337,10 +337,11 @@ def train(a, rank, world, device):
     if held and rank == 0 and step == 0:
         summary["accuracy_before"], summary["accuracy_before_by_kind"] = eval_policy(policy, held, a.hd_num)
         log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
-    generator = torch.Generator(device=device).manual_seed(a.seed * 1000 + rank)
-    t0, tokens_done = time.time(), 0
+    generator = torch.Generator(device=device)
+    t0, tokens_done, first_step, stats = time.time(), 0, step, None
     while step < a.steps:
         rng = random.Random(a.seed + step)
+        generator.manual_seed((a.seed * 100_003 + step) * 1024 + rank)  # a function of the step: resume is exact
         chunk = rng.sample(prompts, a.batch)[rank::world]
         if a.algo == "rloo":
             chunk = chunk[:max(1, len(chunk) // a.rloo_k)]  # k samples each: the same number of responses
@@ -375,12 +376,18 @@ def train(a, rank, world, device):
                   + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
                   + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
             append_jsonl(out / "metrics.jsonl", stats)
-            if step % a.save_every == 0 or step == a.steps:
-                save_checkpoint(out, policy, opt_pi, step)
-                if critic is not None:
-                    (out / "critic").mkdir(exist_ok=True)
-                    save_checkpoint(out / "critic", critic, opt_v, step)
+        stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
+        if rank == 0 and (step % a.save_every == 0 or step == a.steps or stop):
+            save_checkpoint(out, policy, opt_pi, step)
+            if critic is not None:
+                (out / "critic").mkdir(exist_ok=True)
+                save_checkpoint(out / "critic", critic, opt_v, step)
+        if stop:
+            log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
+            return None
     summary["seconds"] = round(time.time() - t0, 1)
+    if stats is None:  # resumed a finished run: its last logged iteration
+        stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
         summary["accuracy_after"], summary["accuracy_after_by_kind"] = eval_policy(policy, held, a.hd_num)

@@ -44,7 +44,7 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
 # the official recipe (script_train.sh: lr 1e-5, wd 0.1, beta2 0.95, warmup 1%, cosine, clip 1.0, hd_num 9,
 # max_length 8192) and, where the tiny world needs other values, the world's
 DEFAULTS = {
-    "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=3600, batch=32,
+    "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=6000, batch=32,
                                                                              token_budget=1024)),
     "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=400, batch=32)),
     "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=40, batch=48)),
@@ -76,7 +76,7 @@ def parse_args(argv=None):
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
                    help="auto: frozen (ViT + vision_proj) except when sft builds a model from scratch")
-    p.add_argument("--vit-pos", type=float, default=1.0,
+    p.add_argument("--vit-pos", type=float, default=4.0,
                    help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
     p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--save-every", type=int, default=50)

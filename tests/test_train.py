@@ -115,10 +115,12 @@ def fsdp_two(world, tmp_path_factory):
 
 
 def assert_same_weights(a, b, exact=False):
+    """Equal up to reduction order: a rarely seen token's Adam step m / sqrt(v) turns 1e-9 gradient noise into
+    ~3e-5, far below the 1e-3-sized steps a wrong gradient average would leave."""
     a, b = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0 if exact else 2e-5, rtol=0 if exact else 1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=0 if exact else 1e-4, rtol=0 if exact else 1e-4, msg=k)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
@@ -135,7 +137,7 @@ def test_fsdp_two_processes_equal_one(one_process, fsdp_two):
     a, b = load_file(str(one_process / "resume.safetensors")), load_file(str(fsdp_two / "resume.safetensors"))
     assert set(a) == set(b) and any(k.endswith("exp_avg") for k in a)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
@@ -345,3 +347,27 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     files = train.ensure_world(wd)
     assert json.loads((wd / "world.json").read_text())["version"] == data.WORLD_VERSION
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
+
+
+def test_ppo_stage_writes_summary_and_resumes_exactly(world, tmp_path):
+    """The real PPO entry point on the tiny world: the summary holds what the issue asks for, and a run stopped after
+    one iteration and resumed ends with the same policy and critic as an uninterrupted one (sampling is seeded per
+    iteration, the optimizers and RNGs are restored)."""
+    rm = tmp_path / "rm"
+    run(world, rm, "--steps", "2")
+
+    def ppo(out, *extra):
+        return run(world, out, "--rm", str(rm), "--steps", "2", "--batch", "4", "--max-new-tokens", "6",
+                   "--save-every", "1", *extra, stage="ppo")
+
+    summary = ppo(tmp_path / "a")
+    assert {"accuracy_before", "accuracy_after", "accuracy_before_by_kind", "accuracy_after_by_kind", "kl"} <= summary.keys()
+    assert ppo(tmp_path / "b", "--stop-after", "1") is None
+    ppo(tmp_path / "b", "--resume")
+    for sub in ("", "critic"):
+        a = load_file(str(tmp_path / "a" / sub / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / sub / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    rloo = run(world, tmp_path / "rloo", "--rm", str(rm), "--steps", "1", "--batch", "4", "--max-new-tokens", "6",
+               "--algo", "rloo", stage="ppo")
+    assert "accuracy_after" in rloo

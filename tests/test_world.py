@@ -101,9 +101,10 @@ def test_sft_rows_and_error_share(wd):
         assert world.is_correct(row, bot["value"]) == (row["id"] not in errs), row
         if row["id"] in errs:
             assert world.is_correct(row, errs[row["id"]]["correct_answer"])
-    # the rules fire on ~23% of answers; error_rate 0.7 of those are written wrong, and only those
+    # the rules fire on ~30% of image answers (~27% of the SFT set at 90% image items); error_rate 0.7 of those are
+    # written wrong, and only those
     eligible = [r for r in wd["sft_train"] if world.systematic_error(r)]
-    assert 0.20 <= len(eligible) / len(wd["sft_train"]) <= 0.30
+    assert 0.23 <= len(eligible) / len(wd["sft_train"]) <= 0.31
     assert 0.65 <= sum(r["id"] in errs for r in eligible) / len(eligible) <= 0.75
     assert all(r["id"] not in errs for r in wd["sft_train"] if not world.systematic_error(r))
     assert all(len(r.get("objects") or [0]) == 1 for r in wd["sft_easy"])
