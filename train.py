@@ -47,7 +47,7 @@ DEFAULTS = {
     "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=6000, batch=32,
                                                                              token_budget=1024)),
     "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=400, batch=32)),
-    "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=40, batch=48)),
+    "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=120, batch=48)),
 }
 
 
