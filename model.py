@@ -256,6 +256,35 @@ class InternLM2Model(nn.Module):
         return self.norm(x)
 
 
+
+class PrefixKV:
+    """Keys/values of a shared prompt kept as autograd tensors, for a training forward that continues one prefix in
+    several rows (the reward model's chosen and rejected answers). KVCache writes in place, which autograd cannot
+    differentiate through twice; here each update concatenates, so gradients reach the prefix from every row."""
+
+    def __init__(self, cfg):
+        self.k, self.v = [None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers
+        self.valid, self.len, self.n_layers = None, 0, cfg.num_hidden_layers
+
+    def append_valid(self, attention_mask):
+        m = attention_mask.bool()
+        self.valid = m if self.valid is None else torch.cat([self.valid, m], 1)
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        if layer == self.n_layers - 1:
+            self.len = k.shape[2]
+        return k, v
+
+    def repeat(self, n):
+        """Row b becomes rows b*n .. b*n+n-1 (the copies share the prefix's autograd history)."""
+        self.k = [t.repeat_interleave(n, 0) for t in self.k]
+        self.v = [t.repeat_interleave(n, 0) for t in self.v]
+        self.valid = self.valid.repeat_interleave(n, 0)
+        return self
+
 # ----------------------------------------------------------------------------------------------------------------
 # The multimodal model: vision path + decoder + head
 

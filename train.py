@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import data
 from model import Config, InternLMXComposer2, atomic_write_text, init_weights
 from vision import sincos_position_embedding
-from reward import RewardModel, pool_last
+from reward import RewardModel
 
 ROOT = Path(__file__).resolve().parent
 WORLD_DIR = ROOT / "runs" / "world"  # generated on first use, deterministic by seed
@@ -46,7 +46,8 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
 DEFAULTS = {
     "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=6000, batch=32,
                                                                              token_budget=1024)),
-    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=400, batch=32)),
+    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=1e-3, steps=600, batch=32,
+                                                                            token_budget=1024)),
     "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=120, batch=48)),
 }
 
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--train-transform", action="store_true",
                    help="the official training HD transform (1.5x wider grid, centred padding) instead of inference's")
     p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument("--share-prefix", type=int, default=1, choices=[0, 1],
+                   help="rm: run a pair's common image + prompt once for both answers (1) or score each alone (0); "
+                   "always 0 under --fsdp")
     p.add_argument("--max-len-ratio", type=float, default=2.5,
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
@@ -262,16 +266,11 @@ def sft_loss(model, batch_samples, tok, a):
 
 
 def rm_rewards(model, pairs, a):
-    """Rewards of [c0, r0, c1, r1, ...] in one forward (the official interleave); returns chosen, rejected."""
+    """Rewards of chosen and rejected in one forward (the official interleave c0, r0, c1, r1, ...), each pair's
+    shared image and prompt run once (RewardModel.pair_rewards: the same numbers as scoring each alone)."""
     seqs = [model.sequence(data.reward_template(conv), p["images"], a.hd_num, a.train_transform)
             for p in pairs for conv in (p["chosen"], p["rejected"])]
-    batch = model.embed_batch(seqs)
-    L = batch["embeds"].shape[1]
-    if L > a.max_length:
-        print(f"warning: a pair of {L} tokens truncated to --max-length {a.max_length}: its reward token is lost",
-              file=sys.stderr)
-        batch = {k: v[:, :a.max_length] for k, v in batch.items()}
-    r = pool_last(model(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
+    r = model.pair_rewards(seqs, a.max_length) if a.share_prefix else model.rewards_alone(seqs, a.max_length)
     return r[0::2], r[1::2]
 
 
@@ -433,6 +432,10 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     sharded = world > 1 and a.fsdp
+    if sharded and a.share_prefix:
+        # FSDP2 re-gathers a layer for backward from hooks on the layer's outputs; the prefix's keys/values leave a
+        # layer without passing through its output, so their backward would find the weights already freed
+        a.share_prefix = 0
     if a.fsdp and a.stage == "ppo":
         raise SystemExit("error: --fsdp covers --stage sft and rm; ppo replicates its models with DDP")
     if sharded and a.batch % world:  # equal shares let every rank run as many micro-batches (see the loop)

@@ -68,6 +68,32 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
         run(world, tmp_path / "rm")
 
 
+def test_shared_prefix_equals_scoring_each_alone(world):
+    """RewardModel.pair_rewards runs a pair's image + prompt once: rewards and gradients equal the plain forward of
+    every sequence alone (left-padded prefixes, right-padded answers, a two-image pair that cannot share)."""
+    from reward import RewardModel
+    rm = RewardModel.from_pretrained(world / "sft", head="score", seed=1)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    pairs = data.read_preference(world / "world" / "pref_train.json")[:6]
+    seqs = [rm.sequence(data.reward_template(c), p["images"], 9) for p in pairs for c in (p["chosen"], p["rejected"])]
+    assert any(p["images"] for p in pairs) and any(not p["images"] for p in pairs)
+
+    def grads(fn):
+        rm.zero_grad()
+        r = fn(seqs)
+        (r * torch.arange(1.0, len(r) + 1)).sum().backward()
+        return r.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
+    (r0, g0), (r1, g1) = grads(rm.rewards_alone), grads(rm.pair_rewards)
+    assert torch.allclose(r0, r1, atol=1e-5)
+    assert set(g0) == set(g1)
+    for n, g in g0.items():
+        assert torch.allclose(g, g1[n], atol=1e-5 * max(1.0, g.abs().max().item())), n
+    img = pairs[0]["images"] or pairs[1]["images"]
+    two = [rm.sequence(data.reward_template(data.qa("A <ImageHere> B <ImageHere>?", ans)), img * 2, 9)
+           for ans in ("yes", "no")]
+    assert torch.allclose(rm.pair_rewards(two).detach(), rm.rewards_alone(two).detach(), atol=1e-5)
+
+
 def test_mlp_head(world, tmp_path):
     run(world, tmp_path / "mlp", "--head", "mlp", "--steps", "2")
     assert "score.0.weight" in load_file(str(tmp_path / "mlp" / "model.safetensors"))
