@@ -70,7 +70,8 @@ QUICK = dict(
 # keys shown in the table, with (comparison, target[, sub-key]) or None; other keys go to --json only
 TARGETS = {"prefill_vs_hf": (">=", 1.0), "prefill_plora_vs_hf": None, "vision_vs_hf": (">=", 1.0),
            "decode_ms_per_token": None, "decode_flatness": ("<=", 1.2), "bon_cost": ("<=", 2.0, "4"),
-           "rm_train_mfu": (">=", 0.5), "rm_train_mfu_bf16": None, "padding_waste": ("<=", 0.10),
+           "rm_train_mfu": (">=", 0.5), "rm_train_mfu_bf16": None, "rm_shared_prefix_speedup": None,
+           "padding_waste": ("<=", 0.10),
            "load_rss_ratio": ("<=", 1.15), "load_vs_read": ("<=", 1.5)}
 # dense bf16 tensor-core peaks (FLOP/s) by device name, most specific first; other GPUs use a measured matmul
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -244,6 +245,28 @@ def train_flops(s, dev, dtype):
     return 2 * (6 * n * S + 12 * cfg.num_hidden_layers * cfg.hidden_size * S ** 2) / t, t
 
 
+def bench_rm_shared_prefix(s, dev, dt):
+    """Forward + backward of RM pairs whose sides share a prompt of train_seq tokens (in IXC-2.5, mostly HD image
+    tokens) and differ in answers of train_seq / 8: each sequence scored alone, over the prompt run once per pair
+    and both answers continued from its keys/values (RewardModel.pair_rewards, as train.py --stage rm does)."""
+    cfg = Config(**s["decoder"], plora_rank=0, vision_config=TINY_VISION, head="score")
+    rm = build(RewardModel(cfg), dev, torch.float32).train()
+    g = torch.Generator().manual_seed(0)
+    P, R, pairs = s["train_seq"], s["train_seq"] // 8, 4
+    seqs = []
+    for _ in range(pairs):
+        prompt = torch.randint(3, cfg.vocab_size, (P,), generator=g).tolist()
+        seqs += [([prompt + torch.randint(3, cfg.vocab_size, (R,), generator=g).tolist()], []) for _ in range(2)]
+
+    def step(score):
+        score(seqs).sum().backward()
+        rm.zero_grad(set_to_none=True)
+    t = medians({"alone": functools.partial(step, rm.rewards_alone),
+                 "shared": functools.partial(step, rm.pair_rewards)}, s["train_reps"], dev)
+    return {"rm_shared_prefix_speedup": t["alone"] / t["shared"]}, \
+        f"{pairs} pairs, prompt {P} + answers {R} tokens: {t['alone']:.2f} s alone, {t['shared']:.2f} s shared (fp32)"
+
+
 def bench_rm_train(s, dev, dt):
     peak = matmul_flops(s["matmul"], dev, torch.float32, s["reps"])
     achieved, t = train_flops(s, dev, torch.float32)
@@ -356,7 +379,8 @@ def load_child(ckpt, reps=3):
 
 MEASUREMENTS = {"prefill_vs_hf": bench_prefill, "prefill_plora_vs_hf": bench_prefill, "vision_vs_hf": bench_vision,
                 "decode_ms_per_token": bench_decode, "decode_flatness": bench_decode, "bon_cost": bench_bon,
-                "rm_train_mfu": bench_rm_train, "padding_waste": bench_padding, "load_rss_ratio": bench_load,
+                "rm_train_mfu": bench_rm_train, "rm_shared_prefix_speedup": bench_rm_shared_prefix,
+                "padding_waste": bench_padding, "load_rss_ratio": bench_load,
                 "load_vs_read": bench_load}
 
 
