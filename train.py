@@ -46,7 +46,7 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
 DEFAULTS = {
     "sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, world=dict(lr=1e-3, steps=6000, batch=32,
                                                                              token_budget=1024)),
-    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=3e-4, steps=600, batch=32,
+    "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, world=dict(lr=3e-4, steps=750, batch=32,
                                                                             token_budget=1024)),
     "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, world=dict(lr=1e-4, steps=120, batch=48)),
 }
