@@ -256,7 +256,6 @@ class InternLM2Model(nn.Module):
         return self.norm(x)
 
 
-
 class PrefixKV:
     """Keys/values of a shared prompt kept as autograd tensors, for a training forward that continues one prefix in
     several rows (the reward model's chosen and rejected answers). KVCache writes in place, which autograd cannot
@@ -284,6 +283,7 @@ class PrefixKV:
         self.v = [t.repeat_interleave(n, 0) for t in self.v]
         self.valid = self.valid.repeat_interleave(n, 0)
         return self
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The multimodal model: vision path + decoder + head

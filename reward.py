@@ -92,6 +92,9 @@ class RewardModel(InternLMXComposer2):
                 n += 1 if isinstance(seg, int) else len(out[-1])
             prefixes.append((out, pixels))
         pre = self.embed_batch(prefixes, left_pad=True)
+        pre_len = pre["attention_mask"].sum(1).repeat_interleave(2)
+        if max_length and max(int(p) + len(f) - d for p, f, d in zip(pre_len, flat, cuts)) > max_length:
+            return self.rewards_alone(seqs, max_length)  # truncation, warned about there
         cache = PrefixKV(self.cfg)
         h = self.model(pre["embeds"], pre["im_mask"], pre["attention_mask"], pre["position_ids"], cache)
         cache.repeat(2)
@@ -100,9 +103,7 @@ class RewardModel(InternLMXComposer2):
             ids = torch.tensor(f[d:], dtype=torch.long, device=self.device)
             rows.append((self.model.tok_embeddings(ids), torch.zeros(len(ids), dtype=torch.bool, device=self.device)))
         cont = self.pad_batch(rows)
-        if max_length and (pre["attention_mask"].sum(1).max() + cont["attention_mask"].sum(1).max()) > max_length:
-            return self.rewards_alone(seqs, max_length)
-        position_ids = cont["position_ids"] + pre["attention_mask"].sum(1).repeat_interleave(2)[:, None]
+        position_ids = cont["position_ids"] + pre_len[:, None]
         rewards = self(cont["embeds"], cont["im_mask"], cont["attention_mask"], position_ids, cache)
         # the prefix's last-layer outputs reach no reward; keeping them in the graph gives the weights only they use
         # a zero gradient, as scoring each sequence alone does, so AdamW still decays them and optimizer states match

@@ -92,6 +92,8 @@ def test_shared_prefix_equals_scoring_each_alone(world):
     two = [rm.sequence(data.reward_template(data.qa("A <ImageHere> B <ImageHere>?", ans)), img * 2, 9)
            for ans in ("yes", "no")]
     assert torch.allclose(rm.pair_rewards(two).detach(), rm.rewards_alone(two).detach(), atol=1e-5)
+    with pytest.warns(UserWarning, match="truncated to max_length 20"):  # over-long: cut as upstream, said loudly
+        assert rm.pair_rewards(seqs, max_length=20).shape == (len(seqs),)
 
 
 def test_mlp_head(world, tmp_path):
