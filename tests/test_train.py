@@ -3,6 +3,7 @@ runs reproduce a plain run, the filters and the batcher do what they say, bad da
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -223,6 +224,49 @@ def test_padding_waste_on_real_lengths():
     assert data.padding_waste(lengths, batches) <= 0.10
 
 
+def test_a_random_step_packs_with_little_padding():
+    """The training loop's packing: a random step's share (16 samples) cut into micro-batches of the world's 1024
+    tokens. Filling each micro-batch to the budget wastes 16% here; cutting where it is cheapest stays <= 10%
+    without falling back to one sample per forward."""
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip("shared assets not found")
+    tok = data.Tokenizer(REAL_TOKENIZER)
+    rows = data.read_rows(ASSETS / "preference" / "vl_rewardbench_data.jsonl")
+    lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
+                                                     {"role": "assistant", "content": r["response"][0]}])))
+               for r in rows]
+    order = list(range(len(lengths)))
+    random.Random(0).shuffle(order)
+    real = padded = calls = 0
+    for at in range(0, len(order) - 31, 32):
+        mine = sorted(order[at:at + 32], key=lambda i: lengths[i])[0::2]
+        micro = data.token_budget_batches([lengths[i] for i in mine], 1024, shuffle=False)
+        assert sorted(i for b in micro for i in b) == list(range(16))
+        assert all(len(b) == 1 or max(lengths[mine[i]] for i in b) * len(b) <= 1024 for b in micro)
+        real += sum(lengths[i] for i in mine)
+        padded += sum(max(lengths[mine[i]] for i in b) * len(b) for b in micro)
+        calls += len(micro)
+    assert 1 - real / padded <= 0.10 and calls / (len(order) // 32) <= 10
+
+
+def test_cheapest_cuts_equal_brute_force():
+    """The micro-batch cuts are the cheapest of all contiguous splits within the budget (every split enumerated)."""
+    import itertools
+    rng = random.Random(0)
+    for _ in range(200):
+        n, budget, overhead = rng.randint(1, 9), rng.choice([64, 100, 256]), rng.choice([0, 8, 32])
+        lengths = sorted(rng.randint(5, 120) for _ in range(n))
+        cost = lambda spans: sum((j - i) * lengths[j - 1] + overhead for i, j in spans)  # noqa: E731
+        best = math.inf
+        for bits in itertools.product([0, 1], repeat=n - 1):
+            ends = [k + 1 for k, b in enumerate(bits) if b] + [n]
+            spans = list(zip([0] + ends[:-1], ends))
+            if all(j - i == 1 or (j - i) * lengths[j - 1] <= budget for i, j in spans):
+                best = min(best, cost(spans))
+        spans = data._cheapest_cuts(lengths, budget, overhead)
+        assert [i for s in spans for i in range(*s)] == list(range(n)) and cost(spans) == best
+
+
 def test_bad_data_names_file_and_row(tmp_path):
     p = tmp_path / "pairs.jsonl"
     good = {"conversations_a": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],
@@ -250,12 +294,16 @@ def test_official_example_reads(tmp_path):
 
 
 def test_nan_loss_stops_without_saving_nan(world, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = train.bt_loss
+    last = {"step": -1}
+    real_lr_at, real_bt_loss = train.lr_at, train.bt_loss
 
-    def flaky(c, r):
-        calls["n"] += 1
-        return real(c, r) * (float("nan") if calls["n"] > 3 else 1.0)
+    def lr_at(step, a):  # called as each step ends: the step index the next losses belong to is step + 1
+        last["step"] = max(last["step"], step)
+        return real_lr_at(step, a)
+
+    def flaky(c, r):  # every micro-batch of the 4th step (index 3) and after
+        return real_bt_loss(c, r) * (float("nan") if last["step"] >= 2 else 1.0)
+    monkeypatch.setattr(train, "lr_at", lr_at)
     monkeypatch.setattr(train, "bt_loss", flaky)
     with pytest.raises(SystemExit, match=r"loss is nan at step 4.*last good checkpoint is .* \(step 2\)"):
         run(world, tmp_path / "nan", "--steps", "6")
