@@ -244,30 +244,34 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
             lengths = [len(s["response"]) + s["segments_len"] for s in mb]
             micro = data.token_budget_batches(lengths, a.token_budget, shuffle=False)
             for k, mi in enumerate(micro):
-                ms = [mb[i] for i in mi]
-                T = max(len(s["response"]) for s in ms)
-                mask, adv = pad_rows(ms, "mask", T).to(device), pad_rows(ms, "adv", T).to(device)
-                old_logp = pad_rows(ms, "old_logp", T).to(device)
-                batch = rollout_batch(policy, ms, "images", device)
-                logp, entropy = logprobs_of(_Fwd(policy, fwd_pi) if world > 1 else policy, batch, a.temperature)
-                log_ratio = (logp - old_logp) * mask
-                ratio = log_ratio.exp()
-                # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
-                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
-                loss = (pg * mask).sum() * world / n_tok.item()
-                if critic is not None:
-                    old_v, ret = pad_rows(ms, "values", T).to(device), pad_rows(ms, "returns", T).to(device)
-                    v = values_of(_Fwd(critic, fwd_v) if world > 1 else critic,
-                                  rollout_batch(critic, ms, "critic_images", device))
-                    # paper Eq. 4: the value loss, clipped around the rollout's values
-                    v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
-                    vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                    loss = loss + (vf * mask).sum() * world / n_tok.item()
-                    stats["value_loss"].append(masked_mean(vf, mask).item())
-                    stats["value_clipfrac"].append(masked_mean(((v - old_v).abs() > a.value_clip).float(), mask).item())
+                # DDP decides in the forward whether the backward all-reduces: a rank's micro-batches but the last
+                # run forward and backward under no_sync, so that each rank reduces once per mini-batch however
+                # many micro-batches its share packs into
                 sync = world == 1 or k == len(micro) - 1
                 with (fwd_pi.no_sync() if not sync else nullcontext()), \
                         (fwd_v.no_sync() if not sync and fwd_v else nullcontext()):
+                    ms = [mb[i] for i in mi]
+                    T = max(len(s["response"]) for s in ms)
+                    mask, adv = pad_rows(ms, "mask", T).to(device), pad_rows(ms, "adv", T).to(device)
+                    old_logp = pad_rows(ms, "old_logp", T).to(device)
+                    batch = rollout_batch(policy, ms, "images", device)
+                    logp, entropy = logprobs_of(_Fwd(policy, fwd_pi) if world > 1 else policy, batch, a.temperature)
+                    log_ratio = (logp - old_logp) * mask
+                    ratio = log_ratio.exp()
+                    # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
+                    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
+                    loss = (pg * mask).sum() * world / n_tok.item()
+                    if critic is not None:
+                        old_v, ret = pad_rows(ms, "values", T).to(device), pad_rows(ms, "returns", T).to(device)
+                        v = values_of(_Fwd(critic, fwd_v) if world > 1 else critic,
+                                      rollout_batch(critic, ms, "critic_images", device))
+                        # paper Eq. 4: the value loss, clipped around the rollout's values
+                        v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
+                        vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+                        loss = loss + (vf * mask).sum() * world / n_tok.item()
+                        stats["value_loss"].append(masked_mean(vf, mask).item())
+                        stats["value_clipfrac"].append(
+                            masked_mean(((v - old_v).abs() > a.value_clip).float(), mask).item())
                     loss.backward()
                 with torch.no_grad():
                     stats["policy_loss"].append(masked_mean(pg, mask).item())

@@ -12,6 +12,7 @@ metrics.jsonl and summary.json. Every file is written to a temporary name and re
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -442,7 +443,21 @@ def main(argv=None):
         raise SystemExit(f"error: --fsdp needs --batch ({a.batch}) divisible by the {world} processes")
     if a.stage == "ppo":
         import ppo
-        return ppo.train(a, rank, world, device)
+        result = ppo.train(a, rank, world, device)
+    else:
+        result = run_stage(a, rank, world, device, sharded)
+    if world > 1:
+        # a gloo group left for the interpreter's exit can abort it ("terminate called without an active
+        # exception", pytorch#190489). DDP's and FSDP's hooks keep the models, which hold the group, in reference
+        # cycles: collect them, then destroy the group while the interpreter is whole
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def run_stage(a, rank, world, device, sharded):
+    """The sft / rm loop; returns the summary (None when --stop-after stopped it)."""
     out = Path(a.out)
     if (out / "resume.safetensors").exists() and not a.resume:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
@@ -557,9 +572,6 @@ def main(argv=None):
         if a.stop_after and step - first_step >= a.stop_after and step < a.steps:
             checkpoint()
             log(rank, f"stopped after {a.stop_after} steps at step {step}; continue with --resume")
-            if world > 1:
-                dist.barrier()
-                dist.destroy_process_group()
             return None
     summary = {"stage": a.stage, "steps": step, "seconds": round(time.time() - t0, 1), "processes": world,
                "command": " ".join(sys.argv), "seed": a.seed}
@@ -573,9 +585,6 @@ def main(argv=None):
     if rank == 0:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
 
 

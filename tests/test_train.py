@@ -425,6 +425,23 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_ppo_two_processes(world, tmp_path, algo):
+    """torchrun --nproc_per_node 2 (gloo, DDP): the ranks' shares of a mini-batch pack into different numbers of
+    micro-batches (sampled lengths, a small token budget), and each rank still all-reduces once per mini-batch;
+    the process group is torn down cleanly (a rank that skipped it could abort at exit)."""
+    rm = tmp_path / "rm"
+    run(world, rm, "--steps", "1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train.py", "--stage", "ppo", "--algo", algo, "--world-dir", str(world / "world"), "--init",
+                        str(world / "sft"), "--rm", str(rm), "--steps", "2", "--batch", "8", "--rloo-k", "2",
+                        "--max-new-tokens", "12", "--token-budget", "160", "--out", str(tmp_path / "out")],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy_after" in json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
 def test_ppo_stage_writes_summary_and_resumes_exactly(world, tmp_path):
     """The real PPO entry point on the tiny world: the summary holds what the issue asks for, and a run stopped after
     one iteration and resumed ends with the same policy and critic as an uninterrupted one (sampling is seeded per
