@@ -311,7 +311,7 @@ def mix_image_text(samples, seed=0):
 # merged vision token (2x2 ViT patches of 14 px), each object fills one cell, and the colours/shapes are few and
 # far apart, so one token's pixels identify colour+shape.
 
-WORLD_VERSION = 5            # train.ensure_world rewrites a cached world written by another version
+WORLD_VERSION = 6            # train.ensure_world rewrites a cached world written by another version
 IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
@@ -572,39 +572,45 @@ def _styled(text, mod, style):
     return text
 
 
-def make_pair(rng, item):
-    """(chosen, rejected, rejected kind). Both sides draw their phrasing from style distributions tuned so that
-    neither length nor style predicts the preference, and a draw whose chosen answer is more than MAX_LEN_RATIO
-    times longer than the rejected one is redrawn: the paper's length filter must find nothing to drop here,
-    or it would remove the long-but-right answers and leave "long style = wrong" as a shortcut."""
+def make_pair(rng, item, allowed=lambda wrong: True, rkind=None):
+    """(chosen, rejected, rejected kind, wrong value or None). Both sides draw their phrasing from style
+    distributions tuned so that neither length nor style predicts the preference, and a draw whose chosen answer
+    is more than MAX_LEN_RATIO times longer than the rejected one is redrawn: the paper's length filter must find
+    nothing to drop here, or it would remove the long-but-right answers and leave "long style = wrong" as a
+    shortcut. A wrong value that `allowed` refuses is redrawn; None when no draw passes."""
     mod = "image" if "objects" in item else "text"
-    rkind = _pick(rng, PREF_KINDS)
+    rkind = rkind or _pick(rng, PREF_KINDS)
     good = render(item, item["truth"])
+    wrong = None
+    if rkind != "refusal":
+        wrong = next((w for w in (wrong_value(rng, item) for _ in range(20)) if allowed(w)), None)
+        if wrong is None:
+            return None
     for _ in range(100):
         if rkind == "longer_wrong":
             chosen = _styled(good, mod, _pick(rng, {"plain": 0.5, "clause": 0.5}))
-            rejected = _styled(render(item, wrong_value(rng, item)), mod, "long")
+            rejected = _styled(render(item, wrong), mod, "long")
         elif rkind == "refusal":
             chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
             rejected = REFUSALS[mod][rng.integers(len(REFUSALS[mod]))]
         else:
             chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
-            rejected = _styled(render(item, wrong_value(rng, item)), mod, _pick(rng, REJECTED_STYLE))
+            rejected = _styled(render(item, wrong), mod, _pick(rng, REJECTED_STYLE))
         if len(chosen) <= MAX_LEN_RATIO * len(rejected):
-            return chosen, rejected, rkind
+            return chosen, rejected, rkind, wrong
     raise RuntimeError(f"cannot phrase a pair within the length ratio for {item}")
 
 
 def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IMAGE_SHARE):
-    rows = []
-    for i in range(n):
-        item = dict(make_item(rng, max_objects, heldout, image_share=image_share), id=f"{prefix}_{i:05d}")
-        if "objects" in item:
-            rel = f"images/{prefix}_{i:05d}.png"
-            draw(item["objects"]).save(os.path.join(out_dir, rel))
-            item["image"] = rel
-        rows.append(item)
-    return rows
+    return [_save_image(dict(make_item(rng, max_objects, heldout, image_share=image_share), id=f"{prefix}_{i:05d}"),
+                        out_dir) for i in range(n)]
+
+
+def _save_image(item, out_dir):
+    if "objects" in item:
+        item["image"] = f"images/{item['id']}.png"
+        draw(item["objects"]).save(os.path.join(out_dir, item["image"]))
+    return item
 
 
 def _sft(rng, items, error_rate):
@@ -620,14 +626,41 @@ def _sft(rng, items, error_rate):
     return rows, errors
 
 
-def _pref(rng, items):
-    rows = []
-    for it in items:
-        good, bad, rkind = make_pair(rng, it)
+BALANCED_KINDS = ("colour", "count", "presence", "position")
+
+
+def _pref(rng, item_rng, n, out_dir, prefix, heldout=False):
+    """n preference pairs in which the question and the two values never tell, without the image, which side is
+    right: for the image kinds, (query, truth a, wrong b) is accepted only while it is not more frequent than
+    (query, truth b, wrong a). Without
+    this, the systematic errors made "the larger count is wrong" true 92% of the time, and the reward model
+    scored count pairs by that instead of counting (it then preferred the policy's under-counts)."""
+    rows, seen = [], {}
+    while len(rows) < n:
+        it, rkind = make_item(item_rng, 4, heldout), _pick(rng, PREF_KINDS)
+        k = it["kind"]
+
+        def allowed(w):
+            if k not in BALANCED_KINDS:
+                return True
+            q, t, w = k + json.dumps(it["query"], sort_keys=True), json.dumps(it["truth"]), json.dumps(w)
+            return seen.get((q, t, w), 0) <= seen.get((q, w, t), 0)
+        # a refused item is replaced by another of its question kind, so both mixes keep their proportions
+        for _ in range(1000):
+            if (pair := make_pair(rng, it, allowed, rkind)) is not None:
+                break
+            it = make_item(item_rng, 4, heldout, kind=k)
+        else:
+            raise RuntimeError(f"no {k} item balances the wrong values seen so far: {seen}")
+        good, bad, rkind, wrong = pair
+        if wrong is not None and k in BALANCED_KINDS:
+            key = (k + json.dumps(it["query"], sort_keys=True), json.dumps(it["truth"]), json.dumps(wrong))
+            seen[key] = seen.get(key, 0) + 1
+        it = _save_image(dict(it, id=f"{prefix}_{len(rows):05d}"), out_dir)
         row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
         row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
         row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
-        gt = {k: it[k] for k in GT_KEYS if k in it}
+        gt = {key: it[key] for key in GT_KEYS if key in it}
         gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
         rows.append(dict(row, **gt, kind=rkind))
     return rows
@@ -647,9 +680,8 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
                                           image_share=SFT_IMAGE_SHARE), error_rate)
     held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
-             "pref_train": _pref(rng[6], _items(rng[2], n_pref, out_dir, "pref")),
-             "pref_heldout": _pref(rng[7], _items(rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld",
-                                                  heldout=True)),
+             "pref_train": _pref(rng[6], rng[2], n_pref, out_dir, "pref"),
+             "pref_heldout": _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld", heldout=True),
              "heldout_prompts": [dict(it, answer=render(it, it["truth"])) for it in held]}
     paths = {}
     for name, rows in files.items():

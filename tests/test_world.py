@@ -131,6 +131,29 @@ def test_length_does_not_predict_preference(wd):
         assert 0.35 <= acc <= 0.65, acc
 
 
+def test_values_do_not_predict_preference(wd):
+    """Without the image, a question and its two values say nothing: for each image question, (truth a, rejected
+    b) is as frequent as (truth b, rejected a), up to one. Before this was built in, "the larger count is the
+    wrong one" held for 92% of count pairs, and the reward model learnt that instead of counting."""
+    values = {"colour": list(world.COLOURS), "count": list(range(7)), "presence": ["yes", "no"],
+              "position": [world.quadrant(r, c) for r in (0, 3) for c in (0, 3)]}
+    seen, larger_wrong = Counter(), []
+    for r in wd["pref_train"]:
+        k = r["question_kind"]
+        if k not in world.BALANCED_KINDS or r["kind"] == "refusal":
+            continue
+        item = {"kind": k, "query": r["query"], "truth": r["truth"], "objects": r["objects"]}
+        rejected = r["conversations_b"][1]["value"]
+        wrong = [v for v in values[k] if world.is_correct(dict(item, truth=v), rejected)]
+        assert len(wrong) == 1 and wrong[0] != r["truth"], (r["id"], rejected)
+        q = k + json.dumps(r["query"], sort_keys=True)
+        seen[q, json.dumps(r["truth"]), json.dumps(wrong[0])] += 1
+        if k == "count":
+            larger_wrong.append(wrong[0] > r["truth"])
+    assert all(abs(n - seen[q, b, a]) <= 1 for (q, a, b), n in seen.items())
+    assert 0.45 <= np.mean(larger_wrong) <= 0.55 and len(larger_wrong) > 500
+
+
 def test_heldout_disjoint_and_correct(wd):
     train = {json.dumps(r["objects"]) for k in ("sft_train", "sft_easy", "pref_train") for r in wd[k]
              if r.get("objects")}
