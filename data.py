@@ -326,6 +326,7 @@ ERROR_KINDS = ("overcount", "colour_confusion", "absent_object", "position_swap"
 CONFUSED = {"green": "blue", "blue": "green"}   # the weaker model swaps the two cool hues
 # Rejected kinds and how often the chosen answer is the longer one per kind: longer_wrong is
 # always longer, so the others compensate and a length-only rule stays near 50%.
+SYSTEMATIC_SHARE = 0.5       # of the preference pairs' wrong values, where the item has a systematic error
 PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
 CHOSEN_STYLE = {"plain": 0.15, "clause": 0.3, "long": 0.55}    # phrasing of right answers (see make_pair)
 REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values; longer_wrong is always long
@@ -494,9 +495,9 @@ def systematic_error(item):
 
 
 def wrong_value(rng, item):
-    """A wrong value of the same type; half the time the systematic error when there is one."""
+    """A wrong value of the same type; with probability SYSTEMATIC_SHARE the systematic error when there is one."""
     err = systematic_error(item)
-    if err and rng.random() < 0.5:
+    if err and rng.random() < SYSTEMATIC_SHARE:
         return err[1]
     k, t = item["kind"], item["truth"]
     if k == "colour":
