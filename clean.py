@@ -4,14 +4,16 @@
     python clean.py --rm runs/rm --out runs/clean          # the built-in world's SFT set, whose wrong answers are known
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
 
-Writes into --out (never over the input): kept.json and flagged.json (the input rows, unchanged, in the input's
-format), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json.
+Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
+but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on
+them), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json.
 """
 import argparse
 import base64
 import html
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,14 @@ def load_samples(path):
         return rows, [{"row": i, "side": side, "conversation": p[side], "images": p["images"], "id": p["id"]}
                       for i, p in enumerate(pairs) for side in ("chosen", "rejected")]
     return rows, [{"row": i, "side": None, **s} for i, s in enumerate(data.read_sft(path))]
+
+
+def rebase_images(row, src_dir, out_dir):
+    """The row with its relative image paths rewritten to name the same files from out_dir."""
+    if "image" not in row:
+        return row
+    fix = lambda p: p if os.path.isabs(p) else os.path.relpath(os.path.join(src_dir, p), out_dir)  # noqa: E731
+    return dict(row, image=[fix(p) for p in row["image"]] if isinstance(row["image"], list) else fix(row["image"]))
 
 
 @torch.no_grad()
@@ -158,6 +168,7 @@ def main(argv=None):
     flagged = {i for i, s in enumerate(scores) if s < threshold}
     flagged_rows = sorted({samples[i]["row"] for i in flagged})
     out.mkdir(parents=True, exist_ok=True)
+    rows = [rebase_images(row, src.parent, out) for row in rows]
     atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in flagged_rows], indent=1, ensure_ascii=False))
     atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in set(flagged_rows)],
                                                     indent=1, ensure_ascii=False))

@@ -1,5 +1,6 @@
 """Best-of-N and data cleaning: shared prefill is exact, N=1 is plain sampling, clean.py never overwrites input."""
 import json
+import os
 import random
 
 import pytest
@@ -72,6 +73,13 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     src = json.loads((world / "world" / "sft_train.json").read_text())
     assert len(kept) + len(flagged) == len(src) and flagged and s["flagged"] == len(flagged)
     assert {r["id"] for r in kept} | {r["id"] for r in flagged} == {r["id"] for r in src}
+    # the kept file trains as it is: its samples, read from --out, name the input's images
+    by_id = {r["id"]: r for r in data.read_sft(world / "world" / "sft_train.json")}
+    kept_samples = data.read_sft(out / "kept.json")
+    assert any(r["images"] for r in kept_samples)
+    for r in kept_samples:
+        want = by_id[r["id"]]["images"]
+        assert len(r["images"]) == len(want) and all(os.path.samefile(a, b) for a, b in zip(r["images"], want))
     assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= {"overcount", "colour_confusion",
                                                                      "absent_object", "position_swap"}
     html = (out / "report.html").read_text()
