@@ -610,7 +610,7 @@ def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IM
 def _save_image(item, out_dir):
     if "objects" in item:
         item["image"] = f"images/{item['id']}.png"
-        draw(item["objects"]).save(os.path.join(out_dir, item["image"]))
+        draw(item["objects"]).save(os.path.join(out_dir, item["image"]), compress_level=1)  # 1/3 faster than 6
     return item
 
 

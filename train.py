@@ -20,6 +20,10 @@ import random
 import sys
 import time
 from pathlib import Path
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (let one process write the world first)
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -175,16 +179,20 @@ def log(rank, *a):
 
 
 def ensure_world(world_dir):
-    """Write the built-in world once (deterministic by seed) and return its file paths."""
+    """Write the built-in world once (deterministic by seed) and return its file paths. Every torchrun rank calls
+    this: a lock file lets one write while the others wait, then read (they used to write it all at once)."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
-    if not done.is_file() or json.loads(done.read_text()).get("version") != data.WORLD_VERSION:
-        world_dir.mkdir(parents=True, exist_ok=True)
-        paths = data.write_world(str(world_dir), seed=0)
-        rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
-        data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
-        files = {k: Path(p).name for k, p in paths.items()}
-        atomic_write_text(done, json.dumps({"version": data.WORLD_VERSION, "files": files}, indent=1))
+    world_dir.mkdir(parents=True, exist_ok=True)
+    with open(world_dir / ".lock", "w") as lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file() or json.loads(done.read_text()).get("version") != data.WORLD_VERSION:
+            paths = data.write_world(str(world_dir), seed=0)
+            rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
+            data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
+            files = {k: Path(p).name for k, p in paths.items()}
+            atomic_write_text(done, json.dumps({"version": data.WORLD_VERSION, "files": files}, indent=1))
     return {k: world_dir / name for k, name in json.loads(done.read_text())["files"].items()}
 
 

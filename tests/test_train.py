@@ -425,6 +425,29 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a POSIX file lock")
+def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
+    """Two callers at once (as torchrun's ranks): one writes the world, the other waits for it and reads it."""
+    import threading
+    import time
+    real, calls = data.write_world, []
+
+    def slow_small(out, seed):
+        calls.append(out)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one writes
+        return real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8)
+    monkeypatch.setattr(data, "write_world", slow_small)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(train.ensure_world(tmp_path / "world")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert len(json.loads(results[1]["pref_train"].read_text())) == 16
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
 @pytest.mark.parametrize("algo", ["ppo", "rloo"])
 def test_ppo_two_processes(world, tmp_path, algo):
