@@ -3,6 +3,7 @@
 The tokenizer reproduces the official slow `InternLM2Tokenizer` under transformers 4.33.2, the version the
 official reward-training README names and the one that produced ../shared/golden (spec ixc25.md §3, golden §8).
 """
+import collections
 import io
 import json
 import math
@@ -633,30 +634,31 @@ BALANCED_KINDS = ("colour", "count", "presence", "position")
 def _pref(rng, item_rng, n, out_dir, prefix, heldout=False):
     """n preference pairs in which the question and the two values never tell, without the image, which side is
     right: for the image kinds, (query, truth a, wrong b) is accepted only while it is not more frequent than
-    (query, truth b, wrong a). Without
-    this, the systematic errors made "the larger count is wrong" true 92% of the time, and the reward model
-    scored count pairs by that instead of counting (it then preferred the policy's under-counts)."""
-    rows, seen = [], {}
+    (query, truth b, wrong a). Without this, the systematic errors made "the larger count is wrong" true 92% of the
+    time, and the reward model scored count pairs by that instead of counting (it then preferred the policy's
+    under-counts)."""
+    seen = collections.Counter()
+
+    def key(it, truth, wrong):
+        return it["kind"] + json.dumps(it["query"], sort_keys=True), json.dumps(truth), json.dumps(wrong)
+
+    rows = []
     while len(rows) < n:
         it, rkind = make_item(item_rng, 4, heldout), _pick(rng, PREF_KINDS)
         k = it["kind"]
-
-        def allowed(w):
-            if k not in BALANCED_KINDS:
-                return True
-            q, t, w = k + json.dumps(it["query"], sort_keys=True), json.dumps(it["truth"]), json.dumps(w)
-            return seen.get((q, t, w), 0) <= seen.get((q, w, t), 0)
         # a refused item is replaced by another of its question kind, so both mixes keep their proportions
         for _ in range(1000):
+            t = it["truth"]
+            allowed = (lambda w: True) if k not in BALANCED_KINDS else \
+                (lambda w: seen[key(it, t, w)] <= seen[key(it, w, t)])  # noqa: B023  (used before `it` changes)
             if (pair := make_pair(rng, it, allowed, rkind)) is not None:
                 break
             it = make_item(item_rng, 4, heldout, kind=k)
         else:
-            raise RuntimeError(f"no {k} item balances the wrong values seen so far: {seen}")
+            raise RuntimeError(f"no {k} item balances the wrong values drawn so far")
         good, bad, rkind, wrong = pair
         if wrong is not None and k in BALANCED_KINDS:
-            key = (k + json.dumps(it["query"], sort_keys=True), json.dumps(it["truth"]), json.dumps(wrong))
-            seen[key] = seen.get(key, 0) + 1
+            seen[key(it, it["truth"], wrong)] += 1
         it = _save_image(dict(it, id=f"{prefix}_{len(rows):05d}"), out_dir)
         row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
         row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
