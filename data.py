@@ -663,7 +663,7 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False):
         row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
         row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
         row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
-        gt = {key: it[key] for key in GT_KEYS if key in it}
+        gt = {name: it[name] for name in GT_KEYS if name in it}
         gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
         rows.append(dict(row, **gt, kind=rkind))
     return rows
