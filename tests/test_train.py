@@ -120,16 +120,20 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert answer[-1] == tok.eot_id
 
 
+def launch(args, procs=1):
+    """train.py with `args` in a fresh process, or under torchrun with `procs` processes (gloo); must exit 0."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+    r = subprocess.run([sys.executable, *torchrun, "train.py", *args], cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def run_rm(world, out, *extra, procs=1):
     """3 rm steps of a global batch of 8 in a fresh process, or under torchrun with `procs` processes (gloo). The
     small token budget makes several micro-batches per step, a different number on each rank at step 1."""
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-                                 if procs > 1 else [])
-    r = subprocess.run(launch + ["train.py", "--stage", "rm", "--world-dir", str(world / "world"), "--init",
-                                 str(world / "sft"), "--batch", "8", "--steps", "3", "--save-every", "3",
-                                 "--token-budget", "200", "--out", str(out), *extra], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch(["--stage", "rm", "--world-dir", str(world / "world"), "--init", str(world / "sft"), "--batch", "8",
+            "--steps", "3", "--save-every", "3", "--token-budget", "200", "--out", str(out), *extra], procs)
     return out
 
 
@@ -211,15 +215,20 @@ def test_token_budget_batches_cover_everything_within_budget():
     assert data.padding_waste(lengths, batches) <= 0.10
 
 
-def test_padding_waste_on_real_lengths():
-    """VL-RewardBench answers with the real InternLM2 tokenizer (images are not shipped, so text tokens only)."""
+def vl_rewardbench_lengths(answers_per_row=None):
+    """Token lengths of VL-RewardBench question + answer under the reward template, with the real InternLM2 tokenizer
+    (images are not shipped, so text tokens only): every answer of a row, or its first `answers_per_row`."""
     if not REAL_TOKENIZER.is_file():
         pytest.skip("shared assets not found")
     tok = data.Tokenizer(REAL_TOKENIZER)
     rows = data.read_rows(ASSETS / "preference" / "vl_rewardbench_data.jsonl")
-    lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
-                                                     {"role": "assistant", "content": a}]))) for r in rows
-               for a in r["response"]]
+    return [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
+                                                 {"role": "assistant", "content": a}])))
+            for r in rows for a in r["response"][:answers_per_row]]
+
+
+def test_padding_waste_on_real_lengths():
+    lengths = vl_rewardbench_lengths()
     batches = data.token_budget_batches(lengths, 8192, seed=0)
     assert data.padding_waste(lengths, batches) <= 0.10
 
@@ -228,13 +237,7 @@ def test_a_random_step_packs_with_little_padding():
     """The training loop's packing: a random step's share (16 samples) cut into micro-batches of the world's 1024
     tokens. Filling each micro-batch to the budget wastes 16% here; cutting where it is cheapest stays <= 10%
     without falling back to one sample per forward."""
-    if not REAL_TOKENIZER.is_file():
-        pytest.skip("shared assets not found")
-    tok = data.Tokenizer(REAL_TOKENIZER)
-    rows = data.read_rows(ASSETS / "preference" / "vl_rewardbench_data.jsonl")
-    lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
-                                                     {"role": "assistant", "content": r["response"][0]}])))
-               for r in rows]
+    lengths = vl_rewardbench_lengths(answers_per_row=1)
     order = list(range(len(lengths)))
     random.Random(0).shuffle(order)
     real = padded = calls = 0
@@ -456,12 +459,9 @@ def test_ppo_two_processes(world, tmp_path, algo):
     the process group is torn down cleanly (a rank that skipped it could abort at exit)."""
     rm = tmp_path / "rm"
     run(world, rm, "--steps", "1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", "--stage", "ppo", "--algo", algo, "--world-dir", str(world / "world"), "--init",
-                        str(world / "sft"), "--rm", str(rm), "--steps", "2", "--batch", "8", "--rloo-k", "2",
-                        "--max-new-tokens", "12", "--token-budget", "160", "--out", str(tmp_path / "out")],
-                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch(["--stage", "ppo", "--algo", algo, "--world-dir", str(world / "world"), "--init", str(world / "sft"),
+            "--rm", str(rm), "--steps", "2", "--batch", "8", "--rloo-k", "2", "--max-new-tokens", "12",
+            "--token-budget", "160", "--out", str(tmp_path / "out")], procs=2)
     assert "accuracy_after" in json.loads((tmp_path / "out" / "summary.json").read_text())
 
 
