@@ -62,6 +62,11 @@ class Config:
         missing = [k for k in cls.REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{path}: missing required field(s) {missing}")
+        scaling = d.get("rope_scaling")
+        if scaling is not None and (not isinstance(scaling, dict) or scaling.get("type") not in ("linear", "dynamic")
+                                    or not isinstance(scaling.get("factor"), (int, float))):
+            raise ValueError(f"{path}: rope_scaling is {scaling!r}; expected null or "
+                             '{"type": "linear" | "dynamic", "factor": <number>} (the types InternLM2 allows)')
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -117,9 +122,12 @@ def rope_inv_freq(cfg, kv_len):
 
 
 def rope_cos_sin(cfg, position_ids, kv_len):
-    """position_ids [B, L] -> cos, sin [B, 1, L, head_dim] in fp32 ("rotate_half" layout: the angles twice)."""
+    """position_ids [B, L] -> cos, sin [B, 1, L, head_dim] in fp32 ("rotate_half" layout: the angles twice).
+    Linear scaling (position interpolation) divides the positions by the factor, at every length."""
     inv_freq = rope_inv_freq(cfg, kv_len).to(position_ids.device)
-    angles = position_ids.float()[..., None] * inv_freq
+    scaling = cfg.rope_scaling or {}
+    positions = position_ids.float() / (scaling["factor"] if scaling.get("type") == "linear" else 1.0)
+    angles = positions[..., None] * inv_freq
     emb = torch.cat([angles, angles], dim=-1)[:, None]
     return emb.cos(), emb.sin()
 

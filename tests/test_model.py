@@ -189,6 +189,10 @@ def test_bad_checkpoint_files(ckpts, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="hidden_size"):
         RewardModel.from_pretrained(d)
+    cfg["hidden_size"], cfg["rope_scaling"] = 64, {"type": "yarn", "factor": 2.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_scaling.*yarn.*linear"):
+        RewardModel.from_pretrained(d)
 
 
 def test_bad_inputs_name_the_problem(rm, tmp_path):

@@ -50,15 +50,18 @@ def test_clip_vision_tower_matches_hf(vc, n, impl):
 # InternLM2 decoder (no PLoRA) vs transformers.LlamaModel
 
 
-def pair(n_kv, impl, seed=0):
+def pair(n_kv, impl, seed=0, rope_scaling=None):
     """Our rank-0 InternLM2Model with random weights and a LlamaModel holding the same weights (wqkv unpacked)."""
-    cfg = Config(**{**TINY, "num_key_value_heads": n_kv, "vocab_size": 128, "plora_rank": 0})
+    cfg = Config(**{**TINY, "num_key_value_heads": n_kv, "vocab_size": 128, "plora_rank": 0,
+                    "rope_scaling": rope_scaling})
     ours = randomize(InternLM2Model(cfg), seed).eval()
     hcfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                                     intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=n_kv,
                                     rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attention_bias=False,
-                                    mlp_bias=False, max_position_embeddings=4096, attn_implementation=impl)
+                                    mlp_bias=False, max_position_embeddings=4096, attn_implementation=impl,
+                                    rope_scaling=rope_scaling and {"rope_type": rope_scaling["type"],
+                                                                   "factor": rope_scaling["factor"]})
     hf = transformers.LlamaModel(hcfg).eval()
     assert hf.config._attn_implementation == impl
     g, hd, D = cfg.num_attention_heads // n_kv, cfg.head_dim, cfg.hidden_size
@@ -99,6 +102,17 @@ def test_decoder_matches_llama(n_kv, impl):
     embeds = torch.randn(2, 13, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         close(ours(embeds), hf(inputs_embeds=embeds).last_hidden_state)
+
+
+def test_linear_rope_scaling_matches_llama():
+    """InternLM2 also allows {"type": "linear"}: positions divided by the factor (IXC-2.5 itself uses dynamic)."""
+    cfg, ours, hf = pair(2, "sdpa", rope_scaling={"type": "linear", "factor": 3.0})
+    embeds = torch.randn(2, 13, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out, ref = ours(embeds), hf(inputs_embeds=embeds).last_hidden_state
+        unscaled = pair(2, "sdpa")[1](embeds)
+    close(out, ref)
+    assert (out - unscaled).abs().max() > 1e-2  # the scaling is not a no-op at these positions
 
 
 @GQA
