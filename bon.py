@@ -67,16 +67,25 @@ def world_eval(policy, rms, a):
         scores += [flat[i * max(ks):(i + 1) * max(ks)] for i in range(len(chunk))]
         print(f"\rbest-of-{max(ks)}: {min(s + a.batch, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr)
     print(file=sys.stderr)
-    result = {"accuracy_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {}}
+    right = [[data.is_correct(it, c) for c in cs] for it, cs in zip(items, cands)]
+    result = {"accuracy_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {}, "oracle_by_n": {}}
     for k in ks:
         picks = [max(range(k), key=lambda i: sc[i]) for sc in scores]
-        ok = [data.is_correct(it, c[p]) for it, c, p in zip(items, cands, picks)]
+        ok = [r[p] for r, p in zip(right, picks)]
         result["accuracy_by_n"][str(k)] = sum(ok) / len(ok)
+        result["oracle_by_n"][str(k)] = sum(any(r[:k]) for r in right) / len(right)  # a perfect reward model
         result["mean_length_by_n"][str(k)] = sum(len(c[p]) for c, p in zip(cands, picks)) / len(picks)
         by_kind = {}
         for it, o in zip(items, ok):
             by_kind.setdefault(it["kind"], []).append(o)
         result["accuracy_by_n_by_kind"][str(k)] = {kd: sum(v) / len(v) for kd, v in sorted(by_kind.items())}
+    # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones
+    pairs = {}
+    for it, r, sc in zip(items, right, scores):
+        hits = [sc[i] > sc[j] for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
+        pairs.setdefault(it["kind"], []).extend(hits)
+    result["rm_accuracy_on_samples_by_kind"] = {kd: sum(v) / len(v) for kd, v in sorted(pairs.items()) if v}
+    result["sample_pairs_by_kind"] = {kd: len(v) for kd, v in sorted(pairs.items())}
     result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy))
     return result
 
@@ -112,7 +121,11 @@ def main(argv=None):
         return best
     result = world_eval(policy, rms, a)
     for k, acc in result["accuracy_by_n"].items():
-        print(f"best-of-{k}: accuracy {acc:.3f}, mean answer length {result['mean_length_by_n'][k]:.1f} chars")
+        print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
+              f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
+    print("reward model on the policy's samples, right over wrong: " + ", ".join(
+        f"{kd} {v:.2f} ({result['sample_pairs_by_kind'][kd]} pairs)"
+        for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))

@@ -1,4 +1,5 @@
 """Best-of-N and data cleaning: shared prefill is exact, N=1 is plain sampling, clean.py never overwrites input."""
+import argparse
 import json
 import os
 import random
@@ -55,6 +56,30 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
                   str(world / "world"), "--limit", "6", "--max-new-tokens", "6", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert set(saved["accuracy_by_n"]) == {"1", "2", "4", "8"} and saved["accuracy_by_n"] == r["accuracy_by_n"]
+    for k, acc in r["accuracy_by_n"].items():  # the oracle picks any right sample: never below the RM's pick
+        assert acc <= r["oracle_by_n"][k]
+    assert r["oracle_by_n"]["1"] == r["accuracy_by_n"]["1"]  # one candidate: nothing to choose
+
+
+def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
+    """Two prompts, 8 candidates each (world_eval samples max(1, 2, 4, 8, n)); the statistics against a hand count."""
+    import train
+    items = [{"kind": "colour", "question": "q0"}, {"kind": "count", "question": "q1"}]
+    cands = [list("rwrwwwww"), list("wwwrwwww")]
+    scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
+    monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args: cands[:len(chunk)])
+    monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
+    monkeypatch.setattr(bon.data, "is_correct", lambda it, c: c == "r")
+    monkeypatch.setattr(train, "ensure_world", lambda d: None)
+    monkeypatch.setattr(train, "heldout_items", lambda w: items)
+    a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
+                           max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
+    r = bon.world_eval(None, [], a)
+    # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; count: right 3 beats 3 of 7
+    assert r["rm_accuracy_on_samples_by_kind"] == {"colour": 0.75, "count": 3 / 7}
+    assert r["sample_pairs_by_kind"] == {"colour": 12, "count": 7}
+    assert r["accuracy_by_n"] == {"1": 0.5, "2": 0.5, "4": 0.5, "8": 0.0}
+    assert r["oracle_by_n"] == {"1": 0.5, "2": 0.5, "4": 1.0, "8": 1.0}
 
 
 def test_auroc_matches_pairwise_count():
