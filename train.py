@@ -85,6 +85,12 @@ def parse_args(argv=None):
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
                    help="auto: frozen (ViT + vision_proj) except when sft builds a model from scratch")
+    p.add_argument("--layers", type=int, default=WORLD_CONFIG["num_hidden_layers"],
+                   help="sft from scratch: decoder layers of the world's tiny model")
+    p.add_argument("--width", type=int, default=WORLD_CONFIG["hidden_size"],
+                   help="sft from scratch: decoder hidden size (4 heads, 2 KV heads)")
+    p.add_argument("--ffn", type=int, default=WORLD_CONFIG["intermediate_size"],
+                   help="sft from scratch: SwiGLU intermediate size")
     p.add_argument("--vit-pos", type=float, default=4.0,
                    help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
     p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
@@ -421,7 +427,8 @@ def build_model(a, device):
         if a.init:
             return InternLMXComposer2.from_pretrained(a.init, device=device)
         world = ensure_world(a.world_dir)
-        cfg = Config(**WORLD_CONFIG, vocab_size=data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
+        shape = dict(num_hidden_layers=a.layers, hidden_size=a.width, intermediate_size=a.ffn)
+        cfg = Config(**{**WORLD_CONFIG, **shape}, vocab_size=data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
                      .vocab_size)
         model = init_weights(InternLMXComposer2(cfg), a.seed)
         if a.vit_pos:

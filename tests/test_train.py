@@ -415,6 +415,17 @@ def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
             assert table.std() < 0.05
 
 
+def test_sft_from_scratch_model_shape_flags(world, tmp_path):
+    """--layers / --width / --ffn shape the from-scratch world model; the defaults are the shipped policy's."""
+    shipped = json.loads((train.WORLD_SFT / "config.json").read_text())
+    for flags, want in [([], (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["intermediate_size"])),
+                        (["--layers", "3", "--width", "48", "--ffn", "96"], (3, 48, 96))]:
+        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"), *flags])
+        model = train.build_model(a, torch.device("cpu"))
+        assert (len(model.model.layers), model.cfg.hidden_size, model.cfg.intermediate_size) == want
+        assert model.model.layers[0].feed_forward.w1.weight.shape == (want[2], want[1])
+
+
 def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
     real = data.write_world
