@@ -427,16 +427,16 @@ def build_model(a, device):
         if a.init:
             return InternLMXComposer2.from_pretrained(a.init, device=device)
         world = ensure_world(a.world_dir)
+        tok = data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
         shape = dict(num_hidden_layers=a.layers, hidden_size=a.width, intermediate_size=a.ffn)
-        cfg = Config(**{**WORLD_CONFIG, **shape}, vocab_size=data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
-                     .vocab_size)
+        cfg = Config(**{**WORLD_CONFIG, **shape}, vocab_size=tok.vocab_size)
         model = init_weights(InternLMXComposer2(cfg), a.seed)
         if a.vit_pos:
             table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
             with torch.no_grad():
                 table.copy_(sincos_position_embedding(cfg.vision.grid, cfg.vision.hidden_size, a.vit_pos))
         model.to(device)
-        model.tokenizer = data.Tokenizer(world["sft_train"].parent / "tokenizer.model")
+        model.tokenizer = tok
         return model
     head = {"linear": "score", "mlp": "score_mlp"}[a.head]
     return RewardModel.from_pretrained(a.init or WORLD_SFT, device=device, head=head, seed=a.seed)
