@@ -7,6 +7,10 @@
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
 but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on
 them), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json.
+
+A fine-tuning row is flagged by its answer's reward. A preference row (reward format) is flagged by its margin,
+reward(chosen) - reward(rejected): a low or negative margin is a pair the reward model reads as mislabelled, while
+a low reward on the rejected side is what a good pair looks like.
 """
 import argparse
 import base64
@@ -47,11 +51,20 @@ def rebase_images(row, src_dir, out_dir):
     return dict(row, image=[fix(p) for p in row["image"]] if isinstance(row["image"], list) else fix(row["image"]))
 
 
+def row_scores(samples, scores):
+    """One score per input row: the answer's reward, or for a preference pair chosen minus rejected."""
+    out = {}
+    for s, sc in zip(samples, scores):
+        out[s["row"]] = out.get(s["row"], 0.0) + (-sc if s["side"] == "rejected" else sc)
+    return [out[r] for r in sorted(out)]
+
+
 @torch.no_grad()
 def score_samples(rms, samples, hd_num, token_budget, normalize=False):
     """Reward of every sample, in length-sorted batches of at most `token_budget` padded tokens."""
-    tok = rms[0].tokenizer
-    lengths = [len(tok.encode(data.reward_template(s["conversation"]))) + 64 * len(s["images"]) for s in samples]
+    from train import sample_length
+    tok, vision = rms[0].tokenizer, rms[0].cfg.vision
+    lengths = [sample_length(tok, s, vision.image_size, vision.grid, hd_num) for s in samples]
     scores = [0.0] * len(samples)
     batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
     t0, done, shown = time.time(), 0, 0.0
@@ -114,22 +127,28 @@ def histogram_svg(scores, flagged_below, bins=40, w=640, h=160):
             f'<text x="{w - 40}" y="{h - 4}" font-size="11">{hi:.3f}</text></svg>')
 
 
-def write_report(path, samples, scores, flagged, threshold, title, show=200):
-    order = sorted(range(len(samples)), key=lambda i: scores[i])
+def write_report(path, samples, sample_scores, scores, flagged, threshold, title, show=200):
+    """`scores` and `flagged` are per row; a preference row shows both answers with their rewards."""
+    by_row = {}
+    for s, sc in zip(samples, sample_scores):
+        by_row.setdefault(s["row"], []).append((s, sc))
+    order = sorted(range(len(scores)), key=lambda r: scores[r])
     rows = []
-    for rank, i in enumerate(order[:show]):
-        s = samples[i]
+    for rank, r in enumerate(order[:show]):
+        s = by_row[r][0][0]
         conv = s["conversation"]
         question = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
         imgs = "".join(thumbnail(p) for p in s["images"][:4])
-        rows.append(f'<tr class="{"flag" if i in flagged else ""}"><td>{rank + 1}</td><td>{scores[i]:+.4f}</td>'
-                    f'<td>{html.escape(str(s["id"]))}{" (" + s["side"] + ")" if s["side"] else ""}</td><td>{imgs}</td>'
-                    f'<td>{html.escape(question)}</td><td>{html.escape(conv[-1]["content"])}</td></tr>')
+        answers = "<br>".join((f"<b>{x['side']} ({sc:+.3f}):</b> " if x["side"] else "")
+                              + html.escape(x["conversation"][-1]["content"]) for x, sc in by_row[r])
+        rows.append(f'<tr class="{"flag" if r in flagged else ""}"><td>{rank + 1}</td><td>{scores[r]:+.4f}</td>'
+                    f'<td>{html.escape(str(s["id"]))}</td><td>{imgs}</td>'
+                    f'<td>{html.escape(question)}</td><td>{answers}</td></tr>')
     doc = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}</style>
 <h1>{html.escape(title)}</h1>
-<p>{len(samples)} samples scored; {len(flagged)} flagged (score &lt; {threshold:.4f}, red). Lowest {min(show, len(samples))}
+<p>{len(scores)} rows scored; {len(flagged)} flagged (score &lt; {threshold:.4f}, red). Lowest {min(show, len(scores))}
 shown first: check whether the answer matches the image and the question.</p>
 {histogram_svg(scores, threshold)}
 <table><tr><th>#</th><th>score</th><th>id</th><th>image</th><th>question</th><th>answer</th></tr>{"".join(rows)}</table>
@@ -161,25 +180,27 @@ def main(argv=None):
         raise SystemExit(f"error: refusing to write over the input {src}; choose another --out")
     rows, samples = load_samples(src)
     rms = [RewardModel.from_pretrained(d) for d in a.rm]
-    scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
+    sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
+    scores = row_scores(samples, sample_scores)
     ranked = sorted(scores)
     threshold = a.threshold if a.threshold is not None else \
         ranked[min(len(ranked) - 1, int(a.flag_fraction * len(ranked)))]
-    flagged = {i for i, s in enumerate(scores) if s < threshold}
-    flagged_rows = sorted({samples[i]["row"] for i in flagged})
+    flagged = {r for r, s in enumerate(scores) if s < threshold}
     out.mkdir(parents=True, exist_ok=True)
     rows = [rebase_images(row, src.parent, out) for row in rows]
-    atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in flagged_rows], indent=1, ensure_ascii=False))
-    atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in set(flagged_rows)],
+    atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in sorted(flagged)], indent=1,
+                                                       ensure_ascii=False))
+    atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in flagged],
                                                     indent=1, ensure_ascii=False))
     atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"], "score": sc}) + "\n"
-                                                    for s, sc in zip(samples, scores)))
-    write_report(out / "report.html", samples, scores, flagged, threshold, f"Reward scores of {src.name}")
-    summary = {"data": str(src), "samples": len(samples), "flagged": len(flagged), "threshold": threshold,
-               "rm": a.rm}
+                                                    for s, sc in zip(samples, sample_scores)))
+    write_report(out / "report.html", samples, sample_scores, scores, flagged, threshold,
+                 f"Reward scores of {src.name}")
+    summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged),
+               "threshold": threshold, "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
     if world is not None:  # the world knows which answers it made wrong on purpose
         errors = {e["id"]: e["kind"] for e in json.loads(world["sft_errors"].read_text())}
-        bad = [i for i, s in enumerate(samples) if s["id"] in errors]
+        bad = [i for i, s in enumerate(samples) if s["id"] in errors]     # fine-tuning rows: sample i is row i
         good = [scores[i] for i, s in enumerate(samples) if s["id"] not in errors]
         summary["auroc"] = auroc([scores[i] for i in bad], good)
         summary["auroc_by_kind"] = {k: auroc([scores[i] for i in bad if errors[samples[i]["id"]] == k], good)

@@ -181,14 +181,16 @@ def tokenize_segments(tokenizer, text, n_images):
 
 
 def read_rows(path):
+    """A JSON list, a single JSON object (pretty-printed or not), or JSONL; a UTF-8 byte-order mark is skipped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        whole = json.loads(text)
+        return whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -202,7 +204,10 @@ def read_rows(path):
 
 def _images(row, base, where):
     image = row.get("image", [])
-    images = [image] if isinstance(image, str) else list(image)
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(im, str) and im.strip() for im in images):
+        raise ValueError(f"{where}: 'image' must be a path or a list of paths (leave it out for a text-only row), "
+                         f"got {image!r}")
     out = []
     for im in images:
         p = (base / im) if not Path(im).is_absolute() else Path(im)
@@ -214,6 +219,15 @@ def _images(row, base, where):
 
 def _where(path, i, row):
     return f"{path} row {i + 1}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
+
+
+def _check_placeholders(conversation, n_images, where):
+    """The model's rule (one image may go without `<ImageHere>`, otherwise one per image), checked when the file is
+    read rather than at the training step that first draws the row."""
+    try:
+        with_placeholders("".join(m["content"] for m in conversation), n_images)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def read_preference(path):
@@ -229,9 +243,11 @@ def read_preference(path):
             chosen, rejected = from_official(row["conversations_a"]), from_official(row["conversations_b"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected,
-                    "images": _images(row, path.parent, where), "kind": row.get("kind", ""),
-                    "question_kind": row.get("question_kind", "")})
+        images = _images(row, path.parent, where)
+        for conv in (chosen, rejected):
+            _check_placeholders(conv, len(images), where)
+        out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected, "images": images,
+                    "kind": row.get("kind", ""), "question_kind": row.get("question_kind", "")})
     return out
 
 
@@ -247,15 +263,19 @@ def read_sft(path):
             conversation = from_official(row["conversations"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if not conversation or conversation[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's answer")
-        out.append({**row, "id": row.get("id", i), "conversation": conversation,
-                    "images": _images(row, path.parent, where)})
+        turns = conversation[1:] if conversation and conversation[0]["role"] == "system" else conversation
+        if not turns or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2):
+            raise ValueError(f"{where}: expected user and assistant turns in alternation, ending with the "
+                             f"assistant's answer (after an optional system turn), got {[m['role'] for m in turns]}")
+        images = _images(row, path.parent, where)
+        _check_placeholders(conversation, len(images), where)
+        out.append({**row, "id": row.get("id", i), "conversation": conversation, "images": images})
     return out
 
 
 def read_mixture(path, seed=0, reader=read_preference):
-    """`data.txt`: lines `<json path> <k>`: k*1000 samples of that file per epoch (down- or up-sampled)."""
+    """`data.txt`: lines `<json path> <k>`: k*1000 samples of that file (down-sampled without replacement or
+    up-sampled with it), drawn once per run by seed; the official recipe trains one epoch."""
     path = Path(path)
     rng = random.Random(seed)
     out = []
@@ -266,7 +286,12 @@ def read_mixture(path, seed=0, reader=read_preference):
         if len(parts) != 2:
             raise ValueError(f"{path}:{lineno}: expected '<json path> <k>', got {line!r}")
         rows = reader(path.parent / parts[0])
-        n = int(float(parts[1]) * 1000)
+        try:
+            n = round(float(parts[1]) * 1000)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: the sample count k must be a number, got {parts[1]!r}") from None
+        if n > 0 and not rows:
+            raise ValueError(f"{path}:{lineno}: {parts[0]} holds no rows to draw {n} samples from")
         out += rng.sample(rows, n) if n <= len(rows) else rows + rng.choices(rows, k=n - len(rows))
     return out
 
@@ -289,11 +314,12 @@ def length_ok(pair, max_len_ratio):
     return c <= max_len_ratio * max(r, 1)
 
 
-def mix_image_text(samples, seed=0):
-    """The official 2:1 interleave: two samples with images, then one text-only, while both last."""
+def mix_image_text(has_image, seed=0):
+    """The official 2:1 interleave (data_mix.py's counter cycling image, image, text) as an order of sample
+    indices: two with images, then one text-only, while both last; each group shuffled by seed."""
     rng = random.Random(seed)
-    image = [s for s in samples if s["images"]]
-    text = [s for s in samples if not s["images"]]
+    image = [i for i, im in enumerate(has_image) if im]
+    text = [i for i, im in enumerate(has_image) if not im]
     rng.shuffle(image)
     rng.shuffle(text)
     out = []

@@ -142,6 +142,19 @@ class Whole(torch.nn.Module):
         return fn(self.model, *args)
 
 
+def check_replicas(model, world, what):
+    """Under DDP every rank holds the same weights (same start, averaged gradients, same step). A gradient that
+    missed the all-reduce shows here as ranks that disagree, instead of as a silently worse model."""
+    if world == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"the ranks hold different {what} weights: gradients were not averaged across ranks")
+
+
 def wrap_model(model, a, world):
     """One process: as is. torchrun: DDP, or with --fsdp FSDP2 with one all-gather / reduce-scatter unit per decoder
     layer and the root (embeddings, norm, head, separators) as another."""
@@ -203,10 +216,14 @@ def ensure_world(world_dir):
 
 
 def sft_prompt(sample):
-    """The chat prompt (no loss) of a fine-tuning sample: its last question, after its system turn if any."""
+    """The chat prompt (no loss) of a fine-tuning sample: its system turn if any, its earlier turns as history (with
+    their images' placeholders) and its last question. The loss is on the last answer: each row is one step of a
+    chat, as `chat()` replays it."""
     conv = sample["conversation"]
     meta = conv[0]["content"] if conv[0]["role"] == "system" else None
-    return data.chat_prompt(conv[-2]["content"] if len(conv) > 1 else "", meta_instruction=meta)
+    turns = conv[1:] if meta is not None else conv   # user, assistant, ..., user, assistant (read_sft checks)
+    history = [(turns[k]["content"], turns[k + 1]["content"]) for k in range(0, len(turns) - 2, 2)]
+    return data.chat_prompt(turns[-2]["content"], history, meta_instruction=meta)
 
 
 def sft_answer(tok, sample):
@@ -219,7 +236,8 @@ def load_stage_data(a, tok, rank):
     world = ensure_world(a.world_dir) if a.data is None else None
     if a.stage == "sft":
         if world is None:
-            return data.read_sft(a.data), []
+            path = Path(a.data)
+            return (data.read_mixture(path, a.seed, data.read_sft) if path.suffix == ".txt" else data.read_sft(path)), []
         # curriculum: the first epoch starts with the single-object images (see the training loop)
         return [dict(s, warmup=True) for s in data.read_sft(world["sft_easy"])] + data.read_sft(world["sft_train"]), \
             json.loads(world["heldout_prompts"].read_text())
@@ -234,7 +252,7 @@ def load_stage_data(a, tok, rank):
     pairs = [p for p in kept if data.length_ok(p, a.max_len_ratio)]
     log(rank, f"data: {len(pairs)} pairs kept; check_data dropped {n_check}, length constraint "
               f"(chosen <= {a.max_len_ratio} x rejected) dropped {len(kept) - len(pairs)}")
-    return data.mix_image_text(pairs, a.seed), held
+    return pairs, held
 
 
 def sample_length(tok, sample, crop, grid, hd_num):
@@ -406,9 +424,15 @@ def load_checkpoint(out, model, opt):
 
 
 def trim_metrics(path, step):
-    """On resume, forget log lines of steps after the checkpoint: they are about to be run again."""
+    """On resume, forget log lines of steps after the checkpoint: they are about to be run again. A line cut short
+    by the kill is dropped too."""
+    def before(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        keep = [line for line in path.read_text().splitlines() if before(line)]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -454,6 +478,8 @@ def main(argv=None):
         a.share_prefix = 0
     if a.fsdp and a.stage == "ppo":
         raise SystemExit("error: --fsdp covers --stage sft and rm; ppo replicates its models with DDP")
+    if a.batch < world:  # a rank with no sample would never join the step's all-reduce
+        raise SystemExit(f"error: --batch {a.batch} is smaller than the {world} processes; each needs a sample")
     if sharded and a.batch % world:  # equal shares let every rank run as many micro-batches (see the loop)
         raise SystemExit(f"error: --fsdp needs --batch ({a.batch}) divisible by the {world} processes")
     if a.stage == "ppo":
@@ -520,6 +546,8 @@ def run_stage(a, rank, world, device, sharded):
         if epoch != order_epoch:  # a fresh random order per epoch, identical on every rank
             order = list(range(len(samples)))
             random.Random(a.seed + epoch).shuffle(order)
+            if a.stage == "rm":  # the official stream: image, image, text, ... so every step holds both, 2:1
+                order = data.mix_image_text([bool(s["images"]) for s in samples], a.seed + epoch)
             if epoch == 0:  # stable: warm-up samples first, each group still shuffled
                 order.sort(key=lambda i: not samples[i].get("warmup"))
             order_epoch = epoch

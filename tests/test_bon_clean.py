@@ -116,3 +116,19 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     with pytest.raises(SystemExit, match="refusing to write over the input"):
         clean.main(["--rm", str(rm_dir), "--data", str(out / "kept.json"), "--out", str(out)])
     assert data_file.read_bytes() == before
+
+
+def test_clean_flags_preference_rows_by_margin(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+    """On reward-format data a row's score is reward(chosen) - reward(rejected): the pair whose rejected answer
+    outscores its chosen one is flagged, not the pairs whose rejected side merely scores low."""
+    rows = json.loads((world / "world" / "pref_train.json").read_text())[:4]
+    src = tmp_path / "pairs.json"
+    src.write_text(json.dumps([dict(r, image=str(world / "world" / r["image"])) if "image" in r else r
+                               for r in rows]))
+    side_scores = [1.0, -5.0, 2.0, -4.0, -1.0, 3.0, 0.5, -6.0]   # chosen, rejected per row; row 2 is mislabelled
+    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: side_scores[:len(samples)])
+    s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c"), "--flag-fraction", "0.25"])
+    flagged = json.loads((tmp_path / "c" / "flagged.json").read_text())
+    assert s["score"] == "margin" and [r["id"] for r in flagged] == [rows[2]["id"]]
+    assert clean.row_scores([{"row": 0, "side": "chosen"}, {"row": 0, "side": "rejected"}], [1.0, 3.0]) == [-2.0]
+    assert "chosen (-1.000)" in (tmp_path / "c" / "report.html").read_text()

@@ -207,6 +207,14 @@ def test_check_data_and_length_filter():
     assert data.length_ok(pair("x" * 5, "y" * 100), 2.5)  # only chosen-much-longer pairs are dropped
 
 
+def test_image_text_mix_is_two_to_one_while_both_last():
+    has_image = [True] * 9 + [False] * 6
+    order = data.mix_image_text(has_image, seed=3)
+    assert sorted(order) == list(range(15))
+    assert [has_image[i] for i in order] == [True, True, False] * 4 + [True, False, False]
+    assert order != data.mix_image_text(has_image, seed=4)
+
+
 def test_token_budget_batches_cover_everything_within_budget():
     lengths = [int(50 + 950 * (i * 7919 % 101) / 101) for i in range(2000)]
     batches = data.token_budget_batches(lengths, 4096, seed=1)
@@ -286,6 +294,52 @@ def test_bad_data_names_file_and_row(tmp_path):
     p.write_text(json.dumps({"conversations_a": [{"value": "x"}], "conversations_b": []}) + "\n")
     with pytest.raises(ValueError, match="row 1.*'from' and 'value'"):
         data.read_preference(p)
+
+
+def test_readers_take_every_json_shape_and_reject_bad_rows_early(tmp_path):
+    """A BOM, a single pretty-printed object and JSONL all read; an empty or null image, a placeholder count that
+    does not match the images, and turns out of order fail when the file is read, naming file and row."""
+    from PIL import Image
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    pair = {"id": "p", "image": "a.png", "conversations_a": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],
+            "conversations_b": [{"from": "human", "value": "q"}, {"from": "bot", "value": "b"}]}
+    p = tmp_path / "pairs.json"
+    p.write_text("\ufeff" + json.dumps([pair]), encoding="utf-8")
+    assert data.read_preference(p)[0]["images"] == [str(tmp_path / "a.png")]
+    p.write_text(json.dumps(pair, indent=2))
+    assert len(data.read_preference(p)) == 1
+    p.write_text(json.dumps(pair) + "\n" + json.dumps(pair) + "\n")
+    assert len(data.read_preference(p)) == 2
+    p.write_text(json.dumps([pair, dict(pair, id="q", image=[])]))
+    assert data.read_preference(p)[1]["images"] == []
+    for image, msg in (("", "'image' must be a path"), (None, "'image' must be a path"),
+                       (["a.png", "a.png"], r"the text has 0 <ImageHere> placeholder\(s\) but 2 image\(s\)")):
+        p.write_text(json.dumps([pair, dict(pair, id="q", image=image)]))
+        with pytest.raises(ValueError, match=rf"pairs.json row 2 \(id 'q'\): {msg}"):
+            data.read_preference(p)
+    s = tmp_path / "sft.jsonl"
+    turns = [{"from": "user", "value": "<ImageHere>What colour?"}, {"from": "assistant", "value": "Red."},
+             {"from": "user", "value": "And the shape?"}, {"from": "assistant", "value": "A square."}]
+    s.write_text(json.dumps({"image": "a.png", "conversations": turns}) + "\n"
+                 + json.dumps({"conversations": turns[:1] + turns[2:]}) + "\n")
+    with pytest.raises(ValueError, match=r"sft.jsonl row 2: expected user and assistant turns in alternation"):
+        data.read_sft(s)
+    s.write_text(json.dumps({"image": "a.png", "conversations": turns}) + "\n")
+    prompt = train.sft_prompt(data.read_sft(s)[0])  # earlier turns are the history, with the image placeholder
+    assert prompt == data.chat_prompt("And the shape?", [("<ImageHere>What colour?", "Red.")])
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "mix.txt").write_text("sft.jsonl 0.002\nempty.json 1\n")
+    with pytest.raises(ValueError, match=r"mix.txt:2: empty.json holds no rows"):
+        data.read_mixture(tmp_path / "mix.txt", reader=data.read_sft)
+    (tmp_path / "mix.txt").write_text("sft.jsonl 0.003\n")
+    assert len(data.read_mixture(tmp_path / "mix.txt", reader=data.read_sft)) == 3
+
+
+def test_trim_metrics_drops_a_line_cut_by_a_kill(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    train.trim_metrics(m, 2)
+    assert m.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_official_example_reads(tmp_path):
@@ -467,7 +521,8 @@ def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
 def test_ppo_two_processes(world, tmp_path, algo):
     """torchrun --nproc_per_node 2 (gloo, DDP): the ranks' shares of a mini-batch pack into different numbers of
     micro-batches (sampled lengths, a small token budget), and each rank still all-reduces once per mini-batch;
-    the process group is torn down cleanly (a rank that skipped it could abort at exit)."""
+    the ranks end with identical weights (ppo.train checks at every save: a policy forward that bypassed DDP
+    once left each rank training its own copy); the process group is torn down cleanly."""
     rm = tmp_path / "rm"
     run(world, rm, "--steps", "1")
     launch(["--stage", "ppo", "--algo", algo, "--world-dir", str(world / "world"), "--init", str(world / "sft"),
