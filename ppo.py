@@ -8,7 +8,8 @@ One iteration: sample responses -> score them -> per-token rewards with a KL pen
 K epochs of clipped policy (Eq. 3) and value (Eq. 4) updates over shuffled mini-batches.
 
 Padding contract, in one place (`rollout_batch`): prompts left-padded, responses right-padded after them, position
-ids count real tokens only, pad id is distinct from the stop tokens, rewards sit on the last real response token.
+ids count real tokens only, masks come from lengths (so a pad id equal to a stop token changes nothing), rewards sit
+on the last real response token.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -79,20 +81,39 @@ def logprobs_of(policy, batch, temperature):
     return logp.gather(-1, batch["response"][..., None]).squeeze(-1), entropy
 
 
-def values_of(critic, batch):
-    """V(s_t): the critic's score head read at the token before each response token."""
+def values_of(critic, batch, norm=(0.0, 1.0)):
+    """V(s_t): the critic's score head read at the token before each response token, in the rewards' units:
+    (score - mean) / std when the rewards are normalised, so that V and the returns it regresses on agree from the
+    first iteration (a raw-scale critic starts std times off, and the value clip slows its correction)."""
     P, T = batch["P"], batch["response"].shape[1]
-    return critic(batch["embeds"], batch["im_mask"], batch["attention_mask"], batch["position_ids"])[:, P - 1:P + T - 1]
+    v = critic(batch["embeds"], batch["im_mask"], batch["attention_mask"], batch["position_ids"])[:, P - 1:P + T - 1]
+    return (v - norm[0]) / norm[1]
+
+
+def critic_norm(critic, a):
+    return (critic.cfg.reward_mean, critic.cfg.reward_std) if a.normalize_reward else (0.0, 1.0)
 
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask, shift_mean=True):
-    """Normalise over valid tokens only (padding must not move the statistics)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def sum_over_ranks(t, world):
+    """Sum of a small tensor over the ranks, moved to the device the backend needs (NCCL: the GPU)."""
+    if world == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(dev)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def whiten(x, mask, shift_mean=True, world=1):
+    """Normalise over valid tokens only (padding must not move the statistics), pooled over every rank's rollouts
+    (one batch, as in a 1-process run)."""
+    total = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), world)
+    mean = total[0] / total[1].clamp(min=1)
+    var = sum_over_ranks(((x - mean) ** 2 * mask).sum(), world) / total[1].clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -131,7 +152,9 @@ def reward_scores(rms, samples, device, normalize):
         suffix = rm.tokenizer.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
         rows = []
         for s in samples:
-            resp = s["response"] if s["stopped"] else s["response"] + [rm.tokenizer.eot_id]
+            # the template's answer ends with end-of-turn: a response that stopped on </s> gets it in its place
+            resp = s["response"][:-1] if s["stopped"] and s["response"][-1] == rm.tokenizer.eos_id else s["response"]
+            resp = resp if resp[-1:] == [rm.tokenizer.eot_id] else resp + [rm.tokenizer.eot_id]
             rows.append(rm.splice(s["segments"] + [resp + suffix], [im.to(device) for im in s[f"rm_images{i}"]]))
         score = rm.score_embedded(rows)
         total += (score - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else score
@@ -146,7 +169,7 @@ def collect_rollouts(policy, ref, critic, rms, prompts, a, device, generator):
     samples = []
     for c in range(0, len(prompts), a.rollout_chunk):
         chunk = prompts[c:c + a.rollout_chunk]
-        seqs = [policy.sequence(data.chat_prompt(q), ims, a.hd_num) for q, ims, _ in chunk]
+        seqs = [policy.sequence(prompt, ims, a.hd_num) for prompt, ims, _ in chunk]
         batch = policy.embed_batch(seqs, left_pad=True)
         out = policy.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
                               a.temperature, a.top_p, generator=generator, n=n)
@@ -170,15 +193,15 @@ def collect_rollouts(policy, ref, critic, rms, prompts, a, device, generator):
         batch = rollout_batch(policy, chunk, "images", device)
         logp, _ = logprobs_of(policy, batch, a.temperature)
         ref_logp, _ = logprobs_of(ref, rollout_batch(ref, chunk, "images", device), a.temperature)
-        values = values_of(critic, rollout_batch(critic, chunk, "critic_images", device)) if critic is not None \
-            else torch.zeros_like(logp)
+        values = values_of(critic, rollout_batch(critic, chunk, "critic_images", device), critic_norm(critic, a)) \
+            if critic is not None else torch.zeros_like(logp)
         for b, s in enumerate(chunk):
             T = len(s["response"])
             s["old_logp"], s["ref_logp"], s["values"] = logp[b, :T].cpu(), ref_logp[b, :T].cpu(), values[b, :T].cpu()
     return samples
 
 
-def compute_advantages(samples, a):
+def compute_advantages(samples, a, world=1):
     """PPO: per-token -beta*KL, score on the last real token, GAE, whitened advantages. RLOO: sequence reward
     minus the mean of the other samples of the same prompt, on every token."""
     T = max(len(s["response"]) for s in samples)
@@ -199,7 +222,7 @@ def compute_advantages(samples, a):
         baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
         adv = (seq_reward - baseline)[:, None] * mask
         returns = adv
-    adv = whiten(adv, mask)
+    adv = whiten(adv, mask, world=world)
     for b, s in enumerate(samples):
         n = len(s["response"])
         s["adv"], s["returns"] = adv[b, :n], returns[b, :n]
@@ -214,33 +237,21 @@ def pad_rows(samples, key, T):
     return torch.stack([F.pad(s[key], (0, T - len(s[key]))) for s in samples])
 
 
-class _Fwd:
-    """The model's methods, with forward() routed through DDP so it can schedule the gradient all-reduce."""
-
-    def __init__(self, model, ddp):
-        self._model, self._ddp = model, ddp
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kw):
-        return self._ddp(*args, **kw)
-
-
 def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device, world):
     """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
-    micro-batches that fit --token-budget. Losses are token means over the whole mini-batch."""
+    micro-batches that fit --token-budget. Losses are token means over the whole mini-batch, all ranks included.
+    fwd_pi / fwd_v are train.Whole(model), DDP-wrapped under torchrun: every forward that carries gradient runs
+    inside them, or DDP never arms its all-reduce and each rank would train its own copy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "value_clipfrac",
                              "ratio")}
     idx = list(range(len(samples)))
-    size = max(1, len(idx) // a.mini_batches)
+    n_mb = min(a.mini_batches, len(idx))
+    cuts = [round(i * len(idx) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
     for epoch in range(a.ppo_epochs):
         random.shuffle(idx)
-        for m0 in range(0, len(idx), size):
-            mb = [samples[i] for i in idx[m0:m0 + size]]
-            n_tok = torch.tensor(float(sum(len(s["response"]) for s in mb)))
-            if world > 1:
-                torch.distributed.all_reduce(n_tok)
+        for m0, m1 in zip(cuts, cuts[1:]):
+            mb = [samples[i] for i in idx[m0:m1]]
+            n_tok = sum_over_ranks(torch.tensor(float(sum(len(s["response"]) for s in mb))), world)
             lengths = [len(s["response"]) + s["segments_len"] for s in mb]
             micro = data.token_budget_batches(lengths, a.token_budget, shuffle=False)
             for k, mi in enumerate(micro):
@@ -249,13 +260,13 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                 # many micro-batches its share packs into
                 sync = world == 1 or k == len(micro) - 1
                 with (fwd_pi.no_sync() if not sync else nullcontext()), \
-                        (fwd_v.no_sync() if not sync and fwd_v else nullcontext()):
+                        (fwd_v.no_sync() if not sync and fwd_v is not None else nullcontext()):
                     ms = [mb[i] for i in mi]
                     T = max(len(s["response"]) for s in ms)
                     mask, adv = pad_rows(ms, "mask", T).to(device), pad_rows(ms, "adv", T).to(device)
                     old_logp = pad_rows(ms, "old_logp", T).to(device)
-                    batch = rollout_batch(policy, ms, "images", device)
-                    logp, entropy = logprobs_of(_Fwd(policy, fwd_pi) if world > 1 else policy, batch, a.temperature)
+                    logp, entropy = fwd_pi(
+                        lambda m: logprobs_of(m, rollout_batch(m, ms, "images", device), a.temperature))
                     log_ratio = (logp - old_logp) * mask
                     ratio = log_ratio.exp()
                     # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
@@ -263,8 +274,8 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                     loss = (pg * mask).sum() * world / n_tok.item()
                     if critic is not None:
                         old_v, ret = pad_rows(ms, "values", T).to(device), pad_rows(ms, "returns", T).to(device)
-                        v = values_of(_Fwd(critic, fwd_v) if world > 1 else critic,
-                                      rollout_batch(critic, ms, "critic_images", device))
+                        v = fwd_v(lambda m: values_of(m, rollout_batch(m, ms, "critic_images", device),
+                                                      critic_norm(m, a)))
                         # paper Eq. 4: the value loss, clipped around the rollout's values
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
@@ -298,11 +309,13 @@ def explained_variance(samples):
 
 
 def train(a, rank, world, device):
-    from train import WORLD_SFT, append_jsonl, ensure_world, eval_policy, heldout_items, load_checkpoint, log, \
-        lr_at, make_optimizer, save_checkpoint, trim_metrics
+    from train import WORLD_SFT, Whole, append_jsonl, check_replicas, ensure_world, eval_policy, heldout_items, \
+        load_checkpoint, log, lr_at, make_optimizer, save_checkpoint, sft_prompt, trim_metrics
     from model import atomic_write_text
     if not a.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
+    if a.batch % world:  # equal shares: every rank runs as many mini-batches, so the all-reduces pair up
+        raise SystemExit(f"error: --batch {a.batch} must be a multiple of the {world} processes")
     out = Path(a.out)
     if (out / "resume.safetensors").exists() and not a.resume:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
@@ -320,8 +333,8 @@ def train(a, rank, world, device):
     a_critic = type(a)(**{**vars(a), "lr": a.critic_lr or 5 * a.lr})
     opt_v = make_optimizer(critic, a_critic) if critic is not None else None
     ddp = torch.nn.parallel.DistributedDataParallel
-    fwd_pi = ddp(policy, find_unused_parameters=True) if world > 1 else policy
-    fwd_v = ddp(critic, find_unused_parameters=True) if world > 1 and critic is not None else None
+    fwd_pi = ddp(Whole(policy), find_unused_parameters=True) if world > 1 else Whole(policy)
+    fwd_v = None if critic is None else ddp(Whole(critic), find_unused_parameters=True) if world > 1 else Whole(critic)
     step = 0
     if a.resume:
         step, _ = load_checkpoint(out, policy, opt_pi)
@@ -336,7 +349,7 @@ def train(a, rank, world, device):
         world_files = ensure_world(a.world_dir)
         rows = data.read_sft(world_files["sft_train"])
         held = heldout_items(world_files)
-    prompts = [(r["conversation"][-2]["content"], r["images"], r) for r in rows]
+    prompts = [(sft_prompt(r), r["images"], r) for r in rows]  # chat prompt (history included), images, row
     summary = {"stage": "ppo", "algo": a.algo, "processes": world, "seed": a.seed}
     if held and rank == 0 and step == 0:
         summary["accuracy_before"], summary["accuracy_before_by_kind"] = eval_policy(policy, held, a.hd_num)
@@ -355,7 +368,7 @@ def train(a, rank, world, device):
             s["mask"] = torch.ones(len(s["response"]))
             s["segments_len"] = sum(len(x) if not isinstance(x, int) else 0 for x in s["segments"]) + \
                 sum(e.shape[0] for e in s["images"])
-        stats = compute_advantages(samples, a)
+        stats = compute_advantages(samples, a, world)
         t_roll = time.time() - t_roll
         for opt in (opt_pi, opt_v):
             if opt is not None:
@@ -368,11 +381,15 @@ def train(a, rank, world, device):
         tokens_done += n_tok
         stats.update(step=step, response_length=n_tok / len(samples),
                      eos_rate=sum(s["stopped"] for s in samples) / len(samples),
-                     tokens_per_s=tokens_done / (time.time() - t0),
+                     tokens_per_s=tokens_done * world / (time.time() - t0),
                      rollout_s=t_roll, explained_variance=explained_variance(samples) if critic else float("nan"))
         if held:
             stats["train_accuracy"] = sum(data.is_correct(s["item"], policy.decode_answer(s["response"]))
                                           for s in samples) / len(samples)
+        if world > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
+            keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
+            mean = sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), world) / world
+            stats.update(zip(keys, mean.tolist()))
         if rank == 0:
             print(f"iter {step}/{a.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
                   f"{stats['response_length']:.1f} eos {stats['eos_rate']:.2f} pg {stats['policy_loss']:+.4f} "
@@ -381,6 +398,10 @@ def train(a, rank, world, device):
                   + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
             append_jsonl(out / "metrics.jsonl", stats)
         stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
+        if step % a.save_every == 0 or step == a.steps or stop:
+            check_replicas(policy, world, "policy")
+            if critic is not None:
+                check_replicas(critic, world, "critic")
         if rank == 0 and (step % a.save_every == 0 or step == a.steps or stop):
             save_checkpoint(out, policy, opt_pi, step)
             if critic is not None:

@@ -9,6 +9,7 @@ import ppo
 from conftest import randomize
 from model import Config, InternLMXComposer2
 from reward import RewardModel
+from train import Whole, sft_prompt
 from test_train import SMALL, world  # noqa: F401  (the small-world fixture)
 
 
@@ -73,7 +74,7 @@ def roles(world):  # noqa: F811
     rm = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3).requires_grad_(False)
     critic = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3)
     rows = data.read_sft(world / "world" / "sft_train.json")[:6]
-    prompts = [(r["conversation"][-2]["content"], r["images"], r) for r in rows]
+    prompts = [(sft_prompt(r), r["images"], r) for r in rows]
     return policy, ref, rm, critic, prompts
 
 
@@ -96,7 +97,7 @@ def test_first_minibatch_ratio_is_one_and_ref_equals_policy(roles):
     policy, _, _, critic, _ = roles
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
-    stats = ppo.ppo_update(policy, critic, policy, None, samples, opt, opt_v, a, torch.device("cpu"), 1)
+    stats = ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a, torch.device("cpu"), 1)
     assert stats["ratio"] == pytest.approx(1.0, abs=1e-6) and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -136,7 +137,7 @@ def test_missing_eos_is_penalised_and_score_sits_on_last_token(roles):
 
 def test_seeded_sampler_is_reproducible(roles):
     policy, _, _, _, prompts = roles
-    q = [(p[0], p[1]) for p in prompts[:3]]
+    q = [(p[2]["conversation"][-2]["content"], p[1]) for p in prompts[:3]]
     a1 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(5))
     a2 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(5))
     a3 = policy.answer(q, 9, 8, temperature=1.0, n=2, generator=torch.Generator().manual_seed(6))
@@ -153,3 +154,54 @@ def test_rloo_baseline_is_leave_one_out(roles):
         d = raw[i] - raw[i + 1]
         if abs(d) > 1e-6:
             assert (samples[i]["adv"][0] > samples[i + 1]["adv"][0]) == (d > 0)
+
+
+def test_critic_values_are_in_the_rewards_units(roles):
+    """With reward normalisation the critic's values are (score - mean) / std, the units of the returns it
+    regresses on; without it, the raw head."""
+    critic = roles[3]
+    mean, std = critic.cfg.reward_mean, critic.cfg.reward_std
+    critic.cfg.reward_mean, critic.cfg.reward_std = 0.7, 2.5
+    try:
+        a, samples = rollout(roles, normalize_reward=True)
+        raw = ppo.values_of(critic, ppo.rollout_batch(critic, samples, "critic_images", torch.device("cpu")))
+        for b, s in enumerate(samples):
+            n = len(s["response"])
+            torch.testing.assert_close(s["values"], (raw[b, :n] - 0.7) / 2.5, atol=1e-5, rtol=0)
+        a, samples = rollout(roles, normalize_reward=False)
+        for b, s in enumerate(samples):
+            torch.testing.assert_close(s["values"], raw[b, :len(s["response"])], atol=1e-5, rtol=0)
+    finally:
+        critic.cfg.reward_mean, critic.cfg.reward_std = mean, std
+
+
+def test_reward_input_ends_like_the_template(roles, monkeypatch):
+    """A response that stopped on </s> (not on end-of-turn) is scored as `answer [UNUSED_TOKEN_145] </s>
+    [UNUSED_TOKEN_130]`, the reward template's ending, not with two </s>."""
+    rm = roles[2]
+    tok = rm.tokenizer
+    seen = []
+    monkeypatch.setattr(type(rm), "score_embedded", lambda self, rows: seen.append(rows) or torch.zeros(len(rows)))
+    monkeypatch.setattr(type(rm), "splice", lambda self, segments, images: segments[-1])
+    answer = tok.encode("The triangle is red.", add_special_tokens=False)
+    samples = [{"segments": [[5]], "response": answer + [end], "stopped": True, "rm_images0": []}
+               for end in (tok.eos_id, tok.eot_id)] + [{"segments": [[5]], "response": answer, "stopped": False,
+                                                       "rm_images0": []}]
+    ppo.reward_scores([rm], samples, torch.device("cpu"), normalize=False)
+    want = answer + [tok.eot_id] + tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
+    assert seen[0] == [want, want, want]
+
+
+def test_update_runs_exactly_the_requested_mini_batches(roles, monkeypatch):
+    """Seven samples in two mini-batches are two optimizer steps per epoch (4 + 3), not a third step on a
+    remainder of one sample."""
+    a, samples = rollout(roles, mini_batches=2, ppo_epochs=2)
+    samples = samples[:5] + samples[:2]
+    ppo.compute_advantages(samples, a)
+    policy, _, _, critic, _ = roles
+    steps = []
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
+    monkeypatch.setattr(opt, "step", lambda: steps.append(1))
+    ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a, torch.device("cpu"), 1)
+    assert len(steps) == 4
