@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="samples (rm: pairs; ppo: prompts) per optimizer step, all ranks")
-    p.add_argument("--token-budget", type=int, help="max padded tokens per micro-batch (memory follows this)")
+    p.add_argument("--token-budget", type=int, help="max padded tokens per micro-batch (memory follows this; rm: "
+                   "a pair counts as its longer side, and its two answers run together, so up to twice this)")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
