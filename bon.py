@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import data
-from model import InternLMXComposer2, atomic_write_text
+from model import InternLMXComposer2, add_device_args, atomic_write_text, device_kwargs
 from reward import RewardModel
 
 ROOT = Path(__file__).resolve().parent
@@ -108,9 +108,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="world: write summary.json here")
     p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
+    add_device_args(p)
     a = p.parse_args(argv)
-    policy = InternLMXComposer2.from_pretrained(a.policy)
-    rms = [RewardModel.from_pretrained(d) for d in a.rm]
+    policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))
+    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     if a.prompt is not None:
         best, cands, scores = best_of_n(policy, rms, a.prompt, a.image, a.n, a.hd_num, a.temperature, a.top_p,
                                         a.max_new_tokens, a.seed, a.normalize)

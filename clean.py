@@ -27,7 +27,7 @@ from PIL import Image
 
 import data
 from bon import ensemble_scores
-from model import atomic_write_text
+from model import add_device_args, atomic_write_text, device_kwargs
 from reward import RewardModel
 
 ROOT = Path(__file__).resolve().parent
@@ -168,6 +168,7 @@ def main(argv=None):
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
     p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
+    add_device_args(p)
     a = p.parse_args(argv)
     world = None
     if a.data is None:
@@ -179,7 +180,7 @@ def main(argv=None):
     if src in targets or src == out:
         raise SystemExit(f"error: refusing to write over the input {src}; choose another --out")
     rows, samples = load_samples(src)
-    rms = [RewardModel.from_pretrained(d) for d in a.rm]
+    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
     scores = row_scores(samples, sample_scores)
     ranked = sorted(scores)

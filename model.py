@@ -256,7 +256,7 @@ class InternLM2Model(nn.Module):
             mask = (torch.arange(past + L, device=embeds.device)[None, :] <= q_pos)[None, None]
         x = embeds
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and cache is None:  # a cache is written in forward
                 x = torch.utils.checkpoint.checkpoint(layer, x, im_mask, cos, sin, mask, None, i,
                                                       use_reentrant=False)
             else:
@@ -598,6 +598,21 @@ def load_weights(model, files, dtype, device, skip=()):
         raise ValueError(f"checkpoint {files[0].parent} does not match the model "
                          f"({len(problems)} problem(s)):\n  " + "\n  ".join(shown))
     model.load_state_dict(found, assign=True, strict=not skip)
+
+
+def add_device_args(p):
+    """--device / --dtype for the inference entry points (bon.py, clean.py, reward.py): the GPU in bf16 when there
+    is one, as the official checkpoints are meant to run."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights' dtype; auto: bfloat16 on CUDA, float32 on CPU")
+
+
+def device_kwargs(a):
+    """from_pretrained's dtype and device for the arguments of add_device_args."""
+    if a.dtype == "auto":
+        return {"dtype": torch.bfloat16 if str(a.device).startswith("cuda") else torch.float32, "device": a.device}
+    return {"dtype": getattr(torch, a.dtype), "device": a.device}
 
 
 def init_weights(module, seed=0, std=0.02):

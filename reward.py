@@ -21,7 +21,7 @@ import torch
 
 import data
 from data import reward_template
-from model import InternLMXComposer2, PrefixKV
+from model import InternLMXComposer2, PrefixKV, add_device_args, device_kwargs
 
 
 def pool_last(rewards, attention_mask):
@@ -361,6 +361,7 @@ def main(argv=None):
         p.add_argument("--scores", help="precomputed scores, one JSON object per line")
         p.add_argument("--hd-num", type=int, default=9, help="9 in the official evaluation scripts")
         p.add_argument("--out", help="also write the metrics JSON here")
+        add_device_args(p)
         a = p.parse_args(argv[1:])
         if bool(a.ckpt) == bool(a.scores):
             p.error("give exactly one of --ckpt or --scores")
@@ -368,7 +369,7 @@ def main(argv=None):
         if a.scores:
             records = read_scores_jsonl(a.scores, a.bench)
         else:
-            rms = [RewardModel.from_pretrained(c) for c in a.ckpt]
+            rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
             records = score_benchmark(rms, a.bench, rows, a.images, a.hd_num)
         result = benchmark_metrics(a.bench, rows, records)
         text = json.dumps(result, indent=2, default=float)
@@ -382,12 +383,14 @@ def main(argv=None):
     p.add_argument("--image", nargs="*", default=[], help="image or video path(s), in placeholder order")
     p.add_argument("--hd-num", type=int, default=24)
     p.add_argument("--max-length", type=int, default=16384)
+    add_device_args(p)
     a = p.parse_args(argv)
     try:
         conversation = json.loads(Path(a.conv).read_text())
     except (OSError, json.JSONDecodeError) as e:
         p.error(f"cannot read conversation {a.conv}: {e}")
-    scores = [RewardModel.from_pretrained(c).get_score(conversation, a.image, a.hd_num, a.max_length) for c in a.ckpt]
+    rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
+    scores = [rm.get_score(conversation, a.image, a.hd_num, a.max_length) for rm in rms]
     print(f"{sum(scores) / len(scores):.6f}")
 
 

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 train.py --stage rm --out runs/rm     # built-in world, 2 CPU procs
     python train.py --stage sft --out runs/sft                                      # rebuild the world's SFT policy
     torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b-reward \\
-        --data data.txt --out runs/rm7b                                             # the official recipe, on GPUs
+        --data data.txt --fsdp --grad-ckpt --out runs/rm7b                          # the official recipe, on GPUs
 
 Without --data every stage uses the built-in world (data.py) and starts from the world's SFT policy shipped in
 checkpoints/world-sft, as the paper starts from IXC-2.5. Outputs in --out: config.json + model.safetensors
@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 try:
     import fcntl
@@ -100,6 +101,8 @@ def parse_args(argv=None):
                    "limits); --resume continues")
     p.add_argument("--fsdp", action="store_true", help="sft, rm under torchrun: shard weights, gradients and optimizer "
                    "state across processes (FSDP2) instead of replicating them (DDP), for models that do not fit one GPU")
+    p.add_argument("--grad-ckpt", action="store_true", help="sft, rm: recompute each decoder layer's activations in "
+                   "backward (the official script's gradient_checkpointing): activation memory for ~1/3 more time")
     p.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
                    help="sft, rm: bf16 autocast of the forward passes over fp32 weights; auto: on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -122,12 +125,13 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return rank, world, device
+    # rank 0 alone writes checkpoints and evaluates while the others wait in a collective: a 7B checkpoint with its
+    # optimizer state can take longer than the default 10-minute timeout
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 class Whole(torch.nn.Module):
@@ -238,7 +242,8 @@ def load_stage_data(a, tok, rank):
     if a.stage == "sft":
         if world is None:
             path = Path(a.data)
-            return (data.read_mixture(path, a.seed, data.read_sft) if path.suffix == ".txt" else data.read_sft(path)), []
+            rows = data.read_mixture(path, a.seed, data.read_sft) if path.suffix == ".txt" else data.read_sft(path)
+            return rows, []
         # curriculum: the first epoch starts with the single-object images (see the training loop)
         return [dict(s, warmup=True) for s in data.read_sft(world["sft_easy"])] + data.read_sft(world["sft_train"]), \
             json.loads(world["heldout_prompts"].read_text())
@@ -473,9 +478,10 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     sharded = world > 1 and a.fsdp
-    if sharded and a.share_prefix:
+    if (sharded or a.grad_ckpt) and a.share_prefix:
         # FSDP2 re-gathers a layer for backward from hooks on the layer's outputs; the prefix's keys/values leave a
-        # layer without passing through its output, so their backward would find the weights already freed
+        # layer without passing through its output, so their backward would find the weights already freed.
+        # Checkpointing recomputes a layer in backward, which would append the prefix's keys/values a second time
         a.share_prefix = 0
     if a.fsdp and a.stage == "ppo":
         raise SystemExit("error: --fsdp covers --stage sft and rm; ppo replicates its models with DDP")
@@ -506,6 +512,7 @@ def run_stage(a, rank, world, device, sharded):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     model = build_model(a, device)
+    model.model.gradient_checkpointing = a.grad_ckpt
     scratch = a.stage == "sft" and not a.init
     if a.freeze_vision == "yes" or (a.freeze_vision == "auto" and not scratch):
         for p in list(model.vit.parameters()) + list(model.vision_proj.parameters()):
@@ -560,7 +567,7 @@ def run_stage(a, rank, world, device, sharded):
         model.train()
         micro = data.token_budget_batches([lengths[i] for i in mine], a.token_budget, shuffle=False)
         if sharded:  # each forward all-gathers every layer: all ranks run as many micro-batches, the largest split
-            n = torch.tensor(len(micro))
+            n = torch.tensor(len(micro), device=device)  # NCCL reduces device tensors only
             dist.all_reduce(n, dist.ReduceOp.MAX)
             while len(micro) < n:
                 micro.sort(key=len)

@@ -132,3 +132,23 @@ def test_clean_flags_preference_rows_by_margin(world, rm_dir, tmp_path, monkeypa
     assert s["score"] == "margin" and [r["id"] for r in flagged] == [rows[2]["id"]]
     assert clean.row_scores([{"row": 0, "side": "chosen"}, {"row": 0, "side": "rejected"}], [1.0, 3.0]) == [-2.0]
     assert "chosen (-1.000)" in (tmp_path / "c" / "report.html").read_text()
+
+
+def test_cli_device_and_dtype_reach_the_model(world, rm_dir, tmp_path, capsys):  # noqa: F811
+    """`--dtype bfloat16` loads the weights in bf16 (the GPU default; CPU here) and scores within bf16 rounding of
+    fp32; `--dtype auto` is float32 on the CPU."""
+    import reward
+    import model
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps(data.qa("What is 2 + 3?", "2 + 3 = 5.")))
+    scores = {}
+    for dtype in ("auto", "bfloat16"):
+        reward.main(["--ckpt", str(rm_dir), "--conv", str(conv), "--dtype", dtype, "--device", "cpu"])
+        scores[dtype] = float(capsys.readouterr().out.strip())
+    want = RewardModel.from_pretrained(rm_dir).get_score(data.qa("What is 2 + 3?", "2 + 3 = 5."))
+    assert scores["auto"] == pytest.approx(want, abs=1e-5)
+    assert scores["bfloat16"] == pytest.approx(want, abs=0.05 * max(1.0, abs(want))) and scores["bfloat16"] != want
+    p = argparse.ArgumentParser()
+    model.add_device_args(p)
+    assert model.device_kwargs(p.parse_args(["--device", "cuda:1"])) == {"dtype": torch.bfloat16, "device": "cuda:1"}
+    assert model.device_kwargs(p.parse_args(["--device", "cpu"]))["dtype"] == torch.float32

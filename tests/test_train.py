@@ -110,6 +110,19 @@ def test_resume_is_bit_identical(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gradient_checkpointing_trains_the_same_weights(world, tmp_path, monkeypatch):
+    """--grad-ckpt recomputes activations in backward (and turns prompt sharing off): same weights as a plain run."""
+    import torch.utils.checkpoint
+    run(world, tmp_path / "a", "--steps", "3", "--share-prefix", "0")
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *x, **k: calls.append(1) or checkpoint(*x, **k))
+    run(world, tmp_path / "b", "--steps", "3", "--grad-ckpt")
+    assert calls  # every decoder layer of every training forward
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
 def test_sft_stage_learns_only_answers(world, tmp_path):
     summary = run(world, tmp_path / "sft", stage="sft")
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "colour" in summary["heldout_accuracy_by_kind"]
