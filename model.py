@@ -394,9 +394,12 @@ class InternLMXComposer2(nn.Module):
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached: load with from_pretrained or set model.tokenizer")
         images = list(images)
+        return tokenize_segments(self.tokenizer, text, len(images)), self.load_images(images, hd_num, train_transform)
+
+    def load_images(self, images, hd_num=24, train_transform=False):
+        """Image / video paths -> HD pixel tensors; several images force hd_num 6, as upstream."""
         hd_num = 6 if len(images) > 1 else hd_num
-        return (tokenize_segments(self.tokenizer, text, len(images)),
-                [load_visual(im, hd_num, self.cfg.vision.image_size, train_transform) for im in images])
+        return [load_visual(im, hd_num, self.cfg.vision.image_size, train_transform) for im in images]
 
     def prepare(self, text, images=(), hd_num=24, max_length=None, train_transform=False):
         """Text with `<ImageHere>` placeholders + images -> (embeds, im_mask)."""

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from datetime import timedelta
@@ -221,9 +222,8 @@ def ensure_world(world_dir):
 
 
 def sft_prompt(sample):
-    """The chat prompt (no loss) of a fine-tuning sample: its system turn if any, its earlier turns as history (with
-    their images' placeholders) and its last question. The loss is on the last answer: each row is one step of a
-    chat, as `chat()` replays it."""
+    """The chat prompt that asks a fine-tuning sample's last question: its system turn if any and its earlier turns
+    as history (with their images' placeholders). PPO samples answers to it."""
     conv = sample["conversation"]
     meta = conv[0]["content"] if conv[0]["role"] == "system" else None
     turns = conv[1:] if meta is not None else conv   # user, assistant, ..., user, assistant (read_sft checks)
@@ -234,6 +234,38 @@ def sft_prompt(sample):
 def sft_answer(tok, sample):
     """The answer and its end-of-turn (loss), tokenized apart from the prompt exactly as generation sees them."""
     return tok.encode(sample["conversation"][-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
+
+
+ANSWER_MARK = "\x00answer\x00"   # stands for an assistant answer while the chat text is split into segments
+
+
+def sft_segments(tok, sample):
+    """(segments, loss flags) of a fine-tuning sample: the chat template turn by turn, each assistant answer and its
+    end-of-turn tokenized apart (as generation produces them) and trained on, everything else context. Image
+    placeholders may sit in any user turn; one image without a placeholder goes in front (the official rule). A
+    one-turn sample gives exactly the chat prompt's segments followed by sft_answer."""
+    conv = sample["conversation"]
+    meta = conv[0]["content"] if conv[0]["role"] == "system" else None
+    turns = conv[1:] if meta is not None else conv
+    text = "".join(("\n" if k else "") + data.chat_prompt(turns[k]["content"], meta_instruction=None if k else meta)
+                   + ANSWER_MARK for k in range(0, len(turns), 2))
+    text = data.with_placeholders(text, len(sample["images"]))
+    answers = iter(turns[k]["content"] + data.END_OF_TURN for k in range(1, len(turns), 2))
+    segments, flags, n_image = [], [], 0
+    for i, part in enumerate(re.split(f"({re.escape(data.IMAGE_PLACEHOLDER)}|{ANSWER_MARK})", text)):
+        if part == data.IMAGE_PLACEHOLDER:
+            segments.append(n_image)
+            n_image += 1
+            continue
+        if part == ANSWER_MARK:
+            ids, train = tok.encode(next(answers), add_special_tokens=False), True
+        elif i == 0 or part:  # the first part carries BOS even when empty, as tokenize_segments does
+            ids, train = tok.encode(part, add_special_tokens=(i == 0)), False
+        else:
+            continue
+        segments.append(ids)
+        flags += [train] * len(ids)
+    return segments, flags
 
 
 def load_stage_data(a, tok, rank):
@@ -286,18 +318,18 @@ def sample_length(tok, sample, crop, grid, hd_num):
 
 
 def sft_loss(model, batch_samples, tok, a):
-    """Teacher-forced next-token loss on assistant tokens only: each sample's mean over its answer tokens, summed
-    over samples (the caller divides by the batch)."""
-    seqs = []
+    """Teacher-forced next-token loss on assistant tokens only (every answer of a multi-turn sample): each sample's
+    mean over its answer tokens, summed over samples (the caller divides by the batch)."""
+    seqs, flags = [], []
     for s in batch_samples:
-        segments, pixels = model.sequence(sft_prompt(s), s["images"], a.hd_num, a.train_transform)
-        answer = sft_answer(tok, s)
-        seqs.append((segments + [answer], pixels, len(answer)))
-    batch = model.embed_batch([(sg, px) for sg, px, _ in seqs])
+        segments, f = sft_segments(tok, s)
+        seqs.append((segments, model.load_images(s["images"], a.hd_num, a.train_transform)))
+        flags.append(torch.tensor(f, device=model.device))
+    batch = model.embed_batch(seqs)
     labels = torch.full_like(batch["ids"], -100)
-    for b, (_, _, n_answer) in enumerate(seqs):
-        end = int(batch["attention_mask"][b].sum())
-        labels[b, end - n_answer:end] = batch["ids"][b, end - n_answer:end]
+    for b, f in enumerate(flags):
+        text = (batch["ids"][b] != -100).nonzero().squeeze(1)  # text positions in order (images and padding: -100)
+        labels[b, text[f]] = batch["ids"][b, text[f]]
     logits = model(batch["embeds"], batch["im_mask"], batch["attention_mask"])
     target = labels[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")

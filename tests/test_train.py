@@ -133,6 +133,37 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert answer[-1] == tok.eot_id
 
 
+def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
+    """A two-turn sample is the chat template with history, each answer + end-of-turn tokenized apart and trained
+    on; a one-turn sample is exactly the chat prompt followed by sft_answer, as before."""
+    model = InternLMXComposer2.from_pretrained(world / "sft")
+    tok = model.tokenizer
+    image = str(next((world / "world" / "images").iterdir()))
+    conv = data.qa("<ImageHere>What colour is the square?", "The square is red.") + \
+        data.qa("How many circles are there?", "The number of circles is 2.")
+    segments, flags = train.sft_segments(tok, {"conversation": conv, "images": [image]})
+    ids = [t for seg in segments if isinstance(seg, list) for t in seg]
+    assert tok.decode([t for t, f in zip(ids, flags) if f], skip_special_tokens=False) == \
+        "The square is red." + data.END_OF_TURN + "The number of circles is 2." + data.END_OF_TURN
+    text = "".join(data.IMAGE_PLACEHOLDER if isinstance(seg, int) else tok.decode(seg, skip_special_tokens=False)
+                   for seg in segments)
+    want = data.chat_prompt("How many circles are there?", [(conv[0]["content"], conv[1]["content"])])
+    assert text == want + "The number of circles is 2." + data.END_OF_TURN and segments[0][0] == tok.bos_id
+    a = train.parse_args(["--stage", "sft", "--out", "x", "--hd-num", "9"])
+    loss = train.sft_loss(model, [{"conversation": conv, "images": [image]}], tok, a)
+    with torch.no_grad():  # a naive loop: every text position whose token is an answer token, predicted from before
+        batch = model.embed_batch([(segments, model.load_images([image], 9))])
+        logp = torch.log_softmax(model(batch["embeds"], batch["im_mask"], batch["attention_mask"])[0], -1)
+        text = [p for p in range(batch["ids"].shape[1]) if batch["ids"][0, p] != -100]
+        nll = [-logp[p - 1, batch["ids"][0, p]] for p, f in zip(text, flags) if f]
+    assert loss.item() == pytest.approx((sum(nll) / len(nll)).item(), rel=1e-5)
+    sample = data.read_sft(world / "world" / "sft_train.json")[0]
+    segments, flags = train.sft_segments(tok, sample)
+    prompt, _ = model.sequence(train.sft_prompt(sample), sample["images"], 9)
+    answer = train.sft_answer(tok, sample)
+    assert segments == prompt + [answer] and flags[-len(answer):] == [True] * len(answer) and sum(flags) == len(answer)
+
+
 def launch(args, procs=1):
     """train.py with `args` in a fresh process, or under torchrun with `procs` processes (gloo); must exit 0."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
