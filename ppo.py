@@ -242,8 +242,13 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
     micro-batches that fit --token-budget. Losses are token means over the whole mini-batch, all ranks included.
     fwd_pi / fwd_v are train.Whole(model), DDP-wrapped under torchrun: every forward that carries gradient runs
     inside them, or DDP never arms its all-reduce and each rank would train its own copy."""
-    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "value_clipfrac",
-                             "ratio")}
+    stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update
+
+    def log_mean(name, x, mask):
+        total = stats.setdefault(name, [0.0, 0.0])
+        total[0] += (x * mask).sum().item()
+        total[1] += mask.sum().item()
+
     idx = list(range(len(samples)))
     n_mb = min(a.mini_batches, len(idx))
     cuts = [round(i * len(idx) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
@@ -280,22 +285,21 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
                         loss = loss + (vf * mask).sum() * world / n_tok.item()
-                        stats["value_loss"].append(masked_mean(vf, mask).item())
-                        stats["value_clipfrac"].append(
-                            masked_mean(((v - old_v).abs() > a.value_clip).float(), mask).item())
+                        log_mean("value_loss", vf.detach(), mask)
+                        log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
                     loss.backward()
                 with torch.no_grad():
-                    stats["policy_loss"].append(masked_mean(pg, mask).item())
-                    stats["entropy"].append(masked_mean(entropy, mask).item())
-                    stats["approx_kl"].append(masked_mean((ratio - 1) - log_ratio, mask).item())  # Schulman k3
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > a.clip_ratio).float(), mask).item())
-                    stats["ratio"].append(masked_mean(ratio, mask).item())
+                    log_mean("policy_loss", pg, mask)
+                    log_mean("entropy", entropy, mask)
+                    log_mean("approx_kl", (ratio - 1) - log_ratio, mask)  # Schulman k3
+                    log_mean("clipfrac", ((ratio - 1).abs() > a.clip_ratio).float(), mask)
+                    log_mean("ratio", ratio, mask)
             for model, opt in ((policy, opt_pi), (critic, opt_v)):
                 if model is not None:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], a.clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+    return {k: total / max(n, 1.0) for k, (total, n) in stats.items()}
 
 
 def explained_variance(samples):

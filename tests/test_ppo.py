@@ -205,3 +205,23 @@ def test_update_runs_exactly_the_requested_mini_batches(roles, monkeypatch):
     monkeypatch.setattr(opt, "step", lambda: steps.append(1))
     ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a, torch.device("cpu"), 1)
     assert len(steps) == 4
+
+
+def test_logged_means_are_token_means_over_the_update(roles):
+    """Statistics are token means over the whole update however the micro-batches split it. At the first step the
+    ratio is 1, so the policy loss is minus the whitened advantage, whose token mean is exactly 0; averaging the
+    micro-batches' means instead would weigh a 1-token response like an 8-token one."""
+    a, samples = rollout(roles, mini_batches=1, ppo_epochs=1, token_budget=120)
+    for s, n in zip(samples, (1, 8, 2, 8, 3, 8)):  # responses of unequal lengths: micro-batches of unequal tokens
+        s["response"] = s["response"][:n]
+        for key in ("old_logp", "ref_logp", "values", "mask"):
+            s[key] = s[key][:n]
+    ppo.compute_advantages(samples, a)
+    lengths = [len(s["response"]) + s["segments_len"] for s in samples]
+    assert len({sum(lengths[i] - 50 for i in b) for b in data.token_budget_batches(lengths, 120, shuffle=False)}) > 1
+    policy, _, _, critic, _ = roles
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
+    stats = ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a,
+                           torch.device("cpu"), 1)
+    assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-5)
