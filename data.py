@@ -138,6 +138,13 @@ def chat_prompt(query, history=(), meta_instruction=None):
     return text + f"{START_OF_TURN}user\n{query}{END_OF_TURN}\n{START_OF_TURN}assistant\n"
 
 
+def split_system(conversation):
+    """(system prompt or None, the turns after it)."""
+    if conversation and conversation[0]["role"] == "system":
+        return conversation[0]["content"], conversation[1:]
+    return None, conversation
+
+
 def from_official(conversations):
     """Official training records ({"from", "value"}) -> our {"role", "content"} messages (data_mix.py conv2text)."""
     out = []
@@ -263,7 +270,7 @@ def read_sft(path):
             conversation = from_official(row["conversations"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        turns = conversation[1:] if conversation and conversation[0]["role"] == "system" else conversation
+        _, turns = split_system(conversation)
         if not turns or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2):
             raise ValueError(f"{where}: expected user and assistant turns in alternation, ending with the "
                              f"assistant's answer (after an optional system turn), got {[m['role'] for m in turns]}")

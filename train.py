@@ -224,16 +224,9 @@ def ensure_world(world_dir):
 def sft_prompt(sample):
     """The chat prompt that asks a fine-tuning sample's last question: its system turn if any and its earlier turns
     as history (with their images' placeholders). PPO samples answers to it."""
-    conv = sample["conversation"]
-    meta = conv[0]["content"] if conv[0]["role"] == "system" else None
-    turns = conv[1:] if meta is not None else conv   # user, assistant, ..., user, assistant (read_sft checks)
+    meta, turns = data.split_system(sample["conversation"])  # turns: user, assistant, ... (read_sft checks)
     history = [(turns[k]["content"], turns[k + 1]["content"]) for k in range(0, len(turns) - 2, 2)]
     return data.chat_prompt(turns[-2]["content"], history, meta_instruction=meta)
-
-
-def sft_answer(tok, sample):
-    """The answer and its end-of-turn (loss), tokenized apart from the prompt exactly as generation sees them."""
-    return tok.encode(sample["conversation"][-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
 
 
 ANSWER_MARK = "\x00answer\x00"   # stands for an assistant answer while the chat text is split into segments
@@ -243,10 +236,8 @@ def sft_segments(tok, sample):
     """(segments, loss flags) of a fine-tuning sample: the chat template turn by turn, each assistant answer and its
     end-of-turn tokenized apart (as generation produces them) and trained on, everything else context. Image
     placeholders may sit in any user turn; one image without a placeholder goes in front (the official rule). A
-    one-turn sample gives exactly the chat prompt's segments followed by sft_answer."""
-    conv = sample["conversation"]
-    meta = conv[0]["content"] if conv[0]["role"] == "system" else None
-    turns = conv[1:] if meta is not None else conv
+    one-turn sample gives exactly the chat prompt's segments followed by its answer's."""
+    meta, turns = data.split_system(sample["conversation"])
     text = "".join(("\n" if k else "") + data.chat_prompt(turns[k]["content"], meta_instruction=None if k else meta)
                    + ANSWER_MARK for k in range(0, len(turns), 2))
     text = data.with_placeholders(text, len(sample["images"]))

@@ -128,14 +128,14 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "colour" in summary["heldout_accuracy_by_kind"]
     tok = data.Tokenizer(world / "world" / "tokenizer.model")
     sample = data.read_sft(world / "world" / "sft_train.json")[0]
-    answer = train.sft_answer(tok, sample)
+    answer = train.sft_segments(tok, sample)[0][-1]
     assert tok.decode(answer[:-1]) == sample["conversation"][-1]["content"]  # the loss covers the answer + end of turn
     assert answer[-1] == tok.eot_id
 
 
 def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
     """A two-turn sample is the chat template with history, each answer + end-of-turn tokenized apart and trained
-    on; a one-turn sample is exactly the chat prompt followed by sft_answer, as before."""
+    on; a one-turn sample is exactly the chat prompt followed by its answer + end-of-turn, as before."""
     model = InternLMXComposer2.from_pretrained(world / "sft")
     tok = model.tokenizer
     image = str(next((world / "world" / "images").iterdir()))
@@ -160,7 +160,7 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
     sample = data.read_sft(world / "world" / "sft_train.json")[0]
     segments, flags = train.sft_segments(tok, sample)
     prompt, _ = model.sequence(train.sft_prompt(sample), sample["images"], 9)
-    answer = train.sft_answer(tok, sample)
+    answer = tok.encode(sample["conversation"][-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
     assert segments == prompt + [answer] and flags[-len(answer):] == [True] * len(answer) and sum(flags) == len(answer)
 
 
