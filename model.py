@@ -613,9 +613,8 @@ def add_device_args(p):
 
 def device_kwargs(a):
     """from_pretrained's dtype and device for the arguments of add_device_args."""
-    if a.dtype == "auto":
-        return {"dtype": torch.bfloat16 if str(a.device).startswith("cuda") else torch.float32, "device": a.device}
-    return {"dtype": getattr(torch, a.dtype), "device": a.device}
+    auto = torch.bfloat16 if str(a.device).startswith("cuda") else torch.float32
+    return {"dtype": auto if a.dtype == "auto" else getattr(torch, a.dtype), "device": a.device}
 
 
 def init_weights(module, seed=0, std=0.02):

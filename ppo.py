@@ -337,8 +337,8 @@ def train(a, rank, world, device):
     a_critic = type(a)(**{**vars(a), "lr": a.critic_lr or 5 * a.lr})
     opt_v = make_optimizer(critic, a_critic) if critic is not None else None
     ddp = torch.nn.parallel.DistributedDataParallel
-    fwd_pi = ddp(Whole(policy), find_unused_parameters=True) if world > 1 else Whole(policy)
-    fwd_v = None if critic is None else ddp(Whole(critic), find_unused_parameters=True) if world > 1 else Whole(critic)
+    wrap = (lambda m: ddp(Whole(m), find_unused_parameters=True)) if world > 1 else Whole
+    fwd_pi, fwd_v = wrap(policy), (wrap(critic) if critic is not None else None)
     step = 0
     if a.resume:
         step, _ = load_checkpoint(out, policy, opt_pi)
@@ -402,11 +402,12 @@ def train(a, rank, world, device):
                   + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
             append_jsonl(out / "metrics.jsonl", stats)
         stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
-        if step % a.save_every == 0 or step == a.steps or stop:
+        save = step % a.save_every == 0 or step == a.steps or stop
+        if save:
             check_replicas(policy, world, "policy")
             if critic is not None:
                 check_replicas(critic, world, "critic")
-        if rank == 0 and (step % a.save_every == 0 or step == a.steps or stop):
+        if save and rank == 0:
             save_checkpoint(out, policy, opt_pi, step)
             if critic is not None:
                 (out / "critic").mkdir(exist_ok=True)

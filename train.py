@@ -575,10 +575,11 @@ def run_stage(a, rank, world, device, sharded):
     while step < a.steps:
         epoch = step // per_epoch
         if epoch != order_epoch:  # a fresh random order per epoch, identical on every rank
-            order = list(range(len(samples)))
-            random.Random(a.seed + epoch).shuffle(order)
             if a.stage == "rm":  # the official stream: image, image, text, ... so every step holds both, 2:1
                 order = data.mix_image_text([bool(s["images"]) for s in samples], a.seed + epoch)
+            else:
+                order = list(range(len(samples)))
+                random.Random(a.seed + epoch).shuffle(order)
             if epoch == 0:  # stable: warm-up samples first, each group still shuffled
                 order.sort(key=lambda i: not samples[i].get("warmup"))
             order_epoch = epoch
