@@ -3,6 +3,7 @@
 The tokenizer reproduces the official slow `InternLM2Tokenizer` under transformers 4.33.2, the version the
 official reward-training README names and the one that produced ../shared/golden (spec ixc25.md §3, golden §8).
 """
+import argparse
 import collections
 import io
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import random
 import re
+import warnings
 import zlib
 from pathlib import Path
 
@@ -49,8 +51,42 @@ def run_cli(main):
         sys.exit(1)
 
 
+def positive_int(text):
+    """argparse type for counts and sizes (--n, --hd-num, --max-length, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def fraction(text):
+    """argparse type for a fraction in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def refuse_existing(paths, inputs=()):
+    """Before any work: never write over an input or over a file that is already there (a checkpoint's summary, an
+    earlier run's output, anything of the user's)."""
+    inputs = {Path(p).resolve() for p in inputs}
+    for path in map(Path, paths):
+        if path.resolve() in inputs or path.parent.resolve() in inputs:
+            raise ValueError(f"refusing to write over the input {path}; choose another output")
+        if path.exists() or path.is_symlink():
+            raise ValueError(f"refusing to overwrite {path}, which already exists; choose a new output or remove it")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ValueError(f"output folder {path.parent} is a file")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+# transformers' `clean_up_tokenization`, in its order
+CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 class Tokenizer:
@@ -102,10 +138,15 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens=True):
+        """SentencePiece's text, then the slow tokenizer's `clean_up_tokenization`, which InternLM2Tokenizer's
+        convert_tokens_to_string always applies (" ?" -> "?", " 's" -> "'s", ...)."""
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if not (self.sp.is_control(i) or self.sp.is_unknown(i))]
-        return self.sp.decode(ids)
+        text = self.sp.decode(ids)
+        for before, after in CLEAN_UP:
+            text = text.replace(before, after)
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,8 +158,9 @@ def reward_template(conversation):
     the reward token, whose final hidden state the `score` head reads."""
     text = ""
     for i, message in enumerate(conversation):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"conversation message {i} must be a dict with 'role' and 'content', got {message!r}")
+        if not isinstance(message, dict) or "role" not in message or not isinstance(message.get("content"), str):
+            raise ValueError(f"conversation message {i} must be a dict with 'role' and a string 'content', "
+                             f"got {message!r}")
         if message["role"] not in ROLES:
             raise ValueError(f"conversation message {i}: unknown role {message['role']!r}; expected one of {ROLES}")
         text += f"{START_OF_TURN}{message['role']}\n{message['content']}{END_OF_TURN}\n"
@@ -149,29 +191,34 @@ def from_official(conversations):
     """Official training records ({"from", "value"}) -> our {"role", "content"} messages (data_mix.py conv2text)."""
     out = []
     for i, m in enumerate(conversations):
-        if not isinstance(m, dict) or "from" not in m or "value" not in m:
-            raise ValueError(f"message {i} must have 'from' and 'value', got {m!r}")
-        out.append({"role": TRAIN_ROLE.get(m["from"], "assistant"), "content": str(m["value"]).strip()})
+        if not isinstance(m, dict) or "from" not in m or not isinstance(m.get("value"), str):
+            raise ValueError(f"message {i} must have 'from' and a string 'value', got {m!r}")
+        out.append({"role": TRAIN_ROLE.get(m["from"], "assistant"), "content": m["value"].strip()})
     return out
 
 
-def with_placeholders(text, n_images):
-    """One image and no placeholder: the image goes in front of everything (official rule). Otherwise the text must
-    carry exactly one `<ImageHere>` per image."""
+def with_placeholders(text, n_images, strict=True):
+    """One image and no placeholder: the image goes in front of everything (official rule). Otherwise the text should
+    carry exactly one `<ImageHere>` per image: data files that do not are refused when read (strict); the model's
+    API, like upstream, only warns and splices what the split gives (image i after part i, extra images dropped)."""
     n_found = text.count(IMAGE_PLACEHOLDER)
     if n_images == 1 and n_found == 0:
         return IMAGE_PLACEHOLDER + text
     if n_found != n_images:
-        raise ValueError(f"the text has {n_found} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were "
-                         f"given; put one {IMAGE_PLACEHOLDER} per image in the text (e.g. 'Image1 {IMAGE_PLACEHOLDER}; "
-                         f"Image2 {IMAGE_PLACEHOLDER}; ...')")
+        msg = (f"the text has {n_found} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were given; put "
+               f"one {IMAGE_PLACEHOLDER} per image in the text (e.g. 'Image1 {IMAGE_PLACEHOLDER}; Image2 "
+               f"{IMAGE_PLACEHOLDER}; ...')")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg + "; spliced as the official code does", stacklevel=3)
     return text
 
 
 def tokenize_segments(tokenizer, text, n_images):
     """Split on `<ImageHere>` as the official code does: part 0 is tokenized with BOS even when empty (so BOS comes
-    before the first image), later empty parts are skipped. Returns a list of id lists and ints (image indices)."""
-    parts = with_placeholders(text, n_images).split(IMAGE_PLACEHOLDER)
+    before the first image), later empty parts are skipped, part i is followed by image i if there is one. Returns a
+    list of id lists and ints (image indices)."""
+    parts = with_placeholders(text, n_images, strict=False).split(IMAGE_PLACEHOLDER)
     segments = []
     for i, part in enumerate(parts):
         if i == 0 or part:
@@ -197,6 +244,7 @@ def read_rows(path):
         whole = json.loads(text)
         return whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError as e:
+        whole = e
         if text.lstrip().startswith("["):
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     rows = []
@@ -205,6 +253,8 @@ def read_rows(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if not rows and line.strip() == "{":  # a pretty-printed single object: the whole file's error
+                    raise ValueError(f"{path}: malformed JSON at line {whole.lineno}: {whole.msg}") from None
                 raise ValueError(f"{path}:{lineno}: malformed JSON row ({e.msg})") from None
     return rows
 

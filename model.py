@@ -111,8 +111,8 @@ class PLoRA(nn.Linear):
 
 
 def rope_inv_freq(cfg, kv_len):
-    """RoPE frequencies; dynamic NTK raises the base only for sequences longer than max_position_embeddings.
-    (Upstream keeps the raised base for later, shorter calls; we recompute per call and say so in the README.)"""
+    """RoPE frequencies; dynamic NTK raises the base once kv_len (the decoder's `rope_len`: the longest length seen,
+    as upstream's cache) exceeds max_position_embeddings."""
     base, dim = cfg.rope_theta, cfg.head_dim
     scaling = cfg.rope_scaling or {}
     if scaling.get("type") == "dynamic" and kv_len > cfg.max_position_embeddings:
@@ -230,6 +230,10 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Upstream's RoPE cache starts at max_position_embeddings and only grows; dynamic NTK sets its base from the
+        # longest kv length seen so far, and later, shorter calls keep it. We keep that state too (it only matters
+        # past max_position_embeddings: 24576 for the 7B models, beyond max_length 16384).
+        self.rope_len = cfg.max_position_embeddings
 
     def forward(self, embeds, im_mask=None, attention_mask=None, position_ids=None, cache=None):
         """embeds [B, L, D]; im_mask [B, L] bool (PLoRA on); attention_mask [B, L] (0 = padding, any side);
@@ -238,7 +242,8 @@ class InternLM2Model(nn.Module):
         past = cache.len if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=embeds.device).expand(B, L)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, past + L)
+        self.rope_len = max(self.rope_len, past + L)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, self.rope_len)
         mask = None
         if cache is not None:
             cache.append_valid(attention_mask if attention_mask is not None else torch.ones_like(position_ids))
@@ -428,11 +433,14 @@ class InternLMXComposer2(nn.Module):
         next_pos = position_ids[:, -1:] + 1
         out = torch.full((B * n, max_new_tokens), self.cfg.pad_token_id, dtype=torch.long, device=self.device)
         done = torch.zeros(B * n, dtype=torch.bool, device=self.device)
+        bos = torch.full((B * n, 1), self.cfg.bos_token_id, dtype=torch.long, device=self.device)
         for t in range(max_new_tokens):
-            if repetition_penalty != 1.0 and t > 0:  # HF rule: divide positive logits, multiply negative ones
-                seen = logits.gather(1, out[:, :t])
-                logits = logits.scatter(1, out[:, :t], torch.where(seen > 0, seen / repetition_penalty,
-                                                                   seen * repetition_penalty))
+            if repetition_penalty != 1.0:  # HF rule: divide positive logits, multiply negative ones
+                # transformers 4.33 starts generation from inputs_embeds with input_ids [[bos]], so BOS counts as seen
+                prev = torch.cat([bos, out[:, :t]], 1)
+                seen = logits.gather(1, prev)
+                logits = logits.scatter(1, prev, torch.where(seen > 0, seen / repetition_penalty,
+                                                             seen * repetition_penalty))
             tok = sample_token(logits, temperature, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.cfg.pad_token_id), tok)
             out[:, t] = tok
@@ -445,11 +453,15 @@ class InternLMXComposer2(nn.Module):
         return out
 
     def chat(self, query, image=(), history=(), use_meta=False, hd_num=24, max_new_tokens=512, temperature=0.0,
-             top_p=1.0, repetition_penalty=1.005):
-        """The official `chat` helper (its default repetition_penalty 1.005): query (+ images), history -> response."""
-        images = [image] if isinstance(image, (str, Path)) else list(image)
-        meta = DEFAULT_META if use_meta else None
+             top_p=1.0, repetition_penalty=1.005, meta_instruction=DEFAULT_META, max_length=16384):
+        """The official `chat` helper (its default repetition_penalty 1.005): query (+ images), history -> response.
+        The prompt is cut at max_length as upstream's interleav_wrap_chat does (with a warning here)."""
+        images = [] if image is None else [image] if isinstance(image, (str, Path)) else list(image)
+        meta = meta_instruction if use_meta else None
         embeds, im_mask = self.prepare(chat_prompt(query, history, meta), images, hd_num)
+        if embeds.shape[0] > max_length:
+            warnings.warn(f"chat prompt of {embeds.shape[0]} tokens cut to max_length={max_length}", stacklevel=2)
+            embeds, im_mask = embeds[:max_length], im_mask[:max_length]
         ids = self.generate(embeds[None], im_mask[None], max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, repetition_penalty=repetition_penalty)[0].tolist()
         response = self.tokenizer.decode([i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.eot_id)])
@@ -529,7 +541,10 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
     # inverse-CDF sampling: one uniform per row (torch.multinomial draws one exponential per vocab entry, which
     # dominated best-of-N time on CPU at vocab 92544)
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's samples do not depend on its batch
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator]) * cdf[:, -1:]
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 

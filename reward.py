@@ -21,7 +21,7 @@ import torch
 
 import data
 from data import reward_template
-from model import InternLMXComposer2, PrefixKV, add_device_args, device_kwargs
+from model import InternLMXComposer2, PrefixKV, add_device_args, atomic_write_text, device_kwargs
 
 
 def pool_last(rewards, attention_mask):
@@ -44,6 +44,9 @@ class RewardModel(InternLMXComposer2):
     def encode_many(self, conversations, images, hd_num=24, max_length=16384, apply_template=True,
                     train_transform=False):
         """Each conversation -> (embeds, im_mask), cut at max_length as upstream; all images in one ViT batch."""
+        for ims in images:
+            if isinstance(ims, (str, bytes)):  # a bare path would otherwise be read as one image per character
+                raise TypeError(f"images: expected one list of paths per conversation, got the string {ims!r}")
         seqs = [self.sequence(reward_template(conv) if apply_template else conv, ims, hd_num, train_transform)
                 for conv, ims in zip(conversations, images)]
         pixels = [p for _, px in seqs for p in px]
@@ -118,29 +121,38 @@ class RewardModel(InternLMXComposer2):
             batch = {k: v[:, :max_length] for k, v in batch.items()}
         return pool_last(self(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
 
+    # The four methods below take their arguments in the official order (conversation, images, max_length, hd_num,
+    # [return_logits,] apply_template), so code written for the released model passes them positionally unchanged.
+
     @torch.no_grad()
-    def get_score(self, conversation, images=(), hd_num=24, max_length=16384, apply_template=True):
+    def get_score(self, conversation, images=(), max_length=16384, hd_num=24, apply_template=True):
         item = self.encode(conversation, images, hd_num, max_length, apply_template)
         return self.score_embedded([item]).item()
 
     @torch.no_grad()
-    def get_scores(self, conversations, images=None, hd_num=24, max_length=16384, apply_template=True):
-        """One right-padded batch. Always a list (upstream returns a bare float for a single conversation)."""
+    def get_scores(self, conversations, images=None, max_length=16384, hd_num=24, apply_template=True):
+        """One right-padded batch: a list of floats, or, as upstream (`squeeze().tolist()`), a bare float when there
+        is a single conversation (`score_list` always returns a list)."""
+        scores = self.score_list(conversations, images, max_length, hd_num, apply_template)
+        return scores[0] if len(scores) == 1 else scores
+
+    @torch.no_grad()
+    def score_list(self, conversations, images=None, max_length=16384, hd_num=24, apply_template=True):
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists")
         return self.score_embedded(self.encode_many(conversations, images, hd_num, max_length, apply_template)).tolist()
 
-    def compare(self, conversation1, images1, conversation2, images2, hd_num=24, max_length=16384,
-                return_logits=False):
+    def compare(self, conversation1, images1, conversation2, images2, max_length=16384, hd_num=24,
+                return_logits=False, apply_template=True):
         """Is conversation1 better? Two separate get_score calls, as upstream."""
-        s1 = self.get_score(conversation1, images1, hd_num, max_length)
-        s2 = self.get_score(conversation2, images2, hd_num, max_length)
+        s1 = self.get_score(conversation1, images1, max_length, hd_num, apply_template)
+        s2 = self.get_score(conversation2, images2, max_length, hd_num, apply_template)
         return (s1 > s2, [s1, s2]) if return_logits else s1 > s2
 
-    def rank(self, conversations, images=None, hd_num=24, max_length=16384, return_logits=False):
+    def rank(self, conversations, images=None, max_length=16384, hd_num=24, return_logits=False, apply_template=True):
         """Candidate indices sorted best first (not per-candidate ranks); scores in input order."""
-        scores = self.get_scores(conversations, images, hd_num, max_length)
+        scores = self.score_list(conversations, images, max_length, hd_num, apply_template)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return (order, scores) if return_logits else order
 
@@ -313,10 +325,42 @@ def read_scores_jsonl(path, bench):
 # Command line
 
 
+_ROW_FIELDS = {  # bench -> fields every data row needs (for metrics from scores, for scoring with a model)
+    "vl_rewardbench": ({"id": None, "image_path": str, "human_ranking": 2}, {"query": str, "response": 2}),
+    "rm_bench": ({"id": None}, {"prompt": str, "chosen": 3, "rejected": 3}),
+    "rewardbench": ({"id": None, "subset": str}, {"prompt": str, "chosen": str, "rejected": str}),
+}
+
+
+def check_bench_rows(path, bench, rows, scoring):
+    """Name the file, row and field of a benchmark row that lacks what the metrics (or the scoring) read."""
+    if not rows:
+        raise ValueError(f"{path}: no benchmark rows")
+    need, text = _ROW_FIELDS[bench]
+    need = {**need, **text} if scoring else need
+    for i, row in enumerate(rows):
+        for key, kind in need.items():
+            v = row.get(key) if isinstance(row, dict) else None
+            ok = v is not None if kind is None else isinstance(v, str) if kind is str else \
+                isinstance(v, list) and len(v) == kind
+            if not ok:
+                want = "a value" if kind is None else "a string" if kind is str else f"a list of {kind}"
+                raise ValueError(f"{path} row {i + 1}: field {key!r} must be {want}, got {v!r}")
+
+
+def finite_or_null(x):
+    """Metrics JSON without bare NaN (invalid JSON): an empty group's NaN becomes null."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234):
     """Score every row with the (averaged) reward model(s); returns records in the --scores file format."""
     def scores(convs, imgs):
-        return np.mean([rm.get_scores(convs, imgs, hd_num=hd_num) for rm in rms], axis=0).tolist()
+        return np.mean([rm.score_list(convs, imgs, hd_num=hd_num) for rm in rms], axis=0).tolist()
     out = []
     swaps = vl_rewardbench_order(len(rows), seed)
     for i, row in enumerate(rows):
@@ -359,30 +403,33 @@ def main(argv=None):
         p.add_argument("--images", help="folder the rows' image_path is relative to (VL-RewardBench)")
         p.add_argument("--ckpt", nargs="+", help="reward model dir(s); several are averaged (an ensemble)")
         p.add_argument("--scores", help="precomputed scores, one JSON object per line")
-        p.add_argument("--hd-num", type=int, default=9, help="9 in the official evaluation scripts")
-        p.add_argument("--out", help="also write the metrics JSON here")
+        p.add_argument("--hd-num", type=data.positive_int, default=9, help="9 in the official evaluation scripts")
+        p.add_argument("--out", help="also write the metrics JSON here (a new file)")
         add_device_args(p)
         a = p.parse_args(argv[1:])
         if bool(a.ckpt) == bool(a.scores):
             p.error("give exactly one of --ckpt or --scores")
+        if a.out:
+            data.refuse_existing([a.out], inputs=[a.data] + ([a.scores] if a.scores else []))
         rows = data.read_rows(a.data)
+        check_bench_rows(a.data, a.bench, rows, scoring=bool(a.ckpt))
         if a.scores:
             records = read_scores_jsonl(a.scores, a.bench)
         else:
             rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
             records = score_benchmark(rms, a.bench, rows, a.images, a.hd_num)
         result = benchmark_metrics(a.bench, rows, records)
-        text = json.dumps(result, indent=2, default=float)
+        text = json.dumps(finite_or_null(result), indent=2, default=float)
         print(text)
         if a.out:
-            Path(a.out).write_text(text + "\n")
+            atomic_write_text(a.out, text + "\n")
         return result
     p = argparse.ArgumentParser(description="score one conversation with IXC-2.5-Reward")
     p.add_argument("--ckpt", required=True, nargs="+", help="reward model dir(s); several are averaged")
     p.add_argument("--conv", required=True, help='JSON file: [{"role": "user", "content": ...}, ...]')
     p.add_argument("--image", nargs="*", default=[], help="image or video path(s), in placeholder order")
-    p.add_argument("--hd-num", type=int, default=24)
-    p.add_argument("--max-length", type=int, default=16384)
+    p.add_argument("--hd-num", type=data.positive_int, default=24)
+    p.add_argument("--max-length", type=data.positive_int, default=16384)
     add_device_args(p)
     a = p.parse_args(argv)
     try:
@@ -390,7 +437,7 @@ def main(argv=None):
     except (OSError, json.JSONDecodeError) as e:
         p.error(f"cannot read conversation {a.conv}: {e}")
     rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
-    scores = [rm.get_score(conversation, a.image, a.hd_num, a.max_length) for rm in rms]
+    scores = [rm.get_score(conversation, a.image, a.max_length, a.hd_num) for rm in rms]
     print(f"{sum(scores) / len(scores):.6f}")
 
 

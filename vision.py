@@ -238,7 +238,8 @@ def frames_to_strip(frames, crop=560):
     resized = []
     for f in frames:
         w, h = f.size
-        size = (long_side, int(long_side * h / w)) if w > h else (int(long_side * w / h), long_side)
+        scale = w / h  # divided (not multiplied by h / w) as upstream: the two can round 1 px apart
+        size = (long_side, int(long_side / scale)) if w > h else (int(long_side * scale), long_side)
         resized.append(f.resize(size, Image.BILINEAR))
     landscape = frames[-1].width > frames[-1].height  # the official code decides on the last frame
     font = ImageFont.load_default()

@@ -189,6 +189,14 @@ def test_video_case(cases):
     assert n_image_tokens(h, w, 40) == v["n_image_tokens"]
 
 
+def test_video_frame_sizes_round_as_upstream():
+    """Upstream computes the resized side as int(1120 / (w / h)) (landscape) or int(1120 * (w / h)) (portrait); the
+    mathematically equal int(1120 * h / w) differs by a pixel for these sizes (960 vs 959, 480 vs 479, ...)."""
+    for (w, h), side in [((560, 480), 959), ((700, 300), 479), ((470, 700), 751)]:
+        strip = frames_to_strip([Image.new("RGB", (w, h), "red")] * 2, 560)
+        assert (strip.height == 2 * (side + 50)) if w > h else (strip.width == 2 * (side + 10))
+
+
 def test_video_file_decodes_to_official_frames(cases):
     av = pytest.importorskip("av", reason="PyAV (optional video decoder) not installed")
     from vision import load_video_frames

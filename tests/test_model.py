@@ -58,6 +58,10 @@ def test_tokenizer_canary_and_special_ids(tok):
     assert tok.encode("The quick brown fox jumps over the lazy dog.", False) == \
         [918, 4131, 14018, 38648, 34256, 1053, 410, 15810, 5718, 281]
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 2)
+    # decoding ends with the slow tokenizer's clean-up, as transformers 4.33.2's InternLM2Tokenizer.decode does
+    for text, want in [("Hello , world .", "Hello, world."), ("It 's fine ?", "It's fine?"), ("a ' b", "a'b"),
+                       ("I do n't know !", "I don't know!")]:
+        assert tok.decode(tok.encode(text, False)) == want
     assert (tok.reward_id, tok.eot_id, tok.sot_id) == (92527, 92542, 92543)
     for s, i in {"<s>": 1, "</s>": 2, "<unk>": 0, "[UNUSED_TOKEN_130]": 92527, "[UNUSED_TOKEN_145]": 92542,
                  "[UNUSED_TOKEN_146]": 92543}.items():
@@ -83,6 +87,24 @@ def test_kv_cache_decoding_equals_full_forward(chat, tmp_path):
         for t in range(split, e.shape[0]):
             steps.append(chat(e[None, t:t + 1], m[None, t:t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_repetition_penalty_against_a_naive_loop(chat):
+    """Greedy decoding with HF's repetition penalty, recomputed from scratch at every step: the seen set is BOS (the
+    input_ids transformers 4.33 starts from when generating from embeddings) plus every generated token."""
+    e, m = chat.prepare("Name three colours")
+    penalty, want = 0.05, []   # below 1 it favours seen tokens, so that BOS and repeats decide the argmax
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.tensor(want, dtype=torch.long)
+            x = torch.cat([e, chat.model.tok_embeddings(ids)])[None]
+            logits = chat(x, torch.cat([m, torch.zeros(len(want), dtype=torch.bool)])[None])[0, -1].clone()
+            for tok in {chat.cfg.bos_token_id, *want}:
+                logits[tok] = logits[tok] / penalty if logits[tok] > 0 else logits[tok] * penalty
+            want.append(int(logits.argmax()))
+        got = chat.generate(e[None], m[None], max_new_tokens=8, repetition_penalty=penalty, stop_ids=[-1])
+        plain = chat.generate(e[None], m[None], max_new_tokens=8, stop_ids=[-1])
+    assert got[0].tolist() == want and plain[0].tolist() != want
 
 
 def test_left_padded_generation_equals_unpadded(chat):
@@ -118,9 +140,27 @@ def test_get_scores_equals_get_score_and_ignores_batch_composition(rm, tmp_path)
     single = [rm.get_score(c, i) for c, i in zip(convs, images)]
     assert rm.get_scores(convs, images) == pytest.approx(single, abs=1e-5)
     assert rm.get_scores(convs[::-1], images[::-1])[::-1] == pytest.approx(single, abs=1e-5)
-    assert rm.get_scores(convs[1:2], images[1:2]) == pytest.approx(single[1:2], abs=1e-5)
+    assert rm.get_scores(convs[1:2], images[1:2]) == pytest.approx(single[1], abs=1e-5)   # a bare float, as upstream
+    assert rm.score_list(convs[1:2], images[1:2]) == pytest.approx(single[1:2], abs=1e-5)
     ranking, scores = rm.rank(convs, images, return_logits=True)
     assert ranking == sorted(range(3), key=lambda i: -single[i]) and scores == pytest.approx(single, abs=1e-5)
+
+
+def test_api_takes_arguments_in_the_official_positional_order(rm, tmp_path):
+    """Upstream: get_score(conv, images, max_length, hd_num, apply_template); compare(..., max_length, hd_num,
+    return_logits, apply_template). Swapped, max_length would be 1: its truncation warning fails the test."""
+    a = img(tmp_path, size=(700, 300))
+    c1, c2 = conv("A red square."), conv("Nothing at all.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s1 = rm.get_score(c1, [a], 16384, 1)
+        assert s1 == rm.get_score(c1, [a], hd_num=1) != rm.get_score(c1, [a], hd_num=4)
+        s2 = rm.get_score(c2, [a], 16384, 1)
+        assert rm.compare(c1, [a], c2, [a], 16384, 1, True, True) == (s1 > s2, [s1, s2])
+        assert rm.rank([c1, c2], [[a], [a]], 16384, 1, True, True)[1] == pytest.approx([s1, s2], abs=1e-5)
+        assert rm.get_scores([c1, c2], [[a], [a]], 16384, 1) == pytest.approx([s1, s2], abs=1e-5)
+    with pytest.raises(TypeError, match="one list of paths per conversation"):
+        rm.get_score(c1, a)
 
 
 def test_truncation_warns_when_reward_token_is_cut(rm):
@@ -206,11 +246,22 @@ def test_bad_inputs_name_the_problem(rm, tmp_path):
         rm.get_score(conv("x"), [str(tmp_path / "corrupt.jpg")])
     with pytest.raises(ValueError, match="unknown role 'robot'"):
         rm.get_score([{"role": "robot", "content": "hi"}])
-    a = img(tmp_path)
-    with pytest.raises(ValueError, match="1 <ImageHere> placeholder"):
-        rm.get_score(conv("x", "Image1 <ImageHere>; Image2"), [a, a])
-    with pytest.raises(ValueError, match="2 <ImageHere> placeholder"):
-        rm.get_score(conv("x", "<ImageHere> and <ImageHere>"), [a])
+
+
+def test_placeholder_mismatch_warns_and_splices_as_upstream(rm, tmp_path):
+    """Upstream only warns: after text part i comes image i if there is one (the last part included, so an extra
+    image lands after the reward token), images beyond the parts are dropped, parts beyond the images are text."""
+    a, b = img(tmp_path), img(tmp_path, "b.png", colour=(0, 0, 255))
+    n_a = int(rm.encode(conv("x"), [a], hd_num=6)[1].sum())   # several images force hd_num 6
+    with pytest.warns(UserWarning, match="1 <ImageHere> placeholder"):
+        e, m = rm.encode(conv("x", "Image1 <ImageHere>; Image2"), [a, b])
+    assert m[-1] and int(m.sum()) == 2 * n_a and not m[:3].any()
+    with pytest.warns(UserWarning, match="0 <ImageHere> placeholder"):
+        e, m = rm.encode(conv("x"), [a, b])
+    assert m[-1] and not m[0] and int(m.sum()) == n_a and e.shape[0] == rm.encode(conv("x"))[0].shape[0] + n_a
+    with pytest.warns(UserWarning, match="2 <ImageHere> placeholder"):
+        e, m = rm.encode(conv("x", "<ImageHere>Image1 ; Image2<ImageHere>"), [a])
+    assert int(m.sum()) == int(rm.encode(conv("x"), [a])[1].sum()) and not m[-1]
 
 
 def test_several_images_force_hd_num_6(rm, tmp_path):
@@ -219,6 +270,26 @@ def test_several_images_force_hd_num_6(rm, tmp_path):
     e2, _ = rm.encode(conv("x", "<ImageHere><ImageHere>"), [big, big], hd_num=6)
     e3, _ = rm.encode(conv("x"), [big], hd_num=24)
     assert e1.shape == e2.shape and e3.shape[0] > e1.shape[0] // 2
+
+
+def test_dynamic_ntk_base_persists_as_upstream(rm):
+    """Upstream rebuilds its RoPE cache only when a call is longer than the cache, with the base of that length, and
+    keeps it: after a 50-token call (max_position_embeddings 32 here), every call uses the 50-token base."""
+    import copy
+    fresh = copy.deepcopy(rm)
+    fresh.cfg.max_position_embeddings = fresh.model.rope_len = 32
+    used = copy.deepcopy(fresh)
+    x = torch.randn(1, 50, fresh.cfg.hidden_size)
+    with torch.no_grad():
+        short_fresh = fresh(x[:, :20])
+        used(x)
+        assert used.model.rope_len == 50
+        short_used = used(x[:, :20])
+        used(x[:, :40])
+        assert used.model.rope_len == 50 and torch.equal(used(x[:, :20]), short_used)
+        assert not torch.allclose(short_used, short_fresh, atol=1e-3)
+        fresh.model.rope_len = 50   # the state is all there is to it
+        torch.testing.assert_close(fresh(x[:, :20]), short_used, atol=1e-6, rtol=0)
 
 
 def test_dynamic_ntk_only_beyond_max_position(rm):
