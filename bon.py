@@ -24,16 +24,19 @@ def ensemble_scores(rms, convs, images, hd_num, normalize=False):
     """Mean over reward models of their scores (each optionally standardised by its stored held-out mean/std)."""
     total = torch.zeros(len(convs))
     for rm in rms:
-        s = torch.tensor(rm.get_scores(convs, images, hd_num=hd_num))
+        s = torch.tensor(rm.score_list(convs, images, hd_num=hd_num))
         total += (s - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else s
     return (total / len(rms)).tolist()
 
 
 @torch.no_grad()
-def sample_candidates(policy, prompts, n, hd_num=9, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0):
-    """[(query, images)] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat)."""
-    g = torch.Generator(device=policy.device).manual_seed(seed)
-    answers = policy.answer(prompts, hd_num, max_new_tokens, temperature, top_p, n=n, generator=g)
+def sample_candidates(policy, prompts, n, hd_num=9, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, first=0):
+    """[(query, images)] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat). Candidate j
+    of prompt `first + i` has a generator of its own, so its sample does not depend on how prompts are batched (and
+    the first candidate of the first prompt draws from `seed` itself: best-of-1 is plain sampling)."""
+    gens = [torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * ((first + i) * 65_537 + j))
+            for i in range(len(prompts)) for j in range(n)]
+    answers = policy.answer(prompts, hd_num, max_new_tokens, temperature, top_p, n=n, generator=gens)
     return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -59,7 +62,7 @@ def world_eval(policy, rms, a):
     for s in range(0, len(prompts), a.batch):
         chunk = prompts[s:s + a.batch]
         cs = sample_candidates(policy, chunk, max(ks), a.hd_num, a.temperature, a.top_p, a.max_new_tokens,
-                               a.seed + s)
+                               a.seed, first=s)
         convs = [data.qa(q, c) for (q, _), row in zip(chunk, cs) for c in row]
         imgs = [ims for (_, ims), row in zip(chunk, cs) for _ in row]
         flat = ensemble_scores(rms, convs, imgs, a.hd_num, a.normalize)
@@ -92,24 +95,26 @@ def world_eval(policy, rms, a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=4, help="candidates per prompt")
+    p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
     p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
     p.add_argument("--policy", default=str(DEFAULT_POLICY), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
     p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--hd-num", type=int, default=9)
+    p.add_argument("--max-new-tokens", type=data.positive_int, default=48)
+    p.add_argument("--hd-num", type=data.positive_int, default=9)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
     p.add_argument("--show", action="store_true", help="print every candidate with its score")
-    p.add_argument("--limit", type=int, default=300, help="world: held-out prompts to evaluate")
-    p.add_argument("--batch", type=int, default=32, help="world: prompts per generation call")
+    p.add_argument("--limit", type=data.positive_int, default=300, help="world: held-out prompts to evaluate")
+    p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="world: write summary.json here")
     p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
     add_device_args(p)
     a = p.parse_args(argv)
+    if a.out:
+        data.refuse_existing([Path(a.out) / "summary.json"])
     policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))
     rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     if a.prompt is not None:

@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -69,8 +70,13 @@ def score_samples(rms, samples, hd_num, token_budget, normalize=False):
     batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
     t0, done, shown = time.time(), 0, 0.0
     for b in batches:
-        out = ensemble_scores(rms, [samples[i]["conversation"] for i in b], [samples[i]["images"] for i in b],
-                              hd_num, normalize)
+        try:
+            out = ensemble_scores(rms, [samples[i]["conversation"] for i in b], [samples[i]["images"] for i in b],
+                                  hd_num, normalize)
+        except (OSError, ValueError) as e:  # e.g. a truncated image that passed the header check: name its row
+            bad = next((samples[i] for i in b if any(str(p) in str(e) for p in samples[i]["images"])), None)
+            where = f"row {bad['row'] + 1} (id {bad['id']!r}): " if bad else ""
+            raise ValueError(f"{where}{e}") from None
         for i, s in zip(b, out):
             scores[i] = s
         done += len(b)
@@ -108,7 +114,10 @@ def thumbnail(path, size=96):
         return html.escape(Path(path).name)
 
 
-def histogram_svg(scores, flagged_below, bins=40, w=640, h=160):
+def histogram_svg(scores, flag_at, bins=40, w=640, h=160):
+    scores = [s for s in scores if math.isfinite(s)]
+    if not scores:
+        return "<p>no finite scores</p>"
     lo, hi = min(scores), max(scores)
     width = (hi - lo) / bins or 1.0
     counts = [0] * bins
@@ -118,7 +127,7 @@ def histogram_svg(scores, flagged_below, bins=40, w=640, h=160):
     bars = []
     for i, c in enumerate(counts):
         x0 = lo + i * width
-        colour = "#d9534f" if x0 < flagged_below else "#5b8def"
+        colour = "#d9534f" if x0 <= flag_at else "#5b8def"
         bh = (h - 20) * c / top
         bars.append(f'<rect x="{i * w / bins:.1f}" y="{h - 20 - bh:.1f}" width="{w / bins - 1:.1f}" height="{bh:.1f}" '
                     f'fill="{colour}"><title>{x0:.3f}..{x0 + width:.3f}: {c}</title></rect>')
@@ -127,12 +136,12 @@ def histogram_svg(scores, flagged_below, bins=40, w=640, h=160):
             f'<text x="{w - 40}" y="{h - 4}" font-size="11">{hi:.3f}</text></svg>')
 
 
-def write_report(path, samples, sample_scores, scores, flagged, threshold, title, show=200):
+def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, title, show=200):
     """`scores` and `flagged` are per row; a preference row shows both answers with their rewards."""
     by_row = {}
     for s, sc in zip(samples, sample_scores):
         by_row.setdefault(s["row"], []).append((s, sc))
-    order = sorted(range(len(scores)), key=lambda r: scores[r])
+    order = sorted(range(len(scores)), key=lambda r: lowest_first(scores[r]))
     rows = []
     for rank, r in enumerate(order[:show]):
         s = by_row[r][0][0]
@@ -148,12 +157,32 @@ def write_report(path, samples, sample_scores, scores, flagged, threshold, title
 <style>body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}</style>
 <h1>{html.escape(title)}</h1>
-<p>{len(scores)} rows scored; {len(flagged)} flagged (score &lt; {threshold:.4f}, red). Lowest {min(show, len(scores))}
+<p>{len(scores)} rows scored; {len(flagged)} flagged ({html.escape(rule)}, red). Lowest {min(show, len(scores))}
 shown first: check whether the answer matches the image and the question.</p>
-{histogram_svg(scores, threshold)}
+{histogram_svg(scores, flag_at)}
 <table><tr><th>#</th><th>score</th><th>id</th><th>image</th><th>question</th><th>answer</th></tr>{"".join(rows)}</table>
 """
     atomic_write_text(path, doc)
+
+
+def lowest_first(score):
+    """Sort key: a non-finite score (fp16 overflow, a broken sample) ranks below every finite one."""
+    return (0, 0.0) if not math.isfinite(score) else (1, score)
+
+
+def flag_rows(scores, flag_fraction, threshold=None):
+    """Rows to flag, the rule in words, and the score at which flagging stops (for the histogram). A fraction flags
+    the k lowest rows and every row tied with the k-th, so that identical answers share one fate; a row whose score
+    is not finite is always flagged."""
+    bad = {r for r, x in enumerate(scores) if not math.isfinite(x)}
+    if threshold is not None:
+        return bad | {r for r, x in enumerate(scores) if x < threshold}, f"score < {threshold:.4f}", threshold
+    k = int(flag_fraction * len(scores))
+    finite = sorted(x for x in scores if math.isfinite(x))
+    if k <= len(bad) or not finite:
+        return bad, "non-finite scores only", float("-inf")
+    cut = finite[min(k - len(bad), len(finite)) - 1]
+    return bad | {r for r, x in enumerate(scores) if x <= cut}, f"score <= {cut:.4f}", cut
 
 
 def main(argv=None):
@@ -162,10 +191,11 @@ def main(argv=None):
     p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's SFT set")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--flag-fraction", type=float, default=0.15, help="flag this lowest-scored fraction of the rows")
+    g.add_argument("--flag-fraction", type=data.fraction, default=0.15,
+                   help="flag this lowest-scored fraction of the rows (rows tied with the last one flagged too)")
     g.add_argument("--threshold", type=float, help="flag every row scored below this (the reward; a preference row: its margin)")
-    p.add_argument("--hd-num", type=int, default=9)
-    p.add_argument("--token-budget", type=int, default=8192)
+    p.add_argument("--hd-num", type=data.positive_int, default=9)
+    p.add_argument("--token-budget", type=data.positive_int, default=8192)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
     p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
     add_device_args(p)
@@ -176,29 +206,29 @@ def main(argv=None):
         world = ensure_world(a.world_dir)
         a.data = str(world["sft_train"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
-    targets = [out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html", "summary.json")]
-    if src in targets or src == out:
-        raise SystemExit(f"error: refusing to write over the input {src}; choose another --out")
+    data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
+                                            "summary.json")], inputs=[src])
     rows, samples = load_samples(src)
+    if not rows:
+        raise ValueError(f"{src}: no rows to score")
     rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
     scores = row_scores(samples, sample_scores)
-    ranked = sorted(scores)
-    threshold = a.threshold if a.threshold is not None else \
-        ranked[min(len(ranked) - 1, int(a.flag_fraction * len(ranked)))]
-    flagged = {r for r, s in enumerate(scores) if s < threshold}
+    flagged, rule, flag_at = flag_rows(scores, a.flag_fraction, a.threshold)
     out.mkdir(parents=True, exist_ok=True)
     rows = [rebase_images(row, src.parent, out) for row in rows]
     atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in sorted(flagged)], indent=1,
                                                        ensure_ascii=False))
     atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in flagged],
                                                     indent=1, ensure_ascii=False))
-    atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"], "score": sc}) + "\n"
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"],
+                                                                "score": sc if math.isfinite(sc) else None}) + "\n"
                                                     for s, sc in zip(samples, sample_scores)))
-    write_report(out / "report.html", samples, sample_scores, scores, flagged, threshold,
+    write_report(out / "report.html", samples, sample_scores, scores, flagged, rule, flag_at,
                  f"Reward scores of {src.name}")
-    summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged),
-               "threshold": threshold, "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
+    summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
+               "non_finite_scores": sum(not math.isfinite(x) for x in scores),
+               "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
     if world is not None:  # the world knows which answers it made wrong on purpose
         errors = {e["id"]: e["kind"] for e in json.loads(world["sft_errors"].read_text())}
         bad = [i for i, s in enumerate(samples) if s["id"] in errors]     # fine-tuning rows: sample i is row i

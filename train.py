@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", required=True, choices=["sft", "rm", "ppo"])
     p.add_argument("--out", required=True, help="output directory (created; an existing run needs --resume)")
     p.add_argument("--data", help="JSON/JSONL in the official format, or a data.txt mixture (default: the world)")
+    p.add_argument("--heldout", help="with --data: held-out set to evaluate on (rm: preference pairs; sft: world "
+                                     "held-out prompts such as runs/world/heldout_prompts.json, judged by its checker)")
     p.add_argument("--init", help="starting checkpoint (default: the world's SFT policy; sft: from scratch)")
     p.add_argument("--rm", nargs="+", help="ppo: reward model dir(s), averaged when several")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -213,6 +215,8 @@ def ensure_world(world_dir):
         if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.is_file() or json.loads(done.read_text()).get("version") != data.WORLD_VERSION:
+            print(f"writing the built-in world (version {data.WORLD_VERSION}) to {world_dir}: images, data files and "
+                  f"tokenizer, about a minute, once", file=sys.stderr, flush=True)
             paths = data.write_world(str(world_dir), seed=0)
             rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
             data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
@@ -266,14 +270,14 @@ def load_stage_data(a, tok, rank):
         if world is None:
             path = Path(a.data)
             rows = data.read_mixture(path, a.seed, data.read_sft) if path.suffix == ".txt" else data.read_sft(path)
-            return rows, []
+            return rows, heldout_items(a.heldout) if a.heldout else []
         # curriculum: the first epoch starts with the single-object images (see the training loop)
         return [dict(s, warmup=True) for s in data.read_sft(world["sft_easy"])] + data.read_sft(world["sft_train"]), \
-            json.loads(world["heldout_prompts"].read_text())
+            heldout_items(world["heldout_prompts"])
     if world is None:
         path = Path(a.data)
         pairs = data.read_mixture(path, a.seed) if path.suffix == ".txt" else data.read_preference(path)
-        held = []
+        held = data.read_preference(a.heldout) if a.heldout else []
     else:
         pairs, held = data.read_preference(world["pref_train"]), data.read_preference(world["pref_heldout"])
     kept = [p for p in pairs if data.check_data(p["chosen"]) and data.check_data(p["rejected"])]
@@ -382,9 +386,15 @@ def eval_rm(model, pairs, a, batch=32):
             "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}
 
 
-def heldout_items(world):
-    items = json.loads(world["heldout_prompts"].read_text())
-    return [dict(it, _dir=str(world["heldout_prompts"].parent)) for it in items]
+def heldout_items(path):
+    """World held-out prompts (question, image, ground truth), images relative to the file."""
+    path = Path(path if isinstance(path, (str, Path)) else path["heldout_prompts"])
+    items = data.read_rows(path)
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not all(k in it for k in ("question", "kind", "truth")):
+            raise ValueError(f"{path} row {i + 1}: expected a world held-out prompt with 'question', 'kind' and "
+                             f"'truth' (the ground truth the world's checker reads)")
+    return [dict(it, _dir=str(path.parent)) for it in items]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,8 +677,7 @@ def evaluate(model, a, held):
     if not held:
         return {}
     if a.stage == "sft":
-        world = ensure_world(a.world_dir)
-        acc, by_kind = eval_policy(model, heldout_items(world), a.hd_num)
+        acc, by_kind = eval_policy(model, held, a.hd_num)
         return {"heldout_accuracy": acc, "heldout_accuracy_by_kind": by_kind}
     return eval_rm(model, held, a)
 

@@ -51,6 +51,15 @@ def test_best_of_one_is_plain_sampling(world, rm_dir):  # noqa: F811
                                                   [[]] * 4, hd_num=9), abs=1e-6)
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch(world):  # noqa: F811
+    policy = InternLMXComposer2.from_pretrained(world / "sft")
+    prompts = [("What is 2 + 3?", []), ("What is 4 + 1?", []), ("Is 7 larger than 2?", [])]
+    together = bon.sample_candidates(policy, prompts, 3, max_new_tokens=8, seed=5)
+    apart = [bon.sample_candidates(policy, [p], 3, max_new_tokens=8, seed=5, first=i)[0] for i, p in enumerate(prompts)]
+    assert together == apart
+    assert bon.sample_candidates(policy, prompts[:1], 3, max_new_tokens=8, seed=6) != together[:1]
+
+
 def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
     r = bon.main(["--n", "2", "--rm", str(rm_dir), "--policy", str(world / "sft"), "--world-dir",
                   str(world / "world"), "--limit", "6", "--max-new-tokens", "6", "--out", str(tmp_path)])
@@ -59,6 +68,8 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
     for k, acc in r["accuracy_by_n"].items():  # the oracle picks any right sample: never below the RM's pick
         assert acc <= r["oracle_by_n"][k]
     assert r["oracle_by_n"]["1"] == r["accuracy_by_n"]["1"]  # one candidate: nothing to choose
+    with pytest.raises(ValueError, match="refusing to overwrite .*summary.json"):  # before any model is loaded
+        bon.main(["--rm", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
 
 
 def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
@@ -67,7 +78,7 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     items = [{"kind": "colour", "question": "q0"}, {"kind": "count", "question": "q1"}]
     cands = [list("rwrwwwww"), list("wwwrwwww")]
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
-    monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args: cands[:len(chunk)])
+    monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
     monkeypatch.setattr(bon.data, "is_correct", lambda it, c: c == "r")
     monkeypatch.setattr(train, "ensure_world", lambda d: None)
@@ -111,11 +122,68 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     assert "<svg" in html and "data:image/png;base64" in html
     data_file = world / "world" / "sft_train.json"
     before = data_file.read_bytes()
-    with pytest.raises(SystemExit, match="refusing to write over the input"):
+    with pytest.raises(ValueError, match="refusing to write over the input"):
         clean.main(["--rm", str(rm_dir), "--data", str(data_file), "--out", str(data_file)])
-    with pytest.raises(SystemExit, match="refusing to write over the input"):
+    with pytest.raises(ValueError, match="refusing to write over the input"):
         clean.main(["--rm", str(rm_dir), "--data", str(out / "kept.json"), "--out", str(out)])
     assert data_file.read_bytes() == before
+
+
+def test_flag_rows_ties_and_non_finite_scores():
+    scores = [0.3, -2.0, -2.0, -2.0, 1.0, float("nan"), 0.1, 2.0]
+    flagged, rule, cut = clean.flag_rows(scores, 0.25)   # 2 rows asked for; the tie at -2.0 flags all three
+    assert flagged == {1, 2, 3, 5} and cut == -2.0 and "<=" in rule
+    assert clean.flag_rows(scores, 0.0)[0] == {5}
+    assert clean.flag_rows(scores, 1.0)[0] == set(range(8))
+    assert clean.flag_rows(scores, 0.5, threshold=0.2)[0] == {1, 2, 3, 5, 6}
+    assert clean.flag_rows([1.0, 2.0, 3.0, 4.0], 0.5)[0] == {0, 1}
+    with pytest.raises(argparse.ArgumentTypeError):
+        data.fraction("1.5")
+
+
+def test_clean_refuses_to_overwrite_outputs_and_names_bad_rows(world, rm_dir, tmp_path):  # noqa: F811
+    before = (rm_dir / "config.json").read_bytes()
+    (rm_dir / "summary.json").write_text("{}")   # a training run's record
+    with pytest.raises(ValueError, match="refusing to overwrite .*summary.json"):
+        clean.main(["--rm", str(rm_dir), "--world-dir", str(world / "world"), "--out", str(rm_dir)])
+    assert (rm_dir / "summary.json").read_text() == "{}" and (rm_dir / "config.json").read_bytes() == before
+    rows = json.loads((world / "world" / "sft_train.json").read_text())[:3]
+    src = tmp_path / "sft.json"
+    for r in rows:
+        r.pop("image", None)
+    rows[1]["conversations"][1]["value"] = None
+    src.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"sft.json row 2 .*string 'value'"):
+        clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c")])
+    src.write_text("[]")
+    with pytest.raises(ValueError, match="no rows to score"):
+        clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c")])
+    # a truncated image passes the header check at read time; scoring names its row
+    bad = tmp_path / "bad.png"
+    good = next((world / "world" / "images").iterdir())
+    bad.write_bytes(good.read_bytes()[:120])
+    src.write_text(json.dumps([{"id": "x", "image": str(bad), "conversations": [
+        {"from": "human", "value": "<ImageHere>What is shown?"}, {"from": "gpt", "value": "A square."}]}]))
+    with pytest.raises(ValueError, match="row 1 \\(id 'x'\\).*bad.png"):
+        clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c")])
+
+
+def test_clean_non_finite_scores_are_flagged_and_written_as_null(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+    rows = json.loads((world / "world" / "sft_train.json").read_text())[:4]
+    src = tmp_path / "sft.json"
+    for r in rows:
+        r.pop("image", None)
+        r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<ImageHere>", "")
+    src.write_text(json.dumps(rows))
+    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: [1.0, float("nan"), 2.0, 0.5])
+    s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c"), "--flag-fraction", "0.25"])
+    strict = dict(parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    lines = [json.loads(x, **strict) for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
+    assert [x["score"] for x in lines] == [1.0, None, 2.0, 0.5] and s["non_finite_scores"] == 1
+    flagged = json.loads((tmp_path / "c" / "flagged.json").read_text(), **strict)
+    assert [r["id"] for r in flagged] == [rows[1]["id"]]   # 25% of 4 rows: the NaN row takes the one place
+    json.loads((tmp_path / "c" / "summary.json").read_text(), **strict)
+    assert "<svg" in (tmp_path / "c" / "report.html").read_text()
 
 
 def test_clean_flags_preference_rows_by_margin(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811

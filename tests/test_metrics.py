@@ -207,6 +207,29 @@ def test_eval_cli_on_scores_file(vlrb, tmp_path, capsys):
                    "--scores", str(scores), "--out", str(out)])
     assert round(result["overall"], 4) == 0.6456 and round(result["macro"], 4) == 0.6931
     assert json.loads(out.read_text())["overall"] == result["overall"]
+    before = out.read_bytes()
+    for target in (out, scores):  # an earlier result, or the scores themselves: never overwritten
+        with pytest.raises(ValueError, match="refusing to"):
+            main(["eval", "--bench", "vl_rewardbench", "--data", str(ASSETS / "preference/vl_rewardbench_data.jsonl"),
+                  "--scores", str(scores), "--out", str(target)])
+    assert out.read_bytes() == before
+
+
+def test_eval_cli_names_bad_rows_and_writes_valid_json(tmp_path, capsys):
+    data_file, scores = tmp_path / "rb.jsonl", tmp_path / "s.jsonl"
+    data_file.write_text(json.dumps({"id": 1, "subset": "alpacaeval-easy"}) + "\n" + json.dumps({"id": 2}) + "\n")
+    scores.write_text("".join(json.dumps({"id": i, "score_chosen": 1.0, "score_rejected": 0.0}) + "\n" for i in (1, 2)))
+    with pytest.raises(ValueError, match="rb.jsonl row 2: field 'subset' must be a string"):
+        main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
+    data_file.write_text(json.dumps({"id": 1, "subset": "alpacaeval-easy"}) + "\n")
+    scores.write_text(json.dumps({"id": 1, "score_chosen": 1.0, "score_rejected": 0.0}) + "\n")
+    main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores), "--out",
+          str(tmp_path / "m.json")])
+    saved = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert saved["chat"] == 1.0 and saved["safety"] is None and saved["score"] is None
+    data_file.write_text("")
+    with pytest.raises(ValueError, match="no benchmark rows"):
+        main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
 
 
 def test_scores_must_align_with_rows():

@@ -105,9 +105,18 @@ def test_mlp_head(world, tmp_path):
 def test_resume_is_bit_identical(world, tmp_path):
     run(world, tmp_path / "a", "--steps", "6")
     run(world, tmp_path / "b", "--steps", "6", "--stop-after", "3")
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):  # never trained over by accident
+        run(world, tmp_path / "b", "--steps", "6")
     run(world, tmp_path / "b", "--steps", "6", "--resume")
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_smaller_than_the_processes_is_refused(world, tmp_path, monkeypatch):
+    """Checked before any collective: a rank without a sample would hang the step's all-reduce."""
+    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 4, torch.device("cpu")))
+    with pytest.raises(SystemExit, match="--batch 2 is smaller than the 4 processes"):
+        run(world, tmp_path / "c", "--steps", "1", "--batch", "2")
 
 
 def test_gradient_checkpointing_trains_the_same_weights(world, tmp_path, monkeypatch):
@@ -131,6 +140,22 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     answer = train.sft_segments(tok, sample)[0][-1]
     assert tok.decode(answer[:-1]) == sample["conversation"][-1]["content"]  # the loss covers the answer + end of turn
     assert answer[-1] == tok.eot_id
+
+
+def test_heldout_file_with_data(world, tmp_path):
+    """--data with --heldout: sft reports the world checker's greedy accuracy on those prompts, rm its pair accuracy."""
+    w = world / "world"
+    summary = run(world, tmp_path / "sft", "--data", str(w / "sft_train.json"), "--heldout",
+                  str(w / "heldout_prompts.json"), "--steps", "2", stage="sft")
+    model = InternLMXComposer2.from_pretrained(tmp_path / "sft")
+    acc, by_kind = train.eval_policy(model, train.heldout_items(w / "heldout_prompts.json"))
+    assert summary["heldout_accuracy"] == acc and summary["heldout_accuracy_by_kind"] == by_kind
+    summary = run(world, tmp_path / "rm", "--data", str(w / "pref_train.json"), "--heldout",
+                  str(w / "pref_heldout.json"), "--steps", "2")
+    assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "wrong_value" in summary["heldout_accuracy_by_kind"]
+    with pytest.raises(ValueError, match="pref_train.json row 1: expected a world held-out prompt"):
+        run(world, tmp_path / "sft2", "--data", str(w / "sft_train.json"), "--heldout", str(w / "pref_train.json"),
+            "--steps", "1", stage="sft")
 
 
 def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
@@ -336,7 +361,7 @@ def test_bad_data_names_file_and_row(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"pairs.jsonl row 1: image not found: .*missing.png"):
         data.read_preference(p)
     p.write_text(json.dumps({"conversations_a": [{"value": "x"}], "conversations_b": []}) + "\n")
-    with pytest.raises(ValueError, match="row 1.*'from' and 'value'"):
+    with pytest.raises(ValueError, match="row 1.*'from' and a string 'value'"):
         data.read_preference(p)
 
 
