@@ -7,10 +7,10 @@ import torch
 import data
 import ppo
 from conftest import randomize
-from model import Config, InternLMXComposer2
+from model import InternLMXComposer2
 from reward import RewardModel
 from train import Whole, sft_prompt
-from test_train import SMALL, world  # noqa: F401  (the small-world fixture)
+from test_train import world  # noqa: F401  (the small-world fixture)
 
 
 def naive_gae(rewards, values, lengths, gamma, lam):
