@@ -210,18 +210,23 @@ def ensure_world(world_dir):
     this: a lock file lets one write while the others wait, then read (they used to write it all at once)."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
-    world_dir.mkdir(parents=True, exist_ok=True)
-    with open(world_dir / ".lock", "w") as lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file() or json.loads(done.read_text()).get("version") != data.WORLD_VERSION:
-            print(f"writing the built-in world (version {data.WORLD_VERSION}) to {world_dir}: images, data files and "
-                  f"tokenizer, about a minute, once", file=sys.stderr, flush=True)
-            paths = data.write_world(str(world_dir), seed=0)
-            rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
-            data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
-            files = {k: Path(p).name for k, p in paths.items()}
-            atomic_write_text(done, json.dumps({"version": data.WORLD_VERSION, "files": files}, indent=1))
+
+    def current():
+        return done.is_file() and json.loads(done.read_text()).get("version") == data.WORLD_VERSION
+
+    if not current():  # a complete cache is only read, so it may sit on a read-only disk
+        world_dir.mkdir(parents=True, exist_ok=True)
+        with open(world_dir / ".lock", "w") as lock:
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not current():
+                print(f"writing the built-in world (version {data.WORLD_VERSION}) to {world_dir}: images, data files "
+                      f"and tokenizer, about a minute, once", file=sys.stderr, flush=True)
+                paths = data.write_world(str(world_dir), seed=0)
+                rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
+                data.train_world_tokenizer(data.template_texts(rows), str(world_dir / "tokenizer.model"))
+                files = {k: Path(p).name for k, p in paths.items()}
+                atomic_write_text(done, json.dumps({"version": data.WORLD_VERSION, "files": files}, indent=1))
     return {k: world_dir / name for k, name in json.loads(done.read_text())["files"].items()}
 
 

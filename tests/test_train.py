@@ -560,6 +560,9 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     files = train.ensure_world(wd)
     assert json.loads((wd / "world.json").read_text())["version"] == data.WORLD_VERSION
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
+    (wd / ".lock").unlink()
+    monkeypatch.setattr(data, "write_world", lambda *a: pytest.fail("a current world is rewritten"))
+    assert train.ensure_world(wd) == files and not (wd / ".lock").exists()  # only read: a read-only cache works
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a POSIX file lock")
