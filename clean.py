@@ -227,6 +227,7 @@ def main(argv=None):
     write_report(out / "report.html", samples, sample_scores, scores, flagged, rule, flag_at,
                  f"Reward scores of {src.name}")
     summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
+               "threshold": flag_at if math.isfinite(flag_at) else None,
                "non_finite_scores": sum(not math.isfinite(x) for x in scores),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
     if world is not None:  # the world knows which answers it made wrong on purpose
