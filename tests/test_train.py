@@ -541,7 +541,10 @@ def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
 def test_sft_from_scratch_model_shape_flags(world, tmp_path):
     """--layers / --width / --ffn shape the from-scratch world model; the defaults are the shipped policy's."""
     shipped = json.loads((train.WORLD_SFT / "config.json").read_text())
+    judge = json.loads((train.ROOT / "checkpoints" / "world-sft6" / "config.json").read_text())  # the RM trunk for BoN
     for flags, want in [([], (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["intermediate_size"])),
+                        (["--layers", "6", "--width", "96", "--ffn", "256"],
+                         (judge["num_hidden_layers"], judge["hidden_size"], judge["intermediate_size"])),
                         (["--layers", "3", "--width", "48", "--ffn", "96"], (3, 48, 96))]:
         a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"), *flags])
         model = train.build_model(a, torch.device("cpu"))
