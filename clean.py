@@ -127,7 +127,7 @@ def histogram_svg(scores, flag_at, bins=40, w=640, h=160):
     bars = []
     for i, c in enumerate(counts):
         x0 = lo + i * width
-        colour = "#d9534f" if x0 <= flag_at else "#5b8def"
+        colour = "#d9534f" if x0 < flag_at else "#5b8def"
         bh = (h - 20) * c / top
         bars.append(f'<rect x="{i * w / bins:.1f}" y="{h - 20 - bh:.1f}" width="{w / bins - 1:.1f}" height="{bh:.1f}" '
                     f'fill="{colour}"><title>{x0:.3f}..{x0 + width:.3f}: {c}</title></rect>')
@@ -165,24 +165,29 @@ shown first: check whether the answer matches the image and the question.</p>
     atomic_write_text(path, doc)
 
 
+def broken(score):
+    """NaN or -inf (fp16 overflow, a broken sample): always flagged, shown first. +inf is just a very high score."""
+    return math.isnan(score) or score == float("-inf")
+
+
 def lowest_first(score):
-    """Sort key: a non-finite score (fp16 overflow, a broken sample) ranks below every finite one."""
-    return (0, 0.0) if not math.isfinite(score) else (1, score)
+    return (0, 0.0) if broken(score) else (1, score)
 
 
 def flag_rows(scores, flag_fraction, threshold=None):
-    """Rows to flag, the rule in words, and the score at which flagging stops (for the histogram). A fraction flags
-    the k lowest rows and every row tied with the k-th, so that identical answers share one fate; a row whose score
-    is not finite is always flagged."""
-    bad = {r for r, x in enumerate(scores) if not math.isfinite(x)}
+    """Rows to flag, the rule in words, and the threshold that `--threshold` would need to flag the same rows
+    (`score < threshold`). A fraction flags the k lowest rows and every row tied with the k-th, so that identical
+    answers share one fate."""
+    bad = {r for r, x in enumerate(scores) if broken(x)}
     if threshold is not None:
         return bad | {r for r, x in enumerate(scores) if x < threshold}, f"score < {threshold:.4f}", threshold
     k = int(flag_fraction * len(scores))
-    finite = sorted(x for x in scores if math.isfinite(x))
-    if k <= len(bad) or not finite:
-        return bad, "non-finite scores only", float("-inf")
-    cut = finite[min(k - len(bad), len(finite)) - 1]
-    return bad | {r for r, x in enumerate(scores) if x <= cut}, f"score <= {cut:.4f}", cut
+    ok = sorted(x for x in scores if not broken(x))
+    if k <= len(bad) or not ok:
+        return bad, "broken scores only", float("-inf")
+    cut = ok[min(k - len(bad), len(ok)) - 1]
+    above = [x for x in ok if x > cut]
+    return bad | {r for r, x in enumerate(scores) if x <= cut}, f"score <= {cut:.4f}", above[0] if above else math.inf
 
 
 def main(argv=None):
@@ -215,6 +220,9 @@ def main(argv=None):
     sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
     scores = row_scores(samples, sample_scores)
     flagged, rule, flag_at = flag_rows(scores, a.flag_fraction, a.threshold)
+    if a.threshold is None and len(flagged) > 1.5 * a.flag_fraction * len(scores) + 1:
+        print(f"note: {len(flagged)} rows flagged for the {a.flag_fraction:.0%} asked: rows tied at the cut "
+              f"({rule}) are flagged together", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     rows = [rebase_images(row, src.parent, out) for row in rows]
     atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in sorted(flagged)], indent=1,
@@ -228,7 +236,7 @@ def main(argv=None):
                  f"Reward scores of {src.name}")
     summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
                "threshold": flag_at if math.isfinite(flag_at) else None,
-               "non_finite_scores": sum(not math.isfinite(x) for x in scores),
+               "broken_scores": sum(map(broken, scores)),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
     if world is not None:  # the world knows which answers it made wrong on purpose
         errors = {e["id"]: e["kind"] for e in json.loads(world["sft_errors"].read_text())}

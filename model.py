@@ -542,6 +542,8 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
     # dominated best-of-N time on CPU at vocab 92544)
     cdf = probs.cumsum(-1)
     if isinstance(generator, (list, tuple)):  # one generator per row: a row's samples do not depend on its batch
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows; give one per row (B * n)")
         u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator]) * cdf[:, -1:]
     else:
         u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]

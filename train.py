@@ -396,9 +396,10 @@ def heldout_items(path):
     path = Path(path if isinstance(path, (str, Path)) else path["heldout_prompts"])
     items = data.read_rows(path)
     for i, it in enumerate(items):
-        if not isinstance(it, dict) or not all(k in it for k in ("question", "kind", "truth")):
-            raise ValueError(f"{path} row {i + 1}: expected a world held-out prompt with 'question', 'kind' and "
-                             f"'truth' (the ground truth the world's checker reads)")
+        need = ("question", "kind", "query", "truth") + (("objects",) if isinstance(it, dict) and "image" in it else ())
+        if not isinstance(it, dict) or not all(k in it for k in need):
+            raise ValueError(f"{path} row {i + 1}: expected a world held-out prompt with {need} (the question and the "
+                             f"ground truth the world's checker reads)")
     return [dict(it, _dir=str(path.parent)) for it in items]
 
 
@@ -521,6 +522,8 @@ def main(argv=None):
         # layer without passing through its output, so their backward would find the weights already freed.
         # Checkpointing recomputes a layer in backward, which would append the prefix's keys/values a second time
         a.share_prefix = 0
+    if a.heldout and (a.data is None or a.stage == "ppo"):
+        raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out set)")
     if a.fsdp and a.stage == "ppo":
         raise SystemExit("error: --fsdp covers --stage sft and rm; ppo replicates its models with DDP")
     if a.batch < world:  # a rank with no sample would never join the step's all-reduce

@@ -58,6 +58,8 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(world):  # noqa: F811
     apart = [bon.sample_candidates(policy, [p], 3, max_new_tokens=8, seed=5, first=i)[0] for i, p in enumerate(prompts)]
     assert together == apart
     assert bon.sample_candidates(policy, prompts[:1], 3, max_new_tokens=8, seed=6) != together[:1]
+    with pytest.raises(ValueError, match="1 generators for 3 rows"):
+        policy.answer(prompts[:1], 9, 4, temperature=1.0, n=3, generator=[torch.Generator()])
 
 
 def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
@@ -129,14 +131,16 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     assert data_file.read_bytes() == before
 
 
-def test_flag_rows_ties_and_non_finite_scores():
-    scores = [0.3, -2.0, -2.0, -2.0, 1.0, float("nan"), 0.1, 2.0]
-    flagged, rule, cut = clean.flag_rows(scores, 0.25)   # 2 rows asked for; the tie at -2.0 flags all three
-    assert flagged == {1, 2, 3, 5} and cut == -2.0 and "<=" in rule
-    assert clean.flag_rows(scores, 0.0)[0] == {5}
-    assert clean.flag_rows(scores, 1.0)[0] == set(range(8))
+def test_flag_rows_ties_and_broken_scores():
+    scores = [0.3, -2.0, -2.0, -2.0, 1.0, float("nan"), 0.1, 2.0, float("inf")]
+    flagged, rule, threshold = clean.flag_rows(scores, 0.25)   # 2 rows asked for; the tie at -2.0 flags all three
+    assert flagged == {1, 2, 3, 5} and "<= -2.0" in rule
+    assert clean.flag_rows(scores, 0.5, threshold=threshold)[0] == flagged   # the summary's threshold reproduces it
+    assert clean.flag_rows(scores, 0.0)[0] == {5}                            # NaN always; +inf is just high
+    assert clean.flag_rows(scores, 1.0)[0] == set(range(9))
     assert clean.flag_rows(scores, 0.5, threshold=0.2)[0] == {1, 2, 3, 5, 6}
     assert clean.flag_rows([1.0, 2.0, 3.0, 4.0], 0.5)[0] == {0, 1}
+    assert clean.flag_rows([1.0, float("-inf"), 3.0, 4.0], 0.5)[0] == {0, 1}
     with pytest.raises(argparse.ArgumentTypeError):
         data.fraction("1.5")
 
@@ -168,7 +172,7 @@ def test_clean_refuses_to_overwrite_outputs_and_names_bad_rows(world, rm_dir, tm
         clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c")])
 
 
-def test_clean_non_finite_scores_are_flagged_and_written_as_null(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_clean_broken_scores_are_flagged_and_written_as_null(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811
     rows = json.loads((world / "world" / "sft_train.json").read_text())[:4]
     src = tmp_path / "sft.json"
     for r in rows:
@@ -179,7 +183,7 @@ def test_clean_non_finite_scores_are_flagged_and_written_as_null(world, rm_dir, 
     s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c"), "--flag-fraction", "0.25"])
     strict = dict(parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     lines = [json.loads(x, **strict) for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
-    assert [x["score"] for x in lines] == [1.0, None, 2.0, 0.5] and s["non_finite_scores"] == 1
+    assert [x["score"] for x in lines] == [1.0, None, 2.0, 0.5] and s["broken_scores"] == 1
     flagged = json.loads((tmp_path / "c" / "flagged.json").read_text(), **strict)
     assert [r["id"] for r in flagged] == [rows[1]["id"]]   # 25% of 4 rows: the NaN row takes the one place
     json.loads((tmp_path / "c" / "summary.json").read_text(), **strict)

@@ -156,6 +156,12 @@ def test_heldout_file_with_data(world, tmp_path):
     with pytest.raises(ValueError, match="pref_train.json row 1: expected a world held-out prompt"):
         run(world, tmp_path / "sft2", "--data", str(w / "sft_train.json"), "--heldout", str(w / "pref_train.json"),
             "--steps", "1", stage="sft")
+    rows = json.loads((w / "heldout_prompts.json").read_text())
+    (tmp_path / "h.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "query"} for r in rows]))
+    with pytest.raises(ValueError, match="h.json row 1: .*'query'"):   # the checker reads it: refused up front
+        train.heldout_items(tmp_path / "h.json")
+    with pytest.raises(SystemExit, match="--heldout goes with --data"):
+        run(world, tmp_path / "rm2", "--heldout", str(w / "pref_heldout.json"))
 
 
 def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
