@@ -14,19 +14,10 @@ import torch
 
 import data
 from model import InternLMXComposer2, add_device_args, atomic_write_text, device_kwargs
-from reward import RewardModel
+from reward import RewardModel, ensemble_scores
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_POLICY = ROOT / "checkpoints" / "world-sft"
-
-
-def ensemble_scores(rms, convs, images, hd_num, normalize=False):
-    """Mean over reward models of their scores (each optionally standardised by its stored held-out mean/std)."""
-    total = torch.zeros(len(convs))
-    for rm in rms:
-        s = torch.tensor(rm.score_list(convs, images, hd_num=hd_num))
-        total += (s - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else s
-    return (total / len(rms)).tolist()
 
 
 @torch.no_grad()
@@ -54,7 +45,7 @@ def world_eval(policy, rms, a):
     """Held-out world prompts: sample max(N) candidates once; best-of-k uses the first k (nested, so the curve is
     monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k."""
     from train import ensure_world, heldout_items
-    items = heldout_items(ensure_world(a.world_dir))[:a.limit]
+    items = heldout_items(ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
     ks = sorted({1, 2, 4, 8, a.n})
     prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in items]
     t0 = time.time()

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 import data
-from bon import ensemble_scores
 from model import add_device_args, atomic_write_text, device_kwargs
-from reward import RewardModel
+from reward import RewardModel, ensemble_scores
 
 ROOT = Path(__file__).resolve().parent
 

@@ -244,7 +244,7 @@ def read_rows(path):
         whole = json.loads(text)
         return whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError as e:
-        whole = e
+        whole_error = e
         if text.lstrip().startswith("["):
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     rows = []
@@ -254,7 +254,7 @@ def read_rows(path):
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 if not rows and line.strip() == "{":  # a pretty-printed single object: the whole file's error
-                    raise ValueError(f"{path}: malformed JSON at line {whole.lineno}: {whole.msg}") from None
+                    raise ValueError(f"{path}: malformed JSON at line {whole_error.lineno}: {whole_error.msg}") from None
                 raise ValueError(f"{path}:{lineno}: malformed JSON row ({e.msg})") from None
     return rows
 

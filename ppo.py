@@ -352,7 +352,7 @@ def train(a, rank, world, device):
     else:
         world_files = ensure_world(a.world_dir)
         rows = data.read_sft(world_files["sft_train"])
-        held = heldout_items(world_files)
+        held = heldout_items(world_files["heldout_prompts"])
     prompts = [(sft_prompt(r), r["images"], r) for r in rows]  # chat prompt (history included), images, row
     summary = {"stage": "ppo", "algo": a.algo, "processes": world, "seed": a.seed}
     if held and rank == 0 and step == 0:

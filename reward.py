@@ -157,6 +157,16 @@ class RewardModel(InternLMXComposer2):
         return (order, scores) if return_logits else order
 
 
+def ensemble_scores(rms, convs, images, hd_num, normalize=False):
+    """Mean over reward models of their scores (each optionally standardised by its stored held-out mean/std)."""
+    total = torch.zeros(len(convs))
+    for rm in rms:
+        s = torch.tensor(rm.score_list(convs, images, hd_num=hd_num))
+        total += (s - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else s
+    return (total / len(rms)).tolist()
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark metrics, as the benchmarks define them (spec rlhf_anchors.md C.7); fractions in [0, 1], ties are wrong
 
@@ -360,7 +370,7 @@ def finite_or_null(x):
 def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234):
     """Score every row with the (averaged) reward model(s); returns records in the --scores file format."""
     def scores(convs, imgs):
-        return np.mean([rm.score_list(convs, imgs, hd_num=hd_num) for rm in rms], axis=0).tolist()
+        return ensemble_scores(rms, convs, imgs, hd_num)
     out = []
     swaps = vl_rewardbench_order(len(rows), seed)
     for i, row in enumerate(rows):

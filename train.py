@@ -393,7 +393,7 @@ def eval_rm(model, pairs, a, batch=32):
 
 def heldout_items(path):
     """World held-out prompts (question, image, ground truth), images relative to the file."""
-    path = Path(path if isinstance(path, (str, Path)) else path["heldout_prompts"])
+    path = Path(path)
     items = data.read_rows(path)
     for i, it in enumerate(items):
         need = ("question", "kind", "query", "truth") + (("objects",) if isinstance(it, dict) and "image" in it else ())

@@ -83,7 +83,7 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
     monkeypatch.setattr(bon.data, "is_correct", lambda it, c: c == "r")
-    monkeypatch.setattr(train, "ensure_world", lambda d: None)
+    monkeypatch.setattr(train, "ensure_world", lambda d: {"heldout_prompts": ""})
     monkeypatch.setattr(train, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
