@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import bon  # noqa: E402
 import data  # noqa: E402
+import world  # noqa: E402
 from model import Config, InternLM2Model, InternLMXComposer2, KVCache, init_weights  # noqa: E402
 from reward import RewardModel  # noqa: E402
 from vision import CLIPVisionTower, VisionConfig  # noqa: E402
@@ -312,7 +313,7 @@ def write_checkpoint(s, out):
     if TOKENIZER.is_file():
         (out / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
     else:  # any tokenizer with the InternLM2 special pieces will do
-        data.train_world_tokenizer(["a tiny corpus for the load benchmark's tokenizer"], out / "tokenizer.model")
+        world.train_world_tokenizer(["a tiny corpus for the load benchmark's tokenizer"], out / "tokenizer.model")
     return sum(f.stat().st_size for f in out.iterdir())
 
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 import data
-from model import InternLMXComposer2, add_device_args, atomic_write_text, device_kwargs
+import world
+from model import InternLMXComposer2, add_device_args, device_kwargs
 from reward import RewardModel, ensemble_scores
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_POLICY = ROOT / "checkpoints" / "world-sft"
 
 
 @torch.no_grad()
@@ -44,8 +43,7 @@ def best_of_n(policy, rms, query, images=(), n=4, hd_num=24, temperature=1.0, to
 def world_eval(policy, rms, a):
     """Held-out world prompts: sample max(N) candidates once; best-of-k uses the first k (nested, so the curve is
     monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k."""
-    from train import ensure_world, heldout_items
-    items = heldout_items(ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
+    items = world.heldout_items(world.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
     ks = sorted({1, 2, 4, 8, a.n})
     prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in items]
     t0 = time.time()
@@ -61,7 +59,7 @@ def world_eval(policy, rms, a):
         scores += [flat[i * max(ks):(i + 1) * max(ks)] for i in range(len(chunk))]
         print(f"\rbest-of-{max(ks)}: {min(s + a.batch, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr)
     print(file=sys.stderr)
-    right = [[data.is_correct(it, c) for c in cs] for it, cs in zip(items, cands)]
+    right = [[world.is_correct(it, c) for c in cs] for it, cs in zip(items, cands)]
     result = {"accuracy_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {}, "oracle_by_n": {}}
     for k in ks:
         picks = [max(range(k), key=lambda i: sc[i]) for sc in scores]
@@ -88,7 +86,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
     p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
-    p.add_argument("--policy", default=str(DEFAULT_POLICY), help="chat model dir (default: the world's SFT policy)")
+    p.add_argument("--policy", default=str(world.WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
     p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -101,7 +99,7 @@ def main(argv=None):
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="world: write summary.json here")
-    p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
+    p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
     if a.out:
@@ -125,7 +123,7 @@ def main(argv=None):
         for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))
+        data.atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))
     return result
 
 

@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 
 import data
-from model import add_device_args, atomic_write_text, device_kwargs
+import world
+from data import atomic_write_text
+from model import add_device_args, device_kwargs
 from reward import RewardModel, ensemble_scores
-
-ROOT = Path(__file__).resolve().parent
+from vision import sample_length
 
 
 def load_samples(path):
@@ -62,9 +63,8 @@ def row_scores(samples, scores):
 @torch.no_grad()
 def score_samples(rms, samples, hd_num, token_budget, normalize=False):
     """Reward of every sample, in length-sorted batches of at most `token_budget` padded tokens."""
-    from train import sample_length
-    tok, vision = rms[0].tokenizer, rms[0].cfg.vision
-    lengths = [sample_length(tok, s, vision.image_size, vision.grid, hd_num) for s in samples]
+    tok, vc = rms[0].tokenizer, rms[0].cfg.vision
+    lengths = [sample_length(tok, s, vc.image_size, vc.grid, hd_num) for s in samples]
     scores = [0.0] * len(samples)
     batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
     t0, done, shown = time.time(), 0, 0.0
@@ -201,14 +201,13 @@ def main(argv=None):
     p.add_argument("--hd-num", type=data.positive_int, default=9)
     p.add_argument("--token-budget", type=data.positive_int, default=8192)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
-    p.add_argument("--world-dir", default=str(ROOT / "runs" / "world"))
+    p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
-    world = None
+    files = None
     if a.data is None:
-        from train import ensure_world
-        world = ensure_world(a.world_dir)
-        a.data = str(world["sft_train"])
+        files = world.ensure_world(a.world_dir)
+        a.data = str(files["sft_train"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
     data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
                                             "summary.json")], inputs=[src])
@@ -237,8 +236,8 @@ def main(argv=None):
                "threshold": flag_at if math.isfinite(flag_at) else None,
                "broken_scores": sum(map(broken, scores)),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
-    if world is not None:  # the world knows which answers it made wrong on purpose
-        errors = {e["id"]: e["kind"] for e in json.loads(world["sft_errors"].read_text())}
+    if files is not None:  # the world knows which answers it made wrong on purpose
+        errors = {e["id"]: e["kind"] for e in json.loads(files["sft_errors"].read_text())}
         bad = [i for i, s in enumerate(samples) if s["id"] in errors]     # fine-tuning rows: sample i is row i
         good = [scores[i] for i, s in enumerate(samples) if s["id"] not in errors]
         summary["auroc"] = auroc([scores[i] for i in bad], good)

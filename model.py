@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import DEFAULT_META, Tokenizer, chat_prompt, tokenize_segments
+from data import DEFAULT_META, Tokenizer, atomic_write_bytes, atomic_write_text, chat_prompt, tokenize_segments
 from vision import CLIPVisionTower, VisionConfig, build_vision_proj, hd_views, layout_tokens, load_visual
 
 
@@ -650,13 +650,3 @@ def init_weights(module, seed=0, std=0.02):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
-
-
-def atomic_write_bytes(path, data):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())

@@ -1,34 +1,37 @@
 """PPO (and critic-free RLOO) for a multimodal chat policy, rewarded by IXC-2.5-Reward.
 
-    torchrun train.py --stage ppo --rm runs/rm --out runs/ppo          # built-in world, from its SFT policy
+    torchrun --standalone --nproc_per_node 2 train.py --stage ppo --rm runs/rm --out runs/ppo   # built-in world
 
 Four roles (paper §3.3, "N+ implementation details"): the policy (trained), a frozen reference copy of it, the
 reward model (frozen), and the critic, initialised from the reward model and read at every response token.
-One iteration: sample responses -> score them -> per-token rewards with a KL penalty -> GAE (Eq. 2) ->
+One iteration (`train`): sample responses -> score them -> per-token rewards with a KL penalty -> GAE (Eq. 2) ->
 K epochs of clipped policy (Eq. 3) and value (Eq. 4) updates over shuffled mini-batches.
 
-Padding contract, in one place (`rollout_batch`): prompts left-padded, responses right-padded after them, position
-ids count real tokens only, masks come from lengths (so a pad id equal to a stop token changes nothing), rewards sit
-on the last real response token.
+Padding contract, in one place (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them,
+position ids count real tokens only, masks come from lengths (so a pad id equal to a stop token changes nothing),
+the score sits on the last real response token.
 """
 import argparse
+import contextlib
 import json
 import random
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+import torch.nn as nn
 
+import common
 import data
+import world
 from model import InternLMXComposer2
 from reward import RewardModel
 
 
 def add_args(p):
-    """PPO hyper-parameters; defaults follow TRL / the N+ details (gamma 1, lambda 0.95, clip 0.2, k1 KL)."""
+    """PPO hyper-parameters; defaults follow TRL / the N+ details (gamma 1, lambda 0.95, clip 0.2, k1 KL). Returns
+    the names of the flags only this stage reads."""
     g = p.add_argument_group("ppo")
     g.add_argument("--algo", choices=["ppo", "rloo"], default="ppo", help="rloo: critic-free, leave-one-out baseline")
     g.add_argument("--kl-coef", type=float, default=0.05, help="beta of the per-token KL penalty in the reward")
@@ -38,37 +41,85 @@ def add_args(p):
     g.add_argument("--clip-ratio", type=float, default=0.2)
     g.add_argument("--value-clip", type=float, default=0.2)
     g.add_argument("--critic-lr", type=float, help="default: 5 x the policy lr")
-    g.add_argument("--ppo-epochs", type=int, default=2)
-    g.add_argument("--mini-batches", type=int, default=2)
+    g.add_argument("--ppo-epochs", type=data.positive_int, default=2)
+    g.add_argument("--mini-batches", type=data.positive_int, default=2)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--max-new-tokens", type=data.positive_int, default=48)
     g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted when no stop token came")
     g.add_argument("--normalize-reward", action=argparse.BooleanOptionalAction, default=True,
                    help="(score - mean) / std with the held-out statistics the RM stage stored in its config")
-    g.add_argument("--rloo-k", type=int, default=4, help="rloo: samples per prompt")
-    g.add_argument("--rollout-chunk", type=int, default=32, help="prompts per generation call")
+    g.add_argument("--rloo-k", type=data.positive_int, default=4, help="rloo: samples per prompt")
+    g.add_argument("--rollout-chunk", type=data.positive_int, default=32, help="prompts per generation call")
+    return {a.dest for a in g._group_actions}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches: [left-padded prompt | right-padded response]
+# A rollout: one iteration's samples as padded [B, T] tensors, built once, sliced by row for (micro-)batches
 
 
-def rollout_batch(model, samples, images_key, device):
-    """The padded batch of prompt + response for `model`, with its own cached image embeddings."""
-    rows = [model.splice(s["segments"], [im.to(device, non_blocking=True) for im in s[images_key]]) for s in samples]
+@dataclass
+class Rollout:
+    response: torch.Tensor   # [B, T] sampled token ids, right-padded with the pad id
+    mask: torch.Tensor       # [B, T] 1.0 on response tokens, 0.0 on padding: the one mask everything uses
+    stopped: torch.Tensor    # [B] the response ended on a stop token
+    score: torch.Tensor      # [B] reward model score (normalised), minus the missing-EOS penalty
+    old_logp: torch.Tensor   # [B, T] log pi_old(token), at the sampling temperature
+    ref_logp: torch.Tensor   # [B, T] log pi_ref(token)
+    values: torch.Tensor     # [B, T] V(prefix before each token), zeros without a critic
+    adv: torch.Tensor        # [B, T] advantages (set by compute_advantages)
+    returns: torch.Tensor    # [B, T] value targets (set by compute_advantages)
+    group: torch.Tensor      # [B] the prompt a row answers (RLOO's leave-one-out groups)
+    segments: list           # per row: the prompt's token segments and image slots
+    images: dict             # role -> per row, the prompt's image embeddings for that role's model (constants)
+    prompt_len: list         # per row: prompt tokens, image tokens included (for the token budget)
+    items: list              # per row: the data row (the world's checker reads it)
+
+    @classmethod
+    def start(cls, responses, stopped, pad_id, segments, images, prompt_len, items, group):
+        """The rollout of sampled responses (lists of ids), right-padded here once; the per-token fields zero until
+        the models have read them."""
+        B, T = len(responses), max(map(len, responses))
+        response, mask = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T)
+        for b, r in enumerate(responses):
+            response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r, dtype=torch.long), 1.0
+        zeros = torch.zeros(B, T)
+        return cls(response, mask, torch.tensor(stopped), torch.zeros(B), zeros, zeros, zeros, zeros, zeros,
+                   torch.tensor(group), segments, images, prompt_len, items)
+
+    def __len__(self):
+        return len(self.segments)
+
+    def lengths(self):
+        return self.mask.sum(1).long()
+
+    def rows(self, idx):
+        """The rollout of rows `idx`, its tensors cut to their longest response."""
+        idx = list(idx)
+        T = max(1, int(self.lengths()[idx].max()))
+        cut = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                cut[f.name] = v[idx, :T] if v.dim() == 2 else v[idx]
+            elif isinstance(v, dict):
+                cut[f.name] = {k: [rows[i] for i in idx] for k, rows in v.items()}
+            else:
+                cut[f.name] = [v[i] for i in idx]
+        return replace(self, **cut)
+
+
+def model_batch(model, ro, role, device):
+    """[left-padded prompt | right-padded response] for `model`, with its own image embeddings (`role`)."""
+    rows = [model.splice(seg, [e.to(device, non_blocking=True) for e in ims])
+            for seg, ims in zip(ro.segments, ro.images[role])]
     prompt = model.pad_batch(rows, left_pad=True)
-    P, T = prompt["embeds"].shape[1], max(len(s["response"]) for s in samples)
-    resp = torch.full((len(samples), T), model.cfg.pad_token_id, dtype=torch.long, device=device)
-    resp_mask = torch.zeros(len(samples), T, dtype=torch.long, device=device)
-    for b, s in enumerate(samples):
-        resp[b, :len(s["response"])] = torch.tensor(s["response"], device=device)
-        resp_mask[b, :len(s["response"])] = 1
+    response, resp_mask = ro.response.to(device), ro.mask.to(device).long()
     attention_mask = torch.cat([prompt["attention_mask"], resp_mask], 1)
-    return {"embeds": torch.cat([prompt["embeds"], model.model.tok_embeddings(resp)], 1),
+    return {"embeds": torch.cat([prompt["embeds"], model.model.tok_embeddings(response)], 1),
             "im_mask": torch.cat([prompt["im_mask"], torch.zeros_like(resp_mask, dtype=torch.bool)], 1),
             "attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
-            "response": resp, "mask": resp_mask.float(), "P": P}
+            "response": response, "P": prompt["embeds"].shape[1]}
 
 
 def logprobs_of(policy, batch, temperature):
@@ -90,30 +141,43 @@ def values_of(critic, batch, norm=(0.0, 1.0)):
     return (v - norm[0]) / norm[1]
 
 
-def critic_norm(critic, a):
-    return (critic.cfg.reward_mean, critic.cfg.reward_std) if a.normalize_reward else (0.0, 1.0)
+class PolicyLogprobs(nn.Module):
+    """What DDP wraps for the policy: forward(rollout) -> (log-probs, entropy) [B, T]. Splicing reads the token
+    embeddings, so it runs inside the wrapped forward, or DDP would never arm their all-reduce."""
+
+    def __init__(self, policy, temperature, device):
+        super().__init__()
+        self.model, self.temperature, self.device = policy, temperature, device
+
+    def forward(self, ro):
+        return logprobs_of(self.model, model_batch(self.model, ro, "policy", self.device), self.temperature)
+
+
+class CriticValues(nn.Module):
+    """What DDP wraps for the critic: forward(rollout) -> V [B, T] in the rewards' units."""
+
+    def __init__(self, critic, norm, device):
+        super().__init__()
+        self.model, self.norm, self.device = critic, norm, device
+
+    def forward(self, ro):
+        return values_of(self.model, model_batch(self.model, ro, "critic", self.device), self.norm)
+
+
+def reward_norm(rm, normalize):
+    return (rm.cfg.reward_mean, rm.cfg.reward_std) if normalize else (0.0, 1.0)
 
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def sum_over_ranks(t, world):
-    """Sum of a small tensor over the ranks, moved to the device the backend needs (NCCL: the GPU)."""
-    if world == 1:
-        return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-    out = t.to(dev)
-    dist.all_reduce(out)
-    return out.to(t.device)
-
-
 def whiten(x, mask, shift_mean=True, world=1):
     """Normalise over valid tokens only (padding must not move the statistics), pooled over every rank's rollouts
     (one batch, as in a 1-process run)."""
-    total = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), world)
+    total = common.sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), world)
     mean = total[0] / total[1].clamp(min=1)
-    var = sum_over_ranks(((x - mean) ** 2 * mask).sum(), world) / total[1].clamp(min=1)
+    var = common.sum_over_ranks(((x - mean) ** 2 * mask).sum(), world) / total[1].clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -144,104 +208,97 @@ def kl_penalty(logp, ref_logp, estimator):
 # Rollout
 
 
-def reward_scores(rms, samples, device, normalize):
+def reward_scores(rms, ro, device, normalize):
     """Each reward model scores prompt + response under the reward template (its suffix `</s>[UNUSED_TOKEN_130]`
     appended after the response and its end-of-turn); several models are averaged."""
-    total = torch.zeros(len(samples), device=device)
+    total = torch.zeros(len(ro), device=device)
     for i, rm in enumerate(rms):
-        suffix = rm.tokenizer.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
+        tok = rm.tokenizer
+        suffix = tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
         rows = []
-        for s in samples:
+        for b in range(len(ro)):
+            resp = ro.response[b, :int(ro.mask[b].sum())].tolist()
             # the template's answer ends with end-of-turn: a response that stopped on </s> gets it in its place
-            resp = s["response"][:-1] if s["stopped"] and s["response"][-1] == rm.tokenizer.eos_id else s["response"]
-            resp = resp if resp[-1:] == [rm.tokenizer.eot_id] else resp + [rm.tokenizer.eot_id]
-            rows.append(rm.splice(s["segments"] + [resp + suffix], [im.to(device) for im in s[f"rm_images{i}"]]))
-        score = rm.score_embedded(rows)
-        total += (score - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else score
+            resp = resp[:-1] if ro.stopped[b] and resp[-1:] == [tok.eos_id] else resp
+            resp = resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]
+            rows.append(rm.splice(ro.segments[b] + [resp + suffix], [e.to(device) for e in ro.images[f"rm{i}"][b]]))
+        mean, std = reward_norm(rm, normalize)
+        total += (rm.score_embedded(rows) - mean) / std
     return total / len(rms)
 
 
 @torch.no_grad()
 def collect_rollouts(policy, ref, critic, rms, prompts, a, device, generator):
-    """Sample responses in chunks (memory follows --rollout-chunk), then everything PPO needs per token."""
+    """Sample responses in chunks of --rollout-chunk prompts, then score them and read log-probs and values."""
     policy.eval()
     n = a.rloo_k if a.algo == "rloo" else 1
-    samples = []
+    segments, pixels, items, group, responses, stopped = [], [], [], [], [], []
+    stop = {policy.tokenizer.eos_id, policy.tokenizer.eot_id}
     for c in range(0, len(prompts), a.rollout_chunk):
         chunk = prompts[c:c + a.rollout_chunk]
         seqs = [policy.sequence(prompt, ims, a.hd_num) for prompt, ims, _ in chunk]
         batch = policy.embed_batch(seqs, left_pad=True)
         out = policy.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
                               a.temperature, a.top_p, generator=generator, n=n)
-        stop = {policy.tokenizer.eos_id, policy.tokenizer.eot_id}
         for j, row in enumerate(out.tolist()):
-            segments, pixels = seqs[j // n]
             end = next((t + 1 for t, tok in enumerate(row) if tok in stop), None)
-            samples.append({"segments": segments, "pixels": pixels, "item": chunk[j // n][2], "group": c + j // n,
-                            "response": row[:end] if end else row, "stopped": end is not None})
+            segments.append(seqs[j // n][0])
+            pixels.append(seqs[j // n][1])
+            items.append(chunk[j // n][2])
+            group.append(c + j // n)
+            responses.append(row[:end] if end else row)
+            stopped.append(end is not None)
     # image embeddings are constants during PPO (vision frozen): encode once per model, keep them on the host
-    for key, model in [("images", policy)] + ([("critic_images", critic)] if critic is not None else []) + \
-            [(f"rm_images{i}", rm) for i, rm in enumerate(rms)]:
-        for s in samples:
-            s[key] = [e.cpu().pin_memory() if device.type == "cuda" else e.cpu()
-                      for e in model.encode_images(s["pixels"])] if s["pixels"] else []
-    scores = reward_scores(rms, samples, device, a.normalize_reward)
-    for s, sc in zip(samples, scores.tolist()):
-        s["score"] = sc - (0.0 if s["stopped"] else a.missing_eos_penalty)
-    for s0 in range(0, len(samples), a.rollout_chunk):
-        chunk = samples[s0:s0 + a.rollout_chunk]
-        batch = rollout_batch(policy, chunk, "images", device)
-        logp, _ = logprobs_of(policy, batch, a.temperature)
-        ref_logp, _ = logprobs_of(ref, rollout_batch(ref, chunk, "images", device), a.temperature)
-        values = values_of(critic, rollout_batch(critic, chunk, "critic_images", device), critic_norm(critic, a)) \
-            if critic is not None else torch.zeros_like(logp)
-        for b, s in enumerate(chunk):
-            T = len(s["response"])
-            s["old_logp"], s["ref_logp"], s["values"] = logp[b, :T].cpu(), ref_logp[b, :T].cpu(), values[b, :T].cpu()
-    return samples
+    roles = {"policy": policy, **({"critic": critic} if critic is not None else {}),
+             **{f"rm{i}": rm for i, rm in enumerate(rms)}}
+    images = {role: [[e.cpu() for e in m.encode_images(px)] if px else [] for px in pixels]
+              for role, m in roles.items()}
+    prompt_len = [sum(len(s) for s in seg if not isinstance(s, int)) + sum(e.shape[0] for e in ims)
+                  for seg, ims in zip(segments, images["policy"])]
+    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group)
+    score = reward_scores(rms, ro, device, a.normalize_reward).cpu()
+    ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
+    B, T = ro.response.shape
+    old_logp, ref_logp, values = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    for c in range(0, B, a.rollout_chunk):
+        part = ro.rows(range(c, min(c + a.rollout_chunk, B)))
+        t = part.response.shape[1]
+        old_logp[c:c + len(part), :t] = logprobs_of(policy, model_batch(policy, part, "policy", device),
+                                                    a.temperature)[0].cpu()
+        ref_logp[c:c + len(part), :t] = logprobs_of(ref, model_batch(ref, part, "policy", device),
+                                                    a.temperature)[0].cpu()
+        if critic is not None:
+            values[c:c + len(part), :t] = values_of(critic, model_batch(critic, part, "critic", device),
+                                                    reward_norm(critic, a.normalize_reward)).cpu()
+    ro.old_logp, ro.ref_logp, ro.values = old_logp * ro.mask, ref_logp * ro.mask, values * ro.mask
+    return ro
 
 
-def compute_advantages(samples, a, world=1):
-    """PPO: per-token -beta*KL, score on the last real token, GAE, whitened advantages. RLOO: sequence reward
-    minus the mean of the other samples of the same prompt, on every token."""
-    T = max(len(s["response"]) for s in samples)
-    pad = lambda key: torch.stack([F.pad(s[key], (0, T - len(s[key]))) for s in samples])  # noqa: E731
-    mask = torch.stack([F.pad(torch.ones(len(s["response"])), (0, T - len(s["response"]))) for s in samples])
-    logp, ref_logp, values = pad("old_logp"), pad("ref_logp"), pad("values")
-    kl = kl_penalty(logp, ref_logp, a.kl_estimator) * mask
-    score = torch.tensor([s["score"] for s in samples])
-    last = mask.sum(1).long() - 1
+def compute_advantages(ro, a, world=1):
+    """PPO: per-token -beta*KL, the score on the last real token, GAE (Eq. 2), whitened advantages. RLOO: the
+    sequence reward minus the mean of the other samples of the same prompt, on every token."""
+    kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
     if a.algo == "ppo":
         rewards = -a.kl_coef * kl
-        rewards[torch.arange(len(samples)), last] += score
-        adv, returns = gae(rewards, values, mask, a.gamma, a.lam)
+        rewards[torch.arange(len(ro)), ro.lengths() - 1] += ro.score
+        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)
     else:
-        seq_reward = score - a.kl_coef * kl.sum(1)
-        groups = torch.tensor([s["group"] for s in samples])
-        same = (groups[:, None] == groups[None, :]).float()
+        seq_reward = ro.score - a.kl_coef * kl.sum(1)
+        same = (ro.group[:, None] == ro.group[None, :]).float()
         baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
-        adv = (seq_reward - baseline)[:, None] * mask
-        returns = adv
-    adv = whiten(adv, mask, world=world)
-    for b, s in enumerate(samples):
-        n = len(s["response"])
-        s["adv"], s["returns"] = adv[b, :n], returns[b, :n]
-    return {"kl": (kl.sum(1)).mean().item(), "score": score.mean().item(), "score_std": score.std().item()}
+        adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
+    ro.adv = whiten(adv, ro.mask, world=world)
+    return {"kl": kl.sum(1).mean().item(), "score": ro.score.mean().item(), "score_std": ro.score.std().item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Update
 
 
-def pad_rows(samples, key, T):
-    return torch.stack([F.pad(s[key], (0, T - len(s[key]))) for s in samples])
-
-
-def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device, world):
+def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world):
     """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
     micro-batches that fit --token-budget. Losses are token means over the whole mini-batch, all ranks included.
-    fwd_pi / fwd_v are train.Whole(model), DDP-wrapped under torchrun: every forward that carries gradient runs
-    inside them, or DDP never arms its all-reduce and each rank would train its own copy."""
+    fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for RLOO), DDP-wrapped under torchrun."""
     stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update
 
     def log_mean(name, x, mask):
@@ -249,42 +306,35 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
         total[0] += (x * mask).sum().item()
         total[1] += mask.sum().item()
 
-    idx = list(range(len(samples)))
+    idx = list(range(len(ro)))
     n_mb = min(a.mini_batches, len(idx))
     cuts = [round(i * len(idx) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
     for epoch in range(a.ppo_epochs):
         random.shuffle(idx)
         for m0, m1 in zip(cuts, cuts[1:]):
-            mb = [samples[i] for i in idx[m0:m1]]
-            n_tok = sum_over_ranks(torch.tensor(float(sum(len(s["response"]) for s in mb))), world)
-            lengths = [len(s["response"]) + s["segments_len"] for s in mb]
+            mb = idx[m0:m1]
+            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), world).item()
+            lengths = (ro.lengths()[mb] + torch.tensor([ro.prompt_len[i] for i in mb])).tolist()
             micro = data.token_budget_batches(lengths, a.token_budget, shuffle=False)
             for k, mi in enumerate(micro):
-                # DDP decides in the forward whether the backward all-reduces: a rank's micro-batches but the last
-                # run forward and backward under no_sync, so that each rank reduces once per mini-batch however
-                # many micro-batches its share packs into
-                sync = world == 1 or k == len(micro) - 1
-                with (fwd_pi.no_sync() if not sync else nullcontext()), \
-                        (fwd_v.no_sync() if not sync and fwd_v is not None else nullcontext()):
-                    ms = [mb[i] for i in mi]
-                    T = max(len(s["response"]) for s in ms)
-                    mask, adv = pad_rows(ms, "mask", T).to(device), pad_rows(ms, "adv", T).to(device)
-                    old_logp = pad_rows(ms, "old_logp", T).to(device)
-                    logp, entropy = fwd_pi(
-                        lambda m: logprobs_of(m, rollout_batch(m, ms, "images", device), a.temperature))
-                    log_ratio = (logp - old_logp) * mask
+                part = ro.rows([mb[i] for i in mi])
+                mask, adv = part.mask.to(device), part.adv.to(device)
+                last = k == len(micro) - 1
+                with common.no_sync_unless(last, fwd_pi), \
+                        (common.no_sync_unless(last, fwd_v) if fwd_v is not None else contextlib.nullcontext()):
+                    logp, entropy = fwd_pi(part)
+                    log_ratio = (logp - part.old_logp.to(device)) * mask
                     ratio = log_ratio.exp()
                     # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
                     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
-                    loss = (pg * mask).sum() * world / n_tok.item()
-                    if critic is not None:
-                        old_v, ret = pad_rows(ms, "values", T).to(device), pad_rows(ms, "returns", T).to(device)
-                        v = fwd_v(lambda m: values_of(m, rollout_batch(m, ms, "critic_images", device),
-                                                      critic_norm(m, a)))
+                    loss = (pg * mask).sum() * world / n_tok
+                    if fwd_v is not None:
+                        old_v, ret = part.values.to(device), part.returns.to(device)
+                        v = fwd_v(part)
                         # paper Eq. 4: the value loss, clipped around the rollout's values
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        loss = loss + (vf * mask).sum() * world / n_tok.item()
+                        loss = loss + (vf * mask).sum() * world / n_tok
                         log_mean("value_loss", vf.detach(), mask)
                         log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
                     loss.backward()
@@ -294,105 +344,102 @@ def ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device,
                     log_mean("approx_kl", (ratio - 1) - log_ratio, mask)  # Schulman k3
                     log_mean("clipfrac", ((ratio - 1).abs() > a.clip_ratio).float(), mask)
                     log_mean("ratio", ratio, mask)
-            for model, opt in ((policy, opt_pi), (critic, opt_v)):
-                if model is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], a.clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            for fwd, opt in ((fwd_pi, opt_pi), (fwd_v, opt_v)):
+                if fwd is not None:
+                    common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, a.clip)
     return {k: total / max(n, 1.0) for k, (total, n) in stats.items()}
 
 
-def explained_variance(samples):
-    v = torch.cat([s["values"] for s in samples])
-    r = torch.cat([s["returns"] for s in samples])
+def explained_variance(ro):
+    v, r = ro.values[ro.mask.bool()], ro.returns[ro.mask.bool()]
     return (1 - (r - v).var() / r.var().clamp(min=1e-8)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop (called by train.py --stage ppo)
+# The loop (train.py --stage ppo calls it)
 
 
-def train(a, rank, world, device):
-    from train import WORLD_SFT, Whole, append_jsonl, check_replicas, ensure_world, eval_policy, heldout_items, \
-        load_checkpoint, log, lr_at, make_optimizer, save_checkpoint, sft_prompt, trim_metrics
-    from model import atomic_write_text
+def load_roles(a, device):
+    """Policy and frozen reference from --init (default: the world's SFT policy); the frozen reward model(s) and,
+    for PPO, the critic from --rm. Vision path and separators frozen: image embeddings are rollout constants."""
     if not a.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    if a.batch % world:  # equal shares: every rank runs as many mini-batches, so the all-reduces pair up
-        raise SystemExit(f"error: --batch {a.batch} must be a multiple of the {world} processes")
-    out = Path(a.out)
-    if (out / "resume.safetensors").exists() and not a.resume:
-        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    init = a.init or WORLD_SFT
+    init = a.init or world.WORLD_SFT
     policy = InternLMXComposer2.from_pretrained(init, device=device)
     ref = InternLMXComposer2.from_pretrained(init, device=device).requires_grad_(False)
     rms = [RewardModel.from_pretrained(d, device=device).requires_grad_(False) for d in a.rm]
     critic = RewardModel.from_pretrained(a.rm[0], device=device) if a.algo == "ppo" else None
     for m in (policy, critic):
-        if m is not None:  # vision path and separators frozen: image embeddings are constants of the rollout
+        if m is not None:
             for p in [*m.vit.parameters(), *m.vision_proj.parameters(), m.plora_glb_GN, m.plora_sub_GN]:
                 p.requires_grad_(False)
-    opt_pi = make_optimizer(policy, a)
-    a_critic = type(a)(**{**vars(a), "lr": a.critic_lr or 5 * a.lr})
-    opt_v = make_optimizer(critic, a_critic) if critic is not None else None
-    ddp = torch.nn.parallel.DistributedDataParallel
-    wrap = (lambda m: ddp(Whole(m), find_unused_parameters=True)) if world > 1 else Whole
-    fwd_pi, fwd_v = wrap(policy), (wrap(critic) if critic is not None else None)
+    return policy, ref, rms, critic
+
+
+def ppo_prompts(a):
+    """(chat prompt with its history, images, row) for every fine-tuning row, and the world's held-out prompts."""
+    if a.data:
+        rows, held = data.read_sft(a.data), []
+    else:
+        files = world.ensure_world(a.world_dir)
+        rows, held = data.read_sft(files["sft_train"]), world.heldout_items(files["heldout_prompts"])
+    return [(data.sft_prompt(r), r["images"], r) for r in rows], held
+
+
+def train(a, rank, n_proc, device):
+    out = common.prepare_out(a.out, a.resume, rank)
+    policy, ref, rms, critic = load_roles(a, device)
+    critic_lr = a.critic_lr or 5 * a.lr
+    opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
+    opt_v = common.make_optimizer(critic, critic_lr, a.weight_decay, a.beta2) if critic is not None else None
+    fwd_pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc)
+    fwd_v = common.wrap(CriticValues(critic, reward_norm(critic, a.normalize_reward), device), n_proc) \
+        if critic is not None else None
     step = 0
     if a.resume:
-        step, _ = load_checkpoint(out, policy, opt_pi)
-        trim_metrics(out / "metrics.jsonl", step)
+        step = common.load_checkpoint(out, policy, opt_pi)
         if critic is not None:
-            load_checkpoint(out / "critic", critic, opt_v)
-        log(rank, f"resumed {out} at step {step}")
-    if a.data:
-        rows = data.read_sft(a.data)
-        held = []
-    else:
-        world_files = ensure_world(a.world_dir)
-        rows = data.read_sft(world_files["sft_train"])
-        held = heldout_items(world_files["heldout_prompts"])
-    prompts = [(sft_prompt(r), r["images"], r) for r in rows]  # chat prompt (history included), images, row
-    summary = {"stage": "ppo", "algo": a.algo, "processes": world, "seed": a.seed}
+            common.load_checkpoint(out / "critic", critic, opt_v)
+        if rank == 0:
+            common.trim_metrics(out / "metrics.jsonl", step)
+        common.log(rank, f"resumed {out} at step {step}")
+    prompts, held = ppo_prompts(a)
+    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "seed": a.seed}
     if held and rank == 0 and step == 0:
-        summary["accuracy_before"], summary["accuracy_before_by_kind"] = eval_policy(policy, held, a.hd_num)
-        log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
+        summary["accuracy_before"], summary["accuracy_before_by_kind"] = world.eval_policy(policy, held, a.hd_num)
+        common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
+        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
     generator = torch.Generator(device=device)
     t0, tokens_done, first_step, stats = time.time(), 0, step, None
     while step < a.steps:
-        rng = random.Random(a.seed + step)
         generator.manual_seed((a.seed * 100_003 + step) * 1024 + rank)  # a function of the step: resume is exact
-        chunk = rng.sample(prompts, a.batch)[rank::world]
+        chunk = random.Random(a.seed + step).sample(prompts, a.batch)[rank::n_proc]
         if a.algo == "rloo":
             chunk = chunk[:max(1, len(chunk) // a.rloo_k)]  # k samples each: the same number of responses
         t_roll = time.time()
-        samples = collect_rollouts(policy, ref, critic, rms, chunk, a, device, generator)
-        for s in samples:
-            s["mask"] = torch.ones(len(s["response"]))
-            s["segments_len"] = sum(len(x) if not isinstance(x, int) else 0 for x in s["segments"]) + \
-                sum(e.shape[0] for e in s["images"])
-        stats = compute_advantages(samples, a, world)
+        # 1. rollout: responses, their scores, and log-probs / values of every response token
+        ro = collect_rollouts(policy, ref, critic, rms, chunk, a, device, generator)
+        # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
+        stats = compute_advantages(ro, a, n_proc)
         t_roll = time.time() - t_roll
-        for opt in (opt_pi, opt_v):
-            if opt is not None:
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, a) * (1 if opt is opt_pi else (a.critic_lr or 5 * a.lr) / a.lr)
+        lr = common.lr_at(step, a.lr, a.steps, a.warmup)
+        common.set_lr(opt_pi, lr)
+        if opt_v is not None:
+            common.set_lr(opt_v, lr * critic_lr / a.lr)
+        # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
         policy.train()
-        stats.update(ppo_update(policy, critic, fwd_pi, fwd_v, samples, opt_pi, opt_v, a, device, world))
+        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc))
         step += 1
-        n_tok = sum(len(s["response"]) for s in samples)
-        tokens_done += n_tok
-        stats.update(step=step, response_length=n_tok / len(samples),
-                     eos_rate=sum(s["stopped"] for s in samples) / len(samples),
-                     tokens_per_s=tokens_done * world / (time.time() - t0),
-                     rollout_s=t_roll, explained_variance=explained_variance(samples) if critic else float("nan"))
+        tokens_done += int(ro.mask.sum())
+        stats.update(step=step, response_length=ro.mask.sum().item() / len(ro),
+                     eos_rate=ro.stopped.float().mean().item(), tokens_per_s=tokens_done * n_proc / (time.time() - t0),
+                     rollout_s=t_roll, explained_variance=explained_variance(ro) if critic else float("nan"))
         if held:
-            stats["train_accuracy"] = sum(data.is_correct(s["item"], policy.decode_answer(s["response"]))
-                                          for s in samples) / len(samples)
-        if world > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
+            answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
+            stats["train_accuracy"] = sum(map(world.is_correct, ro.items, answers)) / len(ro)
+        if n_proc > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
             keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
-            mean = sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), world) / world
+            mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
             stats.update(zip(keys, mean.tolist()))
         if rank == 0:
             print(f"iter {step}/{a.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
@@ -400,31 +447,37 @@ def train(a, rank, world, device):
                   + (f"vf {stats['value_loss']:.4f} ev {stats['explained_variance']:+.2f} " if critic else "")
                   + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
                   + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
-            append_jsonl(out / "metrics.jsonl", stats)
+            common.append_jsonl(out / "metrics.jsonl", stats)
         stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
-        save = step % a.save_every == 0 or step == a.steps or stop
-        if save:
-            check_replicas(policy, world, "policy")
+        if step % a.save_every == 0 or step == a.steps or stop:
+            common.check_replicas(policy, n_proc, "policy")
             if critic is not None:
-                check_replicas(critic, world, "critic")
-        if save and rank == 0:
-            save_checkpoint(out, policy, opt_pi, step)
-            if critic is not None:
-                (out / "critic").mkdir(exist_ok=True)
-                save_checkpoint(out / "critic", critic, opt_v, step)
+                common.check_replicas(critic, n_proc, "critic")
+            if rank == 0:
+                common.save_checkpoint(out, policy, opt_pi, step)
+                if critic is not None:
+                    common.save_checkpoint(out / "critic", critic, opt_v, step)
         if stop:
-            log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
+            common.log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
             return None
+    return finish(a, out, rank, policy, held, summary, stats, t0)
+
+
+def finish(a, out, rank, policy, held, summary, stats, t0):
+    """summary.json (held-out accuracy before and after, the last KL) and curves.svg."""
     summary["seconds"] = round(time.time() - t0, 1)
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
-        summary["accuracy_after"], summary["accuracy_after_by_kind"] = eval_policy(policy, held, a.hd_num)
-        before = json.loads((out / "summary.json").read_text()) if "accuracy_before" not in summary and \
-            (out / "summary.json").exists() else summary
-        summary.setdefault("accuracy_before", before.get("accuracy_before"))
+        summary["accuracy_after"], summary["accuracy_after_by_kind"] = world.eval_policy(policy, held, a.hd_num)
+        if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
+            before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+            for k in ("accuracy_before", "accuracy_before_by_kind"):
+                summary[k] = before.get(k)
     if rank == 0:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
+                            f"PPO ({a.algo}): {out.name}")
+        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     return summary

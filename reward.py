@@ -21,7 +21,8 @@ import torch
 
 import data
 from data import reward_template
-from model import InternLMXComposer2, PrefixKV, add_device_args, atomic_write_text, device_kwargs
+from data import atomic_write_text
+from model import InternLMXComposer2, PrefixKV, add_device_args, device_kwargs
 
 
 def pool_last(rewards, attention_mask):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from data import VIDEO_SUFFIXES
+from data import IMAGE_PLACEHOLDER, VIDEO_SUFFIXES, reward_template
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -325,6 +325,25 @@ def load_visual(item, hd_num, crop=560, train=False):
 def n_image_tokens(h, w, grid):
     m = grid // 2
     return (h * w + 1) * m * m + 1 + (h + 1) * m
+
+
+def sample_length(tok, sample, crop, grid, hd_num):
+    """Tokens of a data sample (a preference pair: its longer side) without running the model, for the token-budget
+    batcher: image tokens from the image size, text under the reward template."""
+    n_img = 0
+    hd = 6 if len(sample["images"]) > 1 else hd_num
+    for im in sample["images"]:
+        if Path(im).suffix.lower() in VIDEO_SUFFIXES or Path(im).is_dir():
+            n_img += n_image_tokens(32, 1, grid)  # an upper bound; the exact strip is built at load time
+        else:
+            try:
+                with Image.open(im) as f:  # the header is enough for the size
+                    n_img += n_image_tokens(*hd_grid(*f.size, hd, crop), grid)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {im}: not a valid image file ({e})") from None
+    convs = [sample["chosen"], sample["rejected"]] if "chosen" in sample else [sample["conversation"]]
+    text = max(len(tok.encode(reward_template(c).replace(IMAGE_PLACEHOLDER, ""))) for c in convs)
+    return n_img + text
 
 
 def hd_views(pixels, crop):

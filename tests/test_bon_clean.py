@@ -76,15 +76,14 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
 
 def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     """Two prompts, 8 candidates each (world_eval samples max(1, 2, 4, 8, n)); the statistics against a hand count."""
-    import train
     items = [{"kind": "colour", "question": "q0"}, {"kind": "count", "question": "q1"}]
     cands = [list("rwrwwwww"), list("wwwrwwww")]
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
-    monkeypatch.setattr(bon.data, "is_correct", lambda it, c: c == "r")
-    monkeypatch.setattr(train, "ensure_world", lambda d: {"heldout_prompts": ""})
-    monkeypatch.setattr(train, "heldout_items", lambda w: items)
+    monkeypatch.setattr(bon.world, "is_correct", lambda it, c: c == "r")
+    monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
+    monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
     r = bon.world_eval(None, [], a)

@@ -9,8 +9,9 @@ import ppo
 from conftest import randomize
 from model import InternLMXComposer2
 from reward import RewardModel
-from train import Whole, sft_prompt
 from test_train import world  # noqa: F401  (the small-world fixture)
+
+CPU = torch.device("cpu")
 
 
 def naive_gae(rewards, values, lengths, gamma, lam):
@@ -74,65 +75,67 @@ def roles(world):  # noqa: F811
     rm = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3).requires_grad_(False)
     critic = randomize(RewardModel.from_pretrained(world / "sft", head="score"), seed=3)
     rows = data.read_sft(world / "world" / "sft_train.json")[:6]
-    prompts = [(sft_prompt(r), r["images"], r) for r in rows]
+    prompts = [(data.sft_prompt(r), r["images"], r) for r in rows]
     return policy, ref, rm, critic, prompts
 
 
 def rollout(roles, **kw):
     policy, ref, rm, critic, prompts = roles
     a = args(**kw)
-    samples = ppo.collect_rollouts(policy, ref, critic, [rm], prompts, a, torch.device("cpu"),
-                                   torch.Generator().manual_seed(0))
-    for s in samples:
-        s["mask"] = torch.ones(len(s["response"]))
-        s["segments_len"] = 50
-    return a, samples
+    ro = ppo.collect_rollouts(policy, ref, critic, [rm], prompts, a, CPU, torch.Generator().manual_seed(0))
+    ro.prompt_len = [50] * len(ro)
+    return a, ro
+
+
+def update(roles, ro, a, opt, opt_v):
+    policy, critic = roles[0], roles[3]
+    norm = ppo.reward_norm(critic, a.normalize_reward)
+    return ppo.ppo_update(ppo.PolicyLogprobs(policy, a.temperature, CPU), ppo.CriticValues(critic, norm, CPU), ro,
+                          opt, opt_v, a, CPU, 1)
 
 
 def test_first_minibatch_ratio_is_one_and_ref_equals_policy(roles):
-    a, samples = rollout(roles, mini_batches=1, ppo_epochs=1)
-    for s in samples:
-        torch.testing.assert_close(s["old_logp"], s["ref_logp"], atol=1e-5, rtol=0)  # policy == ref at the start
-    ppo.compute_advantages(samples, a)
+    a, ro = rollout(roles, mini_batches=1, ppo_epochs=1)
+    torch.testing.assert_close(ro.old_logp, ro.ref_logp, atol=1e-5, rtol=0)  # policy == ref at the start
+    ppo.compute_advantages(ro, a)
     policy, _, _, critic, _ = roles
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
-    stats = ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a, torch.device("cpu"), 1)
+    stats = update(roles, ro, a, opt, opt_v)
     assert stats["ratio"] == pytest.approx(1.0, abs=1e-6) and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_logprobs_of_padded_batch_equal_each_alone(roles):
-    a, samples = rollout(roles)
+    a, ro = rollout(roles)
     policy = roles[0]
-    batch = ppo.rollout_batch(policy, samples, "images", torch.device("cpu"))
-    together, _ = ppo.logprobs_of(policy, batch, a.temperature)
-    for b, s in enumerate(samples):
-        alone, _ = ppo.logprobs_of(policy, ppo.rollout_batch(policy, [s], "images", torch.device("cpu")), a.temperature)
-        n = len(s["response"])
+    together, _ = ppo.logprobs_of(policy, ppo.model_batch(policy, ro, "policy", CPU), a.temperature)
+    for b, n in enumerate((3, 8, 5, 1, 8, 2)):  # unequal responses: the right padding is exercised too
+        ro.mask[b, n:] = 0.0
+    for b, n in enumerate(ro.lengths().tolist()):
+        alone, _ = ppo.logprobs_of(policy, ppo.model_batch(policy, ro.rows([b]), "policy", CPU), a.temperature)
         torch.testing.assert_close(together[b, :n], alone[0, :n], atol=1e-5, rtol=0)
 
 
 def test_critic_value_at_reward_token_equals_rm_score(roles):
     """The critic starts as a copy of the reward model: on the reward-template sequence its last value is the score."""
     policy, ref, rm, critic, prompts = roles
-    a, samples = rollout(roles)
-    scores = ppo.reward_scores([critic], samples, torch.device("cpu"), normalize=False)
-    torch.testing.assert_close(scores, ppo.reward_scores([rm], samples, torch.device("cpu"), normalize=False))
+    a, ro = rollout(roles)
+    scores = ppo.reward_scores([critic], ro, CPU, normalize=False)
+    torch.testing.assert_close(scores, ppo.reward_scores([rm], ro, CPU, normalize=False))
 
 
 def test_missing_eos_is_penalised_and_score_sits_on_last_token(roles):
-    a, samples = rollout(roles, max_new_tokens=3, missing_eos_penalty=1.5)
-    raw = ppo.reward_scores([roles[2]], samples, torch.device("cpu"), normalize=False)
-    for s, r in zip(samples, raw.tolist()):
-        assert s["score"] == pytest.approx(r - (0.0 if s["stopped"] else 1.5), abs=1e-5)
-    assert any(not s["stopped"] for s in samples)
+    a, ro = rollout(roles, max_new_tokens=3, missing_eos_penalty=1.5)
+    raw = ppo.reward_scores([roles[2]], ro, CPU, normalize=False)
+    for score, stopped, r in zip(ro.score.tolist(), ro.stopped.tolist(), raw.tolist()):
+        assert score == pytest.approx(r - (0.0 if stopped else 1.5), abs=1e-5)
+    assert not ro.stopped.all()
     a.kl_coef, a.lam, a.gamma = 0.0, 1.0, 1.0
-    for s in samples:
-        s["values"] = torch.zeros(len(s["response"]))
-    ppo.compute_advantages(samples, a)
+    ro.values = torch.zeros_like(ro.values)
+    ppo.compute_advantages(ro, a)
     # with no KL, gamma = lambda = 1 and V = 0, every token's return is the final score
-    for s in samples:
-        torch.testing.assert_close(s["returns"], torch.full((len(s["response"]),), s["score"]), atol=1e-5, rtol=0)
+    for b, n in enumerate(ro.lengths().tolist()):
+        torch.testing.assert_close(ro.returns[b, :n], torch.full((n,), ro.score[b].item()), atol=1e-5, rtol=0)
 
 
 def test_seeded_sampler_is_reproducible(roles):
@@ -145,15 +148,15 @@ def test_seeded_sampler_is_reproducible(roles):
 
 
 def test_rloo_baseline_is_leave_one_out(roles):
-    a, samples = rollout(roles, algo="rloo", rloo_k=2, kl_coef=0.0)
-    assert len(samples) == 12 and samples[0]["group"] == samples[1]["group"] != samples[2]["group"]
-    raw = [s["score"] for s in samples]
-    ppo.compute_advantages(samples, a)
+    a, ro = rollout(roles, algo="rloo", rloo_k=2, kl_coef=0.0)
+    assert len(ro) == 12 and ro.group[0] == ro.group[1] != ro.group[2]
+    raw = ro.score.tolist()
+    ppo.compute_advantages(ro, a)
     # before whitening each row's advantage is its score minus its sibling's: pairs are antisymmetric
     for i in range(0, 12, 2):
         d = raw[i] - raw[i + 1]
         if abs(d) > 1e-6:
-            assert (samples[i]["adv"][0] > samples[i + 1]["adv"][0]) == (d > 0)
+            assert (ro.adv[i, 0] > ro.adv[i + 1, 0]) == (d > 0)
 
 
 def test_critic_values_are_in_the_rewards_units(roles):
@@ -163,14 +166,13 @@ def test_critic_values_are_in_the_rewards_units(roles):
     mean, std = critic.cfg.reward_mean, critic.cfg.reward_std
     critic.cfg.reward_mean, critic.cfg.reward_std = 0.7, 2.5
     try:
-        a, samples = rollout(roles, normalize_reward=True)
-        raw = ppo.values_of(critic, ppo.rollout_batch(critic, samples, "critic_images", torch.device("cpu")))
-        for b, s in enumerate(samples):
-            n = len(s["response"])
-            torch.testing.assert_close(s["values"], (raw[b, :n] - 0.7) / 2.5, atol=1e-5, rtol=0)
-        a, samples = rollout(roles, normalize_reward=False)
-        for b, s in enumerate(samples):
-            torch.testing.assert_close(s["values"], raw[b, :len(s["response"])], atol=1e-5, rtol=0)
+        a, ro = rollout(roles, normalize_reward=True)
+        raw = ppo.values_of(critic, ppo.model_batch(critic, ro, "critic", CPU))
+        for b, n in enumerate(ro.lengths().tolist()):
+            torch.testing.assert_close(ro.values[b, :n], (raw[b, :n] - 0.7) / 2.5, atol=1e-5, rtol=0)
+        a, ro = rollout(roles, normalize_reward=False)
+        for b, n in enumerate(ro.lengths().tolist()):
+            torch.testing.assert_close(ro.values[b, :n], raw[b, :n], atol=1e-5, rtol=0)
     finally:
         critic.cfg.reward_mean, critic.cfg.reward_std = mean, std
 
@@ -184,10 +186,9 @@ def test_reward_input_ends_like_the_template(roles, monkeypatch):
     monkeypatch.setattr(type(rm), "score_embedded", lambda self, rows: seen.append(rows) or torch.zeros(len(rows)))
     monkeypatch.setattr(type(rm), "splice", lambda self, segments, images: segments[-1])
     answer = tok.encode("The triangle is red.", add_special_tokens=False)
-    samples = [{"segments": [[5]], "response": answer + [end], "stopped": True, "rm_images0": []}
-               for end in (tok.eos_id, tok.eot_id)] + [{"segments": [[5]], "response": answer, "stopped": False,
-                                                       "rm_images0": []}]
-    ppo.reward_scores([rm], samples, torch.device("cpu"), normalize=False)
+    ro = ppo.Rollout.start([answer + [tok.eos_id], answer + [tok.eot_id], answer], [True, True, False], 0,
+                           [[[5]]] * 3, {"rm0": [[]] * 3}, [1] * 3, [None] * 3, [0, 1, 2])
+    ppo.reward_scores([rm], ro, CPU, normalize=False)
     want = answer + [tok.eot_id] + tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
     assert seen[0] == [want, want, want]
 
@@ -195,15 +196,15 @@ def test_reward_input_ends_like_the_template(roles, monkeypatch):
 def test_update_runs_exactly_the_requested_mini_batches(roles, monkeypatch):
     """Seven samples in two mini-batches are two optimizer steps per epoch (4 + 3), not a third step on a
     remainder of one sample."""
-    a, samples = rollout(roles, mini_batches=2, ppo_epochs=2)
-    samples = samples[:5] + samples[:2]
-    ppo.compute_advantages(samples, a)
+    a, ro = rollout(roles, mini_batches=2, ppo_epochs=2)
+    ro = ro.rows([0, 1, 2, 3, 4, 0, 1])
+    ppo.compute_advantages(ro, a)
     policy, _, _, critic, _ = roles
     steps = []
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
     monkeypatch.setattr(opt, "step", lambda: steps.append(1))
-    ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a, torch.device("cpu"), 1)
+    update(roles, ro, a, opt, opt_v)
     assert len(steps) == 4
 
 
@@ -211,17 +212,15 @@ def test_logged_means_are_token_means_over_the_update(roles):
     """Statistics are token means over the whole update however the micro-batches split it. At the first step the
     ratio is 1, so the policy loss is minus the whitened advantage, whose token mean is exactly 0; averaging the
     micro-batches' means instead would weigh a 1-token response like an 8-token one."""
-    a, samples = rollout(roles, mini_batches=1, ppo_epochs=1, token_budget=120)
-    for s, n in zip(samples, (1, 8, 2, 8, 3, 8)):  # responses of unequal lengths: micro-batches of unequal tokens
-        s["response"] = s["response"][:n]
-        for key in ("old_logp", "ref_logp", "values", "mask"):
-            s[key] = s[key][:n]
-    ppo.compute_advantages(samples, a)
-    lengths = [len(s["response"]) + s["segments_len"] for s in samples]
+    a, ro = rollout(roles, mini_batches=1, ppo_epochs=1, token_budget=120)
+    for b, n in enumerate((1, 8, 2, 8, 3, 8)):  # responses of unequal lengths: micro-batches of unequal tokens
+        ro.mask[b, n:] = 0.0
+    ro.old_logp, ro.ref_logp, ro.values = ro.old_logp * ro.mask, ro.ref_logp * ro.mask, ro.values * ro.mask
+    ppo.compute_advantages(ro, a)
+    lengths = (ro.lengths() + 50).tolist()
     assert len({sum(lengths[i] - 50 for i in b) for b in data.token_budget_batches(lengths, 120, shuffle=False)}) > 1
     policy, _, _, critic, _ = roles
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     opt_v = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.0)
-    stats = ppo.ppo_update(policy, critic, Whole(policy), Whole(critic), samples, opt, opt_v, a,
-                           torch.device("cpu"), 1)
+    stats = update(roles, ro, a, opt, opt_v)
     assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-5)

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ASSETS, REAL_TOKENIZER, ROOT
+import common
 import data
 import train
+import world as world_module  # the module; `world` is the fixture below
 from model import Config, InternLMXComposer2, init_weights
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -29,10 +31,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("w")
     wd = root / "world"
     wd.mkdir()
-    paths = data.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
+    paths = world_module.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
     rows = sum((json.loads(open(p).read()) for p in paths.values()), [])
-    data.train_world_tokenizer(data.template_texts(rows), str(wd / "tokenizer.model"))
-    (wd / "world.json").write_text(json.dumps({"version": data.WORLD_VERSION,
+    world_module.train_world_tokenizer(world_module.template_texts(rows), str(wd / "tokenizer.model"))
+    (wd / "world.json").write_text(json.dumps({"version": world_module.WORLD_VERSION,
                                                "files": {k: os.path.basename(p) for k, p in paths.items()}}))
     tok = data.Tokenizer(wd / "tokenizer.model")
     policy = init_weights(InternLMXComposer2(Config(**SMALL, vocab_size=tok.vocab_size)), seed=0)
@@ -114,7 +116,7 @@ def test_resume_is_bit_identical(world, tmp_path):
 
 def test_batch_smaller_than_the_processes_is_refused(world, tmp_path, monkeypatch):
     """Checked before any collective: a rank without a sample would hang the step's all-reduce."""
-    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 4, torch.device("cpu")))
+    monkeypatch.setattr(common, "setup_distributed", lambda: (0, 4, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--batch 2 is smaller than the 4 processes"):
         run(world, tmp_path / "c", "--steps", "1", "--batch", "2")
 
@@ -137,7 +139,7 @@ def test_sft_stage_learns_only_answers(world, tmp_path):
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "colour" in summary["heldout_accuracy_by_kind"]
     tok = data.Tokenizer(world / "world" / "tokenizer.model")
     sample = data.read_sft(world / "world" / "sft_train.json")[0]
-    answer = train.sft_segments(tok, sample)[0][-1]
+    answer = data.sft_segments(tok, sample)[0][-1]
     assert tok.decode(answer[:-1]) == sample["conversation"][-1]["content"]  # the loss covers the answer + end of turn
     assert answer[-1] == tok.eot_id
 
@@ -148,7 +150,7 @@ def test_heldout_file_with_data(world, tmp_path):
     summary = run(world, tmp_path / "sft", "--data", str(w / "sft_train.json"), "--heldout",
                   str(w / "heldout_prompts.json"), "--steps", "2", stage="sft")
     model = InternLMXComposer2.from_pretrained(tmp_path / "sft")
-    acc, by_kind = train.eval_policy(model, train.heldout_items(w / "heldout_prompts.json"))
+    acc, by_kind = world_module.eval_policy(model, world_module.heldout_items(w / "heldout_prompts.json"))
     assert summary["heldout_accuracy"] == acc and summary["heldout_accuracy_by_kind"] == by_kind
     summary = run(world, tmp_path / "rm", "--data", str(w / "pref_train.json"), "--heldout",
                   str(w / "pref_heldout.json"), "--steps", "2")
@@ -159,7 +161,7 @@ def test_heldout_file_with_data(world, tmp_path):
     rows = json.loads((w / "heldout_prompts.json").read_text())
     (tmp_path / "h.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "query"} for r in rows]))
     with pytest.raises(ValueError, match="h.json row 1: .*'query'"):   # the checker reads it: refused up front
-        train.heldout_items(tmp_path / "h.json")
+        world_module.heldout_items(tmp_path / "h.json")
     with pytest.raises(SystemExit, match="--heldout goes with --data"):
         run(world, tmp_path / "rm2", "--heldout", str(w / "pref_heldout.json"))
 
@@ -172,7 +174,7 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
     image = str(next((world / "world" / "images").iterdir()))
     conv = data.qa("<ImageHere>What colour is the square?", "The square is red.") + \
         data.qa("How many circles are there?", "The number of circles is 2.")
-    segments, flags = train.sft_segments(tok, {"conversation": conv, "images": [image]})
+    segments, flags = data.sft_segments(tok, {"conversation": conv, "images": [image]})
     ids = [t for seg in segments if isinstance(seg, list) for t in seg]
     assert tok.decode([t for t, f in zip(ids, flags) if f], skip_special_tokens=False) == \
         "The square is red." + data.END_OF_TURN + "The number of circles is 2." + data.END_OF_TURN
@@ -180,8 +182,7 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
                    for seg in segments)
     want = data.chat_prompt("How many circles are there?", [(conv[0]["content"], conv[1]["content"])])
     assert text == want + "The number of circles is 2." + data.END_OF_TURN and segments[0][0] == tok.bos_id
-    a = train.parse_args(["--stage", "sft", "--out", "x", "--hd-num", "9"])
-    loss = train.sft_loss(model, [{"conversation": conv, "images": [image]}], tok, a)
+    loss = train.SFTObjective(model, hd_num=9)([{"conversation": conv, "images": [image]}])
     with torch.no_grad():  # a naive loop: every text position whose token is an answer token, predicted from before
         batch = model.embed_batch([(segments, model.load_images([image], 9))])
         logp = torch.log_softmax(model(batch["embeds"], batch["im_mask"], batch["attention_mask"])[0], -1)
@@ -189,8 +190,8 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
         nll = [-logp[p - 1, batch["ids"][0, p]] for p, f in zip(text, flags) if f]
     assert loss.item() == pytest.approx((sum(nll) / len(nll)).item(), rel=1e-5)
     sample = data.read_sft(world / "world" / "sft_train.json")[0]
-    segments, flags = train.sft_segments(tok, sample)
-    prompt, _ = model.sequence(train.sft_prompt(sample), sample["images"], 9)
+    segments, flags = data.sft_segments(tok, sample)
+    prompt, _ = model.sequence(data.sft_prompt(sample), sample["images"], 9)
     answer = tok.encode(sample["conversation"][-1]["content"] + data.END_OF_TURN, add_special_tokens=False)
     assert segments == prompt + [answer] and flags[-len(answer):] == [True] * len(answer) and sum(flags) == len(answer)
 
@@ -400,7 +401,7 @@ def test_readers_take_every_json_shape_and_reject_bad_rows_early(tmp_path):
     with pytest.raises(ValueError, match=r"sft.jsonl row 2: expected user and assistant turns in alternation"):
         data.read_sft(s)
     s.write_text(json.dumps({"image": "a.png", "conversations": turns}) + "\n")
-    prompt = train.sft_prompt(data.read_sft(s)[0])  # earlier turns are the history, with the image placeholder
+    prompt = data.sft_prompt(data.read_sft(s)[0])  # earlier turns are the history, with the image placeholder
     assert prompt == data.chat_prompt("And the shape?", [("<ImageHere>What colour?", "Red.")])
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "mix.txt").write_text("sft.jsonl 0.002\nempty.json 1\n")
@@ -413,7 +414,7 @@ def test_readers_take_every_json_shape_and_reject_bad_rows_early(tmp_path):
 def test_trim_metrics_drops_a_line_cut_by_a_kill(tmp_path):
     m = tmp_path / "metrics.jsonl"
     m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    train.trim_metrics(m, 2)
+    common.trim_metrics(m, 2)
     assert m.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -427,15 +428,15 @@ def test_official_example_reads(tmp_path):
 
 def test_nan_loss_stops_without_saving_nan(world, tmp_path, monkeypatch):
     last = {"step": -1}
-    real_lr_at, real_bt_loss = train.lr_at, train.bt_loss
+    real_lr_at, real_bt_loss = common.lr_at, train.bt_loss
 
-    def lr_at(step, a):  # called as each step ends: the step index the next losses belong to is step + 1
+    def lr_at(step, *a):  # called as each step ends: the step index the next losses belong to is step + 1
         last["step"] = max(last["step"], step)
-        return real_lr_at(step, a)
+        return real_lr_at(step, *a)
 
     def flaky(c, r):  # every micro-batch of the 4th step (index 3) and after
         return real_bt_loss(c, r) * (float("nan") if last["step"] >= 2 else 1.0)
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    monkeypatch.setattr(common, "lr_at", lr_at)
     monkeypatch.setattr(train, "bt_loss", flaky)
     with pytest.raises(SystemExit, match=r"loss is nan at step 4.*last good checkpoint is .* \(step 2\)"):
         run(world, tmp_path / "nan", "--steps", "6")
@@ -536,7 +537,7 @@ def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
     for amp in (3.0, 0.0):
         a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"),
                               "--vit-pos", str(amp)])
-        model = train.build_model(a, torch.device("cpu"))
+        model = train.sft_model(a, torch.device("cpu"))
         table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
         if amp:
             assert torch.equal(table, sincos_position_embedding(model.cfg.vision.grid, table.shape[1], amp))
@@ -546,32 +547,32 @@ def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
 
 def test_sft_from_scratch_model_shape_flags(world, tmp_path):
     """--layers / --width / --ffn shape the from-scratch world model; the defaults are the shipped policy's."""
-    shipped = json.loads((train.WORLD_SFT / "config.json").read_text())
-    judge = json.loads((train.ROOT / "checkpoints" / "world-sft6" / "config.json").read_text())  # the RM trunk for BoN
+    shipped = json.loads((world_module.WORLD_SFT / "config.json").read_text())
+    judge = json.loads((ROOT / "checkpoints" / "world-sft6" / "config.json").read_text())  # the RM trunk for BoN
     for flags, want in [([], (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["intermediate_size"])),
                         (["--layers", "6", "--width", "96", "--ffn", "256"],
                          (judge["num_hidden_layers"], judge["hidden_size"], judge["intermediate_size"])),
                         (["--layers", "3", "--width", "48", "--ffn", "96"], (3, 48, 96))]:
         a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"), *flags])
-        model = train.build_model(a, torch.device("cpu"))
+        model = train.sft_model(a, torch.device("cpu"))
         assert (len(model.model.layers), model.cfg.hidden_size, model.cfg.intermediate_size) == want
         assert model.model.layers[0].feed_forward.w1.weight.shape == (want[2], want[1])
 
 
 def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
-    real = data.write_world
-    monkeypatch.setattr(data, "write_world",
+    real = world_module.write_world
+    monkeypatch.setattr(world_module, "write_world",
                         lambda out, seed: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
     wd = tmp_path / "world"
     wd.mkdir()
     (wd / "world.json").write_text(json.dumps({"sft_train": "sft_train.json"}))
-    files = train.ensure_world(wd)
-    assert json.loads((wd / "world.json").read_text())["version"] == data.WORLD_VERSION
+    files = world_module.ensure_world(wd)
+    assert json.loads((wd / "world.json").read_text())["version"] == world_module.WORLD_VERSION
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
     (wd / ".lock").unlink()
-    monkeypatch.setattr(data, "write_world", lambda *a: pytest.fail("a current world is rewritten"))
-    assert train.ensure_world(wd) == files and not (wd / ".lock").exists()  # only read: a read-only cache works
+    monkeypatch.setattr(world_module, "write_world", lambda *a: pytest.fail("a current world is rewritten"))
+    assert world_module.ensure_world(wd) == files and not (wd / ".lock").exists()  # only read: a read-only cache works
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a POSIX file lock")
@@ -579,15 +580,15 @@ def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
     """Two callers at once (as torchrun's ranks): one writes the world, the other waits for it and reads it."""
     import threading
     import time
-    real, calls = data.write_world, []
+    real, calls = world_module.write_world, []
 
     def slow_small(out, seed):
         calls.append(out)
         time.sleep(0.5)  # long enough for the other caller to arrive while this one writes
         return real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8)
-    monkeypatch.setattr(data, "write_world", slow_small)
+    monkeypatch.setattr(world_module, "write_world", slow_small)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(train.ensure_world(tmp_path / "world")))
+    threads = [threading.Thread(target=lambda: results.append(world_module.ensure_world(tmp_path / "world")))
                for _ in range(2)]
     for t in threads:
         t.start()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import conftest  # noqa: F401  (puts the repo root on sys.path)
-import data as world
+import world
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,310 @@
+"""What every training stage shares and no algorithm owns: processes, wrapping for DDP / FSDP2, the optimizer and
+its schedule, atomic checkpoints with exact resume, the metrics log and its learning-curve picture.
+
+It exists so that `train.py` (sft, rm) and `ppo.py` can each hold one visible loop without importing one another;
+nanochat keeps the same kind of module (`common.py`). Nothing here knows a stage.
+"""
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: torchrun sets RANK / WORLD_SIZE; one process without it.
+
+
+def setup_distributed():
+    """(rank, world size, device). Rank 0 alone writes checkpoints while the others wait in a collective: a 7B
+    checkpoint with its optimizer state can take longer than the default 10-minute timeout."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed(world):
+    """A gloo group left for the interpreter's exit can abort it ("terminate called without an active exception",
+    pytorch#190489). DDP's and FSDP's hooks keep the models, which hold the group, in reference cycles: collect
+    them, then destroy the group while the interpreter is whole."""
+    if world > 1:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def log(rank, *a):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+def sum_over_ranks(t, world):
+    """Sum of a small tensor over the ranks, moved to the device the backend needs (NCCL: the GPU)."""
+    if world == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(dev)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def check_replicas(model, world, what):
+    """Under DDP every rank holds the same weights (same start, averaged gradients, same step). A gradient that
+    missed the all-reduce shows here as ranks that disagree, instead of as a silently worse model."""
+    if world == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"the ranks hold different {what} weights: gradients were not averaged across ranks")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrapping. The module wrapped is an objective: its forward takes raw samples and returns what the loss is made
+# of, because splicing reads the token embeddings and image separators before the decoder runs, so the whole
+# computation must happen inside the wrapped forward for DDP to arm its all-reduce and for FSDP to gather them.
+
+
+def wrap(objective, world, fsdp=False):
+    """One process: as is. torchrun: DDP, or FSDP2 with one all-gather / reduce-scatter unit per decoder layer and
+    the root (embeddings, norm, head, separators) as another."""
+    if world == 1:
+        return objective
+    if not fsdp:
+        # PLoRA and the separators get no gradient from a text-only micro-batch
+        return torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    # frozen parameters (ViT + vision_proj) stay whole on every rank: nothing to shard, small next to the decoder
+    frozen = {p for p in objective.parameters() if not p.requires_grad}
+    for layer in objective.model.model.layers:
+        fully_shard(layer)
+    fully_shard(objective, ignored_params=frozen)
+    # a rank whose micro-batch has no image reduces zeros for PLoRA (as DDP's find_unused_parameters), so that the
+    # ranks' reduce-scatters match
+    objective.set_reduce_scatter_unused_params(True)
+    return objective
+
+
+def no_sync_unless(last, wrapped):
+    """DDP all-reduces in the backward of a forward run outside no_sync: only a step's last micro-batch does, so
+    each rank reduces once per step however many micro-batches its share packs into. FSDP reduce-scatters after
+    each micro-batch, so that only a shard of the gradients is ever held."""
+    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    return wrapped.no_sync() if ddp and not last else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def root_gathered(wrapped):
+    """FSDP2: the root's own parameters (embeddings, separators, norm, head) gathered outside a forward, for work
+    that calls the model directly (generation); each layer still gathers itself call by call. Every rank must run
+    the same calls."""
+    if not isinstance(wrapped, FSDPModule):
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+def micro_batches(lengths, budget, world, fsdp, device):
+    """A step's share cut into micro-batches of at most `budget` padded tokens (data.token_budget_batches). Under
+    FSDP each forward all-gathers every layer, so every rank runs as many micro-batches as the one that needs the
+    most, splitting its largest until it has them."""
+    micro = data.token_budget_batches(lengths, budget, shuffle=False)
+    if world > 1 and fsdp:
+        n = torch.tensor(len(micro), device=device)  # NCCL reduces device tensors only
+        dist.all_reduce(n, dist.ReduceOp.MAX)
+        while len(micro) < n:
+            micro.sort(key=len)
+            big = micro.pop()
+            micro += [big[:len(big) // 2], big[len(big) // 2:]]
+    return micro
+
+
+def autocast(device, mode):
+    """bf16 autocast of the forward passes over fp32 weights (auto: on CUDA only)."""
+    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=on)
+
+
+def to_cpu(t, keep=True):
+    """A tensor on the CPU, gathered whole first if FSDP shards it (a collective: every rank calls it; only the
+    `keep` ones hold the result)."""
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    return t.detach().contiguous().cpu() if keep else None
+
+
+def like(t, ref):
+    """A whole tensor laid out as `ref`: this rank's shard when FSDP shards `ref` (every rank read the same file)."""
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None) \
+        if isinstance(ref, DTensor) else t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule (the official recipe: AdamW, beta2 0.95, wd 0.1, 1% warmup, cosine to 0, clip 1.0)
+
+
+def make_optimizer(model, lr, weight_decay, beta2):
+    """AdamW; no weight decay on norms, biases, separators and other vectors."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8)
+
+
+def lr_at(step, lr, steps, warmup):
+    """Linear warmup over the first `warmup` fraction of the steps, then cosine to zero."""
+    warm = max(1, int(warmup * steps))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def clip_and_step(params, opt, clip):
+    """Global grad-norm clip, one optimizer step; returns the norm before clipping."""
+    norm = to_cpu(torch.nn.utils.clip_grad_norm_(params, clip)).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory, checkpoints, metrics
+
+
+def prepare_out(out, resume, rank):
+    """The run directory: an existing run is continued with --resume, never trained over."""
+    out = Path(out)
+    if (out / "resume.safetensors").exists() and not resume:
+        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_checkpoint(out, model, opt, step, write=True):
+    """model (from_pretrained layout) and resume.safetensors (model + optimizer + RNG + step), each atomic; the
+    resume file alone is enough to continue, so a kill between the two writes loses nothing. Under FSDP every rank
+    calls it to gather the shards, and the one with `write` writes whole tensors, the layout of an unsharded run."""
+    weights = {k: to_cpu(v, write) for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = to_cpu(v, write)
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "param_groups": opt_state["param_groups"], "python_rng": random.getstate()}
+    tmp = out / "resume.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, out / "resume.safetensors")
+    model.save_pretrained(out, metadata={"step": step}, state=weights)
+
+
+def load_checkpoint(out, model, opt):
+    """Restore model, optimizer and RNG from resume.safetensors; returns the step. Under FSDP each rank keeps its
+    shard of every tensor, read one at a time."""
+    path = out / "resume.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out} (expected {path.name})")
+    ref, params, weights, state = model.state_dict(), [p for g in opt.param_groups for p in g["params"]], {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        for k in f.keys():
+            if k.startswith("model."):
+                weights[k[6:]] = like(f.get_tensor(k), ref.get(k[6:]))
+            elif k.startswith("optim."):
+                _, i, name = k.split(".", 2)  # Adam's moments are laid out as their parameter, its step count is not
+                state.setdefault(int(i), {})[name] = f.get_tensor(k) if name == "step" else \
+                    like(f.get_tensor(k), params[int(i)])
+        rng = f.get_tensor("rng.torch")
+    model.load_state_dict(weights)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(rng)
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in meta["python_rng"]))
+    return meta["step"]
+
+
+def trim_metrics(path, step):
+    """On resume, forget log lines of steps after the checkpoint: they are about to be run again. A line cut short
+    by the kill is dropped too."""
+    def before(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if before(line)]
+        data.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def curves_svg(metrics_path, keys, title, w=300, h=170):
+    """Learning curves from metrics.jsonl as one SVG: a small panel per key, its value against `step`. No plotting
+    dependency: the panels are polylines, each scaled to its own range."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    panels = []
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if "step" in r and finite(r.get(key))]
+        if pts:
+            panels.append((key, pts))
+    cols = min(3, max(1, len(panels)))
+    height = 30 + h * math.ceil(len(panels) / cols)
+    out = [f'<svg width="{w * cols}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">',
+           f'<text x="8" y="18" font-size="14">{title}</text>']
+    for i, (key, pts) in enumerate(panels):
+        x0, y0, pw, ph = 45 + w * (i % cols), 40 + h * (i // cols), w - 60, h - 50
+        (s_lo, s_hi), (v_lo, v_hi) = [(min(c), max(c)) for c in zip(*pts)]
+        s_span, v_span = (s_hi - s_lo) or 1, (v_hi - v_lo) or 1
+        poly = " ".join(f"{x0 + pw * (s - s_lo) / s_span:.1f},{y0 + ph - ph * (v - v_lo) / v_span:.1f}" for s, v in pts)
+        dots = "" if len(pts) > 30 else "".join(
+            f'<circle cx="{x0 + pw * (s - s_lo) / s_span:.1f}" cy="{y0 + ph - ph * (v - v_lo) / v_span:.1f}" r="2.5" '
+            f'fill="#2a6fdb"/>' for s, v in pts)
+        out += [f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>',
+                f'<text x="{x0}" y="{y0 - 4}" font-size="12">{key}</text>',
+                f'<polyline points="{poly}" fill="none" stroke="#2a6fdb" stroke-width="1.5"/>{dots}',
+                f'<text x="{x0 - 4}" y="{y0 + 10}" font-size="10" text-anchor="end">{v_hi:.3g}</text>',
+                f'<text x="{x0 - 4}" y="{y0 + ph}" font-size="10" text-anchor="end">{v_lo:.3g}</text>',
+                f'<text x="{x0}" y="{y0 + ph + 13}" font-size="10">{s_lo:g}</text>',
+                f'<text x="{x0 + pw}" y="{y0 + ph + 13}" font-size="10" text-anchor="end">step {s_hi:g}</text>']
+    return "".join(out) + "</svg>"
+
+
+def write_curves(out, keys, title):
+    """curves.svg beside metrics.jsonl, rewritten whole (atomically) whenever it is called."""
+    if (out / "metrics.jsonl").is_file():
+        data.atomic_write_text(out / "curves.svg", curves_svg(out / "metrics.jsonl", keys, title))
