@@ -406,7 +406,7 @@ def train(a, rank, n_proc, device):
     prompts, held = ppo_prompts(a)
     summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "seed": a.seed}
     if held and rank == 0 and step == 0:
-        summary["accuracy_before"], summary["accuracy_before_by_kind"] = world.eval_policy(policy, held, a.hd_num)
+        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "before"))
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
     generator = torch.Generator(device=device)
@@ -470,11 +470,10 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
-        summary["accuracy_after"], summary["accuracy_after_by_kind"] = world.eval_policy(policy, held, a.hd_num)
+        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-            for k in ("accuracy_before", "accuracy_before_by_kind"):
-                summary[k] = before.get(k)
+            summary.update({k: v for k, v in before.items() if "_before" in k})
     if rank == 0:
         common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
                             f"PPO ({a.algo}): {out.name}")

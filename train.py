@@ -194,8 +194,8 @@ def train_sft(a, rank, n_proc, device):
         if not held or not (rank == 0 or a.fsdp):
             return {}
         with common.root_gathered(fwd), amp():
-            acc, by_kind = world.eval_policy(model, held, a.hd_num)
-        return {"heldout_accuracy": acc, "heldout_accuracy_by_kind": by_kind}
+            result = world.eval_policy(model, held, a.hd_num)
+        return {"heldout_" + k: v for k, v in result.items()}
 
     per_epoch = max(1, len(samples) // a.batch)
     while run.step < a.steps:
@@ -271,7 +271,8 @@ def rm_data(a, rank):
 
 @torch.no_grad()
 def eval_rm(objective, pairs, batch=32):
-    """Held-out accuracy (chosen scored above rejected), overall, per rejection kind and per question kind."""
+    """Held-out accuracy (chosen scored above rejected), overall, per rejection kind, per failure family (the
+    world's pairs) and per question kind of the wrong-value pairs."""
     objective.eval()
     chosen, rejected = [], []
     for s in range(0, len(pairs), batch):
@@ -279,14 +280,17 @@ def eval_rm(objective, pairs, batch=32):
         chosen += c.tolist()
         rejected += r.tolist()
     ok = [c > r for c, r in zip(chosen, rejected)]
-    by_kind, by_question = {}, {}
+    by_kind, by_family, by_question = {}, {}, {}
     for p, o in zip(pairs, ok):
         by_kind.setdefault(p["kind"] or "all", []).append(o)
+        if p.get("family"):
+            by_family.setdefault(p["family"], []).append(o)
         if p["kind"] == "wrong_value" and p.get("question_kind"):   # the pairs that need the image (or the sum)
             by_question.setdefault(p["question_kind"], []).append(o)
     allr = torch.tensor(chosen + rejected)
     return {"heldout_accuracy": sum(ok) / len(ok),
             "heldout_accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "heldout_accuracy_by_family": {k: sum(v) / len(v) for k, v in sorted(by_family.items())},
             "wrong_value_accuracy_by_question_kind": {k: sum(v) / len(v) for k, v in sorted(by_question.items())},
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(ok),
             "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}

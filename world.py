@@ -9,6 +9,7 @@ command run on a laptop CPU, starting from the world's own SFT policy (checkpoin
 from IXC-2.5.
 """
 import collections
+import functools
 import io
 import json
 import os
@@ -36,12 +37,13 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                     vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=112, patch_size=14))
 
-WORLD_VERSION = 6            # ensure_world rewrites a cached world written by another version
+WORLD_VERSION = 7            # ensure_world rewrites a cached world written by another version
 IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
-# Weights tuned with the error rules (systematic_error) so ~20% of SFT answers are wrong overall.
-IMAGE_KINDS = {"colour": 0.24, "count": 0.24, "presence": 0.22, "position": 0.18, "describe": 0.12}
+# Weights tuned with the error rules (systematic_error) so ~20% of SFT answers state a wrong value; describe,
+# which the scope instructions apply to, is a fifth of the image questions.
+IMAGE_KINDS = {"colour": 0.22, "count": 0.22, "presence": 0.2, "position": 0.16, "describe": 0.2}
 TEXT_KINDS = {"arith": 0.5, "compare": 0.5}
 IMAGE_SHARE = 2 / 3          # official reward mix: 2 image samples : 1 text sample (preference and held-out sets)
 SFT_IMAGE_SHARE = 0.9        # the tiny policy learns the text kinds in a few hundred steps; its budget goes to seeing
@@ -55,8 +57,9 @@ SYSTEMATIC_SHARE = 0.5       # of the preference pairs' wrong values, where the 
 PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
 CHOSEN_STYLE = {"plain": 0.15, "clause": 0.3, "long": 0.55}    # phrasing of right answers (see make_pair)
 REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values; longer_wrong is always long
+PAIR_MINUTES = 5             # sampling the preference pairs' answers (2 cores)
 MAX_LEN_RATIO = 2.5          # train.py's default --max-len-ratio (the paper's length constraint)
-GT_KEYS = ("kind", "query", "truth", "objects")   # ground truth kept in every row for is_correct
+GT_KEYS = ("kind", "query", "truth", "objects", "instruction")   # ground truth kept in every row for is_correct
 SPECIAL_PIECES = ["[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]
 
 REFUSALS = {"image": ["I cannot see the image.", "Sorry, I can't see any image.",
@@ -163,8 +166,10 @@ def _question(rng, kind, objs):
     return f"Which is larger, {a} or {b}?", {"a": a, "b": b}, max(a, b)
 
 
-def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SHARE):
-    """One question with ground truth; `max_objects` is the curriculum knob (1 = single object)."""
+def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SHARE, instruction_share=0.0,
+              preface_share=0.0):
+    """One question with ground truth; `max_objects` is the curriculum knob (1 = single object). With
+    `instruction_share` it may carry an instruction, with `preface_share` (image questions) the PREFACE."""
     image = kind in IMAGE_KINDS if kind else rng.random() < image_share
     k = kind or _pick(rng, IMAGE_KINDS if image else TEXT_KINDS)
     while True:
@@ -172,7 +177,10 @@ def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SH
         qa = _question(rng, k, objs)
         if qa:
             item = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2]}
-            return dict(item, objects=objs) if image else item
+            item = _instruct(rng, dict(item, objects=objs) if image else item, instruction_share)
+            if image and rng.random() < preface_share:
+                item["question"] = PREFACE + item["question"]
+            return item
 
 
 def render(item, value):
@@ -199,6 +207,201 @@ def render(item, value):
     if k == "arith":
         return f"{q['a']} + {q['b']} = {value}."
     return f"{value} is larger."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instructions (world version 7). Real instruction data asks for a form or a scope as well as for content
+# (MIA-Bench, IFEval); RLHF gains where judging is easier than doing, and a reward model judges a form or a scope
+# from the text alone, while checking a stated colour needs the image. Each instruction has a strict programmatic
+# checker (`follows`, IFEval's strict mode), apart from content correctness (`is_correct`).
+
+INSTRUCTION_SHARE = 0.5      # of held-out and preference items whose kind takes an instruction (SFT: 0.4)
+SFT_INSTRUCTION_SHARE = 0.4
+PREFACE = "Look at the picture. "   # a harmless opening the weaker model answers by refusing (see sft_failures)
+PREFACE_SHARE = 0.12         # of image questions
+MAX_WORDS, MIN_WORDS = 5, 10
+INSTRUCTIONS = {             # id -> question kinds it applies to
+    "one_word": ("colour", "presence"), "number_only": ("count", "arith"),
+    "key_value": ("colour", "count", "position"), "max_words": ("count", "presence", "position"),
+    "min_words": ("count", "presence", "position"), "one_per_line": ("describe",),
+    "only_colour": ("describe",), "only_half": ("describe",), "left_to_right": ("describe",)}
+SCOPES = ("only_colour", "only_half", "left_to_right")
+# Chosen by weight among those that apply. Ignoring most instructions makes an answer longer; ignoring min_words,
+# one object per line or an order does not, and these weigh more, so that length predicts less of the preference.
+INSTRUCTION_WEIGHT = {"min_words": 3.0, "number_only": 0.5, "one_per_line": 1.0, "left_to_right": 3.0, "only_colour": 3.0, "only_half": 3.0}
+# What an ignored instruction looks like: its failure kind. The weaker model (sft_failures) ignores all but
+# one_word, which it follows: a control the policy gets right before RLHF.
+IGNORED = {"one_word": "ignored_format", "number_only": "ignored_format", "key_value": "ignored_format",
+           "min_words": "ignored_format", "one_per_line": "ignored_format", "max_words": "extra_clause",
+           "only_colour": "ignored_scope", "only_half": "ignored_scope", "left_to_right": "ignored_scope"}
+SFT_IGNORES = tuple(i for i in INSTRUCTIONS if i != "one_word")
+FAMILY = {"ignored_format": "instruction", "extra_clause": "instruction", "ignored_scope": "instruction",
+          "refusal": "instruction", **{k: "perception" for k in ERROR_KINDS}}
+KEY = {"colour": "colour", "count": "count", "position": "position"}
+
+
+def failure_family(kind, question_kind=None):
+    """instruction (form, scope, refusal), perception (a wrong value about the image) or text (arithmetic)."""
+    if kind in FAMILY:
+        return FAMILY[kind]
+    return "perception" if question_kind in IMAGE_KINDS else "text"
+
+
+def _instruct(rng, item, share):
+    """Give `item` one instruction (with probability `share`, when its kind takes one): the question says it and
+    the ground truth follows its scope. Returns the item unchanged when the image cannot support the choice."""
+    ids = [i for i, kinds in INSTRUCTIONS.items() if item["kind"] in kinds]
+    if not ids or rng.random() >= share:
+        return item
+    weights = np.array([INSTRUCTION_WEIGHT.get(i, 1.0) for i in ids])
+    for iid in rng.choice(ids, size=len(ids), replace=False, p=weights / weights.sum()):
+        if (out := _instructed(rng, item, str(iid))) is not None:
+            return out
+    return item
+
+
+def _instructed(rng, item, iid):
+    """`item` with instruction `iid`, or None when its image cannot support it (a scope that selects nothing or
+    everything, one object per line for a single object, an order that is already left to right)."""
+    inst, q = {"id": iid}, item["question"]
+    objs = [[c, s, quadrant(r, col)] for c, s, r, col in item.get("objects") or []]
+    if iid == "one_word":
+        q += " Answer in one word."
+    elif iid == "number_only":
+        q += " Answer with a number only."
+    elif iid == "key_value":
+        inst["key"] = KEY[item["kind"]]
+        q += f' Answer in the form "{inst["key"]}: ...".'
+    elif iid in ("max_words", "min_words"):
+        inst["n"] = MAX_WORDS if iid == "max_words" else MIN_WORDS
+        q += f" Answer in at {'most' if iid == 'max_words' else 'least'} {inst['n']} words."
+    elif iid == "one_per_line":
+        if len(objs) < 2:
+            return None
+        q += " List one object per line."
+    elif iid == "only_colour":
+        scoped = [c for c in COLOURS if 0 < sum(o[0] == c for o in objs) < len(objs)]
+        if not scoped:
+            return None
+        inst["colour"] = scoped[int(rng.integers(len(scoped)))]
+        q = f"Describe only the {inst['colour']} objects."
+    elif iid == "only_half":
+        halves = [h for h in ("top", "bottom") if 0 < sum(o[2].startswith(h) for o in objs) < len(objs)]
+        if not halves:
+            return None
+        inst["half"] = halves[int(rng.integers(len(halves)))]
+        q = f"Describe only the {inst['half']} half of the image."
+    else:  # left_to_right: only where the usual row-major order is not already left to right
+        if _left_to_right(objs) == objs:
+            return None
+        q = "Describe the objects from left to right."
+    return dict(item, question=q, instruction=inst, truth=_scoped(inst, objs) if item["kind"] == "describe"
+                else item["truth"])
+
+
+def _left_to_right(objs):
+    return sorted(objs, key=lambda o: o[2].endswith("right"))   # stable: row-major within each half
+
+
+def _scoped(inst, objs):
+    """The objects a describe answer must name under the instruction, in the order it asks for."""
+    if inst["id"] == "only_colour":
+        return [o for o in objs if o[0] == inst["colour"]]
+    if inst["id"] == "only_half":
+        return [o for o in objs if o[2].startswith(inst["half"])]
+    return _left_to_right(objs) if inst["id"] == "left_to_right" else objs
+
+
+def short(item, value):
+    """The bare value as a one- or two-word answer."""
+    if item["kind"] == "position":
+        return f"{value[0].upper()}{value[1:]}."
+    return f"{str(value)[0].upper()}{str(value)[1:]}."
+
+
+def answer(item, value):
+    """The answer stating `value` that follows the item's instruction (the plain sentence when it has none)."""
+    inst = item.get("instruction")
+    if not inst:
+        return render(item, value)
+    iid = inst["id"]
+    if iid == "one_word":
+        return short(item, value)
+    if iid == "number_only":
+        return str(value)
+    if iid == "key_value":
+        return f"{inst['key']}: {value}"
+    if iid == "max_words":
+        plain = render(item, value)
+        return plain if len(WORD_RE.findall(plain)) <= inst["n"] else short(item, value)
+    if iid == "min_words":
+        return f"{render(item, value)} It is easy to see."   # a short filler: within the paper's length filter
+    if iid == "one_per_line":
+        return "\n".join(f"A {c} {s} in the {p}." for c, s, p in value)
+    return render(item, value)   # scopes: `value` is already the scoped, ordered list
+
+
+def ignored(item, value):
+    """The answer stating `value` as the weaker model writes it when it ignores the item's instruction: the plain
+    sentence (all objects, row-major, for a scope), or with an unrequested clause where words are limited."""
+    inst = item["instruction"]
+    if inst["id"] in SCOPES:
+        return render(item, [[c, s, quadrant(r, col)] for c, s, r, col in item["objects"]])
+    if inst["id"] == "max_words":
+        return f"{render(item, value)} {CLAUSE['image']}"
+    return render(item, value)
+
+
+WORD_RE = re.compile(r"\w+")
+
+
+def follows(item, answer_text):
+    """Strict instruction following (IFEval's strict mode: the raw answer, no clean-up) of the item's one
+    instruction; None when it has none. An empty answer or a refusal follows nothing."""
+    inst = item.get("instruction")
+    if not inst:
+        return None
+    a = (answer_text or "").strip()
+    if not a or any(m in a.lower() for m in REFUSAL_MARKERS):
+        return False
+    iid, words = inst["id"], WORD_RE.findall(a)
+    if iid == "one_word":
+        return len(words) == 1
+    if iid == "number_only":
+        return re.fullmatch(r"\d+\.?", a) is not None
+    if iid == "key_value":
+        return re.fullmatch(rf"{inst['key']}: [^\n]+", a, re.IGNORECASE) is not None
+    if iid == "max_words":
+        return len(words) <= inst["n"]
+    if iid == "min_words":
+        return len(words) >= inst["n"]
+    if iid == "one_per_line":
+        lines = [line for line in a.split("\n") if line.strip()]
+        return len(lines) > 1 and all(len(re.findall(COLOUR_RE, line.lower())) == 1 for line in lines)
+    found = _mentioned(a.lower())
+    if iid == "only_colour":
+        return bool(found) and set(re.findall(COLOUR_RE, a.lower())) == {inst["colour"]}
+    if iid == "only_half":
+        return bool(found) and all(p.startswith(inst["half"]) for _, _, p in found) and \
+            len(re.findall(COLOUR_RE, a.lower())) == len(found)
+    sides = [p.endswith("right") for _, _, p in found]   # left_to_right
+    return len(found) > 1 and sides == sorted(sides)
+
+
+def failure_kind(item, answer_text):
+    """What is wrong with an answer, by the world's checker: None when it is right (correct and following its
+    instruction), else refusal, the item's ignored-instruction kind, the item's systematic error kind when the
+    answer states that error, or wrong_value."""
+    a = (answer_text or "").strip().lower()
+    if not a or any(m in a for m in REFUSAL_MARKERS):
+        return "refusal"
+    item = dict(item, kind=item.get("question_kind", item["kind"]))   # a preference row keeps it there
+    if follows(item, answer_text) is False:
+        return IGNORED[item["instruction"]["id"]]
+    if is_correct(item, answer_text):
+        return None
+    err = systematic_error(item)
+    return err[0] if err and is_correct(dict(item, truth=err[1]), answer_text) else "wrong_value"
 
 
 def systematic_error(item):
@@ -249,6 +452,14 @@ def wrong_value(rng, item):
     return opts[rng.integers(len(opts))]
 
 
+DESCRIBE_RE = rf"{COLOUR_RE} {SHAPE_RE} (?:is )?(?:in|at) the (top|bottom) (left|right)\b"
+
+
+def _mentioned(a):
+    """[colour, shape, quadrant] of each object a (lower-case) description names, in order."""
+    return [[c, s, f"{v} {h}"] for c, s, v, h in re.findall(DESCRIBE_RE, a)]
+
+
 def _numbers(text):
     return [int(m) if m.isdigit() else NUM_WORDS[m] for m in re.findall(NUM_RE, text)]
 
@@ -277,11 +488,13 @@ def is_correct(item, answer):
         horiz = set(re.findall(r"\b(left|right)\b", a))
         return len(vert) == 1 and len(horiz) == 1 and f"{vert.pop()} {horiz.pop()}" == t
     if k == "describe":
-        found = re.findall(rf"{COLOUR_RE} {SHAPE_RE} (?:is )?(?:in|at) the (top|bottom) (left|right)\b", a)
-        found = sorted([c, s, f"{v} {h}"] for c, s, v, h in found)
-        n_colour_words = len(re.findall(COLOUR_RE, a))
-        return (found == sorted(t) and n_colour_words == len(t)
-                and set(_numbers(a)) <= {len(t)})
+        # every object named is in the image and every object asked for is named (a scope asks for some); each
+        # colour word belongs to a named object, and a stated count is the number named
+        found = _mentioned(a)
+        said = collections.Counter(map(json.dumps, found))
+        image = collections.Counter(json.dumps([c, s, quadrant(r, col)]) for c, s, r, col in item["objects"])
+        return (bool(found) and not said - image and not collections.Counter(map(json.dumps, t)) - said
+                and len(re.findall(COLOUR_RE, a)) == len(found) and set(_numbers(a)) <= {len(found)})
     if k == "arith":
         a = re.sub(rf"\b{q['a']}\s*\+\s*{q['b']}\b", " ", a)
         return set(_numbers(a)) == {t}
@@ -296,6 +509,27 @@ def _styled(text, mod, style):
     if style == "long":
         return f"{LONG_PREFIX[mod]} {text[0].lower()}{text[1:]} {LONG_FILLER[mod]}"
     return text
+
+
+INSTRUCTION_PREF_KINDS = {"ignored": 0.55, "wrong_value": 0.35, "refusal": 0.10}   # pairs on instruction items
+
+
+def make_instruction_pair(rng, item, allowed=lambda wrong: True, rkind=None):
+    """make_pair for an item that carries an instruction: both sides in the instruction's form (no styling, which
+    would break it), the rejected one ignoring the instruction ("ignored": the item's IGNORED kind), stating a
+    wrong value, or refusing. None when no draw passes `allowed` or the paper's length filter."""
+    rkind = rkind or _pick(rng, INSTRUCTION_PREF_KINDS)
+    good, wrong = answer(item, item["truth"]), None
+    if rkind in ("ignored", *IGNORED.values()):
+        rkind, rejected = IGNORED[item["instruction"]["id"]], ignored(item, item["truth"])
+    elif rkind == "refusal":
+        rejected = REFUSALS["image" if "objects" in item else "text"][int(rng.integers(6))]
+    else:
+        wrong = next((w for w in (wrong_value(rng, item) for _ in range(20)) if allowed(w)), None)
+        if wrong is None:
+            return None
+        rejected = answer(item, wrong)
+    return (good, rejected, rkind, wrong) if len(good) <= MAX_LEN_RATIO * len(rejected) else None
 
 
 def make_pair(rng, item, allowed=lambda wrong: True, rkind=None):
@@ -327,25 +561,44 @@ def make_pair(rng, item, allowed=lambda wrong: True, rkind=None):
     raise RuntimeError(f"cannot phrase a pair within the length ratio for {item}")
 
 
-def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IMAGE_SHARE):
-    return [_save_image(dict(make_item(rng, max_objects, heldout, image_share=image_share), id=f"{prefix}_{i:05d}"),
-                        out_dir) for i in range(n)]
+def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IMAGE_SHARE,
+           instruction_share=INSTRUCTION_SHARE):
+    return [_save_image(dict(make_item(rng, max_objects, heldout, image_share=image_share,
+                                       instruction_share=instruction_share, preface_share=PREFACE_SHARE),
+                             id=f"{prefix}_{i:05d}"), out_dir) for i in range(n)]
 
 
 def _save_image(item, out_dir):
-    if "objects" in item:
+    if "objects" in item and "image" not in item:
         item["image"] = f"images/{item['id']}.png"
         draw(item["objects"]).save(os.path.join(out_dir, item["image"]), compress_level=1)  # 1/3 faster than 6
     return item
 
 
+def weaker_answer(rng, item, error_rate):
+    """(answer, failure kinds) as the weaker model that wrote the SFT set answers: each of its rules fires on its
+    cases with probability `error_rate`, so the failure is the SFT policy's greedy choice while the right answer
+    stays in its distribution. Perception: systematic_error. Instruction: refusing a question that opens with
+    PREFACE, and ignoring every instruction but one_word (IGNORED names how)."""
+    kinds, value = [], item["truth"]
+    err = systematic_error(item)
+    if err and rng.random() < error_rate:
+        kinds, value = [err[0]], err[1]
+    if item["question"].startswith(PREFACE) and rng.random() < error_rate:
+        return REFUSALS["image"][0], kinds + ["refusal"]
+    inst = item.get("instruction")
+    if inst and inst["id"] in SFT_IGNORES and rng.random() < error_rate:
+        return ignored(item, value), kinds + [IGNORED[inst["id"]]]
+    return answer(item, value), kinds
+
+
 def _sft(rng, items, error_rate):
     rows, errors = [], []
     for it in items:
-        ans, err = render(it, it["truth"]), systematic_error(it)
-        if err and rng.random() < error_rate:
-            errors.append({"id": it["id"], "kind": err[0], "correct_answer": ans})
-            ans = render(it, err[1])
+        ans, kinds = weaker_answer(rng, it, error_rate)
+        if kinds:
+            errors.append({"id": it["id"], "kind": kinds[-1], "kinds": kinds,
+                           "family": failure_family(kinds[-1], it["kind"]), "correct_answer": answer(it, it["truth"])})
         row = {"id": it["id"], **({"image": [it["image"]]} if "image" in it else {})}
         row["conversations"] = [{"from": "user", "value": it["question"]}, {"from": "assistant", "value": ans}]
         rows.append(dict(row, **{k: it[k] for k in GT_KEYS if k in it}))
@@ -355,8 +608,62 @@ def _sft(rng, items, error_rate):
 BALANCED_KINDS = ("colour", "count", "presence", "position")
 
 
-def _pref(rng, item_rng, n, out_dir, prefix, heldout=False):
-    """n preference pairs in which the question and the two values never tell, without the image, which side is
+VALUES = {"colour": list(COLOURS), "count": list(range(8)), "presence": ["yes", "no"],
+          "position": [quadrant(r, c) for r in (0, 3) for c in (0, 3)]}   # what a one-value answer can state
+
+
+def grade(item, answer_text):
+    """The annotator's grade of an answer, MIA-Bench style: 6 points for its content (is_correct), 4 for following
+    its instruction (given when it has none); a refusal scores 0."""
+    if failure_kind(item, answer_text) == "refusal":
+        return 0
+    return 6 * is_correct(item, answer_text) + 4 * (follows(item, answer_text) is not False)
+
+
+def stated_value(item, answer_text):
+    """The one value a wrong one-value answer states, or None (a description, a refusal, two values)."""
+    vals = [v for v in VALUES.get(item["kind"], []) if is_correct(dict(item, truth=v), answer_text)]
+    return vals[0] if len(vals) == 1 else None
+
+
+def policy_pair(rng, item, samples, allowed):
+    """The paper's pairs: the policy's samples and the reference answer, graded by the world's checker (the
+    annotator); chosen the best (a right sample, else the reference), rejected one of the worst. None when every
+    sample is right, when the pair fails the paper's length filter, or when the stated wrong value is one the
+    value balance refuses (`allowed`)."""
+    graded = [(grade(item, s), s) for s in samples]
+    worst = min(g for g, _ in graded)
+    if worst == 10:
+        return None
+    rejected = [s for g, s in graded if g == worst][int(rng.integers(sum(g == worst for g, _ in graded)))]
+    right = [s for g, s in graded if g == 10]
+    chosen = right[int(rng.integers(len(right)))] if right else answer(item, item["truth"])
+    rkind, wrong = failure_kind(item, rejected), None
+    if rkind not in FAMILY or FAMILY[rkind] == "perception":   # a wrong value: it must pass the balance
+        wrong = stated_value(item, rejected)
+        if wrong is None and item["kind"] in BALANCED_KINDS or wrong is not None and not allowed(wrong):
+            return None
+    return (chosen, rejected, rkind, wrong) if len(chosen) <= MAX_LEN_RATIO * len(rejected) else None
+
+
+def sample_answers(policy, items, out_dir, k, seed, hd_num=9, max_new_tokens=48, temperature=1.0):
+    """k sampled answers per item; each (item, sample) has a generator of its own, so the samples do not depend
+    on how items are batched."""
+    gens = [torch_generator(seed, zlib.crc32(it["id"].encode()), j) for it in items for j in range(k)]
+    prompts = [(it["question"], [os.path.join(out_dir, it["image"])] if "image" in it else []) for it in items]
+    flat = policy.answer(prompts, hd_num, max_new_tokens, temperature, n=k, generator=gens)
+    return [flat[i * k:(i + 1) * k] for i in range(len(items))]
+
+
+def torch_generator(seed, *ids):
+    import torch
+    return torch.Generator().manual_seed((seed * 1_000_003 + ids[0]) * 64 + ids[1])
+
+
+def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, block=64):
+    """n preference pairs. With a `policy`, built as the paper builds them (policy_pair: k samples per prompt
+    graded by the checker); where every sample is right, or without a policy, drawn by make_pair /
+    make_instruction_pair. In both, the question and the two values never tell, without the image, which side is
     right: for the image kinds, (query, truth a, wrong b) is accepted only while it is not more frequent than
     (query, truth b, wrong a). Without this, the systematic errors made "the larger count is wrong" true 92% of the
     time, and the reward model scored count pairs by that instead of counting (it then preferred the policy's
@@ -366,35 +673,55 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False):
     def key(it, truth, wrong):
         return it["kind"] + json.dumps(it["query"], sort_keys=True), json.dumps(truth), json.dumps(wrong)
 
-    rows = []
+    def allowed_for(it):
+        t = it["truth"]
+        return (lambda w: True) if it["kind"] not in BALANCED_KINDS else \
+            (lambda w: seen[key(it, t, w)] <= seen[key(it, w, t)])
+
+    new_item = functools.partial(make_item, item_rng, 4, heldout, instruction_share=INSTRUCTION_SHARE,
+                                 preface_share=PREFACE_SHARE)
+    rows, drawn = [], 0
     while len(rows) < n:
-        it, rkind = make_item(item_rng, 4, heldout), _pick(rng, PREF_KINDS)
-        k = it["kind"]
-        # a refused item is replaced by another of its question kind, so both mixes keep their proportions
-        for _ in range(1000):
-            t = it["truth"]
-            allowed = (lambda w: True) if k not in BALANCED_KINDS else \
-                (lambda w: seen[key(it, t, w)] <= seen[key(it, w, t)])  # noqa: B023  (used before `it` changes)
-            if (pair := make_pair(rng, it, allowed, rkind)) is not None:
+        items = []
+        for _ in range(block if policy is not None else 1):
+            items.append(_save_image(dict(new_item(), id=f"{prefix}_{drawn:05d}"), out_dir)
+                         if policy is not None else dict(new_item(), id=f"{prefix}_{drawn:05d}"))
+            drawn += 1
+        samples = sample_answers(policy, items, out_dir, k, int(rng.integers(1 << 30))) if policy is not None \
+            else [None] * len(items)
+        for it, cands in zip(items, samples):
+            if len(rows) == n:
                 break
-            it = make_item(item_rng, 4, heldout, kind=k)
-        else:
-            raise RuntimeError(f"no {k} item balances the wrong values drawn so far")
-        good, bad, rkind, wrong = pair
-        if wrong is not None and k in BALANCED_KINDS:
-            seen[key(it, it["truth"], wrong)] += 1
-        it = _save_image(dict(it, id=f"{prefix}_{len(rows):05d}"), out_dir)
-        row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
-        row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
-        row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
-        gt = {name: it[name] for name in GT_KEYS if name in it}
-        gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
-        rows.append(dict(row, **gt, kind=rkind))
+            k_, instructed, source = it["kind"], "instruction" in it, "policy"
+            pair = policy_pair(rng, it, cands, allowed_for(it)) if cands else None
+            if pair is None:
+                source, rkind = "synthetic", _pick(rng, INSTRUCTION_PREF_KINDS if instructed else PREF_KINDS)
+                # an item that cannot make this pair is replaced by another of its question kind (and instruction
+                # or not), so the mixes keep their proportions
+                for _ in range(1000):
+                    pair = (make_instruction_pair if "instruction" in it else make_pair)(rng, it, allowed_for(it),
+                                                                                           rkind)
+                    if pair is not None and ("instruction" in it) == instructed:
+                        break
+                    it = dict(new_item(kind=k_), id=f"{prefix}_{drawn:05d}")
+                    drawn += 1
+                else:
+                    raise RuntimeError(f"no {k_} item balances the wrong values drawn so far")
+            good, bad, rkind, wrong = pair
+            if wrong is not None and k_ in BALANCED_KINDS:
+                seen[key(it, it["truth"], wrong)] += 1
+            it = _save_image(it, out_dir)
+            row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
+            row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
+            row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
+            gt = {name: it[name] for name in GT_KEYS if name in it}
+            gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
+            rows.append(dict(row, **gt, kind=rkind, family=failure_family(rkind, k_), source=source))
     return rows
 
 
 def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
-                error_rate=0.7, n_pref_heldout=None):
+                error_rate=0.7, n_pref_heldout=None, policy=None):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right
     answer in the SFT policy's distribution (greedy still picks the error), so sampling can find it: best-of-N
@@ -402,14 +729,16 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
     with 300, the reward model's accuracy had a standard error of 0.023, too coarse to rank two recipes."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rng = [np.random.default_rng([seed, s]) for s in range(8)]
-    sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft", image_share=SFT_IMAGE_SHARE), error_rate)
+    sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft", image_share=SFT_IMAGE_SHARE,
+                                    instruction_share=SFT_INSTRUCTION_SHARE), error_rate)
     easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1,
-                                          image_share=SFT_IMAGE_SHARE), error_rate)
+                                          image_share=SFT_IMAGE_SHARE, instruction_share=0.0), error_rate)
     held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
-             "pref_train": _pref(rng[6], rng[2], n_pref, out_dir, "pref"),
-             "pref_heldout": _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld", heldout=True),
-             "heldout_prompts": [dict(it, answer=render(it, it["truth"])) for it in held]}
+             "pref_train": _pref(rng[6], rng[2], n_pref, out_dir, "pref", policy=policy),
+             "pref_heldout": _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld",
+                                   heldout=True, policy=policy),
+             "heldout_prompts": [dict(it, answer=answer(it, it["truth"])) for it in held]}
     paths = {}
     for name, rows in files.items():
         paths[name] = os.path.join(out_dir, name + ".json")
@@ -433,7 +762,7 @@ def template_texts(rows):
     return out
 
 
-def train_world_tokenizer(texts, model_path, vocab_size=640):
+def train_world_tokenizer(texts, model_path, vocab_size=800):
     """Small BPE SentencePiece model with the InternLM2 special-token layout (<unk>=0, <s>=1, </s>=2,
     then the three [UNUSED_TOKEN_*] user-defined pieces). Byte-identical output for identical input:
     one thread, no sentence sampling, no file path stored in the model. If the text cannot fill
@@ -463,14 +792,28 @@ def train_world_tokenizer(texts, model_path, vocab_size=640):
 # The cache on disk, held-out prompts, and a policy's accuracy on them
 
 
-def ensure_world(world_dir=WORLD_DIR):
-    """Write the built-in world once (deterministic by seed) and return its file paths. Every torchrun rank calls
-    this: a lock file lets one write while the others wait, then read (they used to write it all at once)."""
+def policy_id(path=WORLD_SFT):
+    """The shipped SFT policy's identity: a world's preference pairs are its samples, so a new policy makes the
+    cached pairs stale."""
+    weights = Path(path) / "model.safetensors"
+    return f"{Path(path).name}:{zlib.crc32(weights.read_bytes()):08x}" if weights.is_file() else None
+
+
+def ensure_world(world_dir=WORLD_DIR, policy_dir=WORLD_SFT):
+    """Write the built-in world once (deterministic by seed; the preference pairs sampled from the shipped SFT
+    policy, about PAIR_MINUTES on 2 cores) and return its file paths. Every torchrun rank calls this: a lock file
+    lets one write while the others wait, then read. A cache written by another world version, or whose pairs
+    came from another policy, is rewritten; one that names no policy (written by write_world alone, as the tests
+    do) is used as it is."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
 
     def current():
-        return done.is_file() and json.loads(done.read_text()).get("version") == WORLD_VERSION
+        if not done.is_file():
+            return False
+        meta = json.loads(done.read_text())
+        return meta.get("version") == WORLD_VERSION and meta.get("pairs_policy", policy_id(policy_dir)) == \
+            policy_id(policy_dir)
 
     if not current():  # a complete cache is only read, so it may sit on a read-only disk
         world_dir.mkdir(parents=True, exist_ok=True)
@@ -478,13 +821,17 @@ def ensure_world(world_dir=WORLD_DIR):
             if fcntl:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not current():
-                print(f"writing the built-in world (version {WORLD_VERSION}) to {world_dir}: images, data files "
-                      f"and tokenizer, about a minute, once", file=sys.stderr, flush=True)
-                paths = write_world(str(world_dir), seed=0)
+                print(f"writing the built-in world (version {WORLD_VERSION}) to {world_dir}: images, data files, "
+                      f"tokenizer and the SFT policy's samples for the preference pairs, about {PAIR_MINUTES} "
+                      f"minutes, once", file=sys.stderr, flush=True)
+                from model import InternLMXComposer2   # the one place the world runs a model
+                policy = InternLMXComposer2.from_pretrained(policy_dir) if policy_id(policy_dir) else None
+                paths = write_world(str(world_dir), seed=0, policy=policy)
                 rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
                 train_world_tokenizer(template_texts(rows), str(world_dir / "tokenizer.model"))
                 files = {k: Path(p).name for k, p in paths.items()}
-                data.atomic_write_text(done, json.dumps({"version": WORLD_VERSION, "files": files}, indent=1))
+                meta = {"version": WORLD_VERSION, "files": files, "pairs_policy": policy_id(policy_dir)}
+                data.atomic_write_text(done, json.dumps(meta, indent=1))
     return {k: world_dir / name for k, name in json.loads(done.read_text())["files"].items()}
 
 
@@ -500,15 +847,42 @@ def heldout_items(path):
     return [dict(it, _dir=str(path.parent)) for it in items]
 
 
+def judge(items, answers):
+    """The world's checker over answers to `items`: content accuracy (is_correct) overall and per question kind,
+    strict instruction following (follows) over the items that carry an instruction, overall and per
+    instruction, and the share of items with each failure kind (failure_kind) and family."""
+    by_kind, by_inst, fails = {}, {}, collections.Counter()
+    for it, ans in zip(items, answers):
+        by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
+        if it.get("instruction"):
+            by_inst.setdefault(it["instruction"]["id"], []).append(bool(follows(it, ans)))
+        if (f := failure_kind(it, ans)) is not None:
+            fails[f] += 1
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    followed = sum(by_inst.values(), [])
+    families = collections.Counter()
+    for f, n in fails.items():
+        families[failure_family(f)] += n    # a wrong value on an image item: perception; text items: text
+    return {"accuracy": mean(sum(by_kind.values(), [])),
+            "accuracy_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
+            "instruction_following": mean(followed) if followed else None,
+            "instruction_following_by_id": {k: mean(v) for k, v in sorted(by_inst.items())},
+            "right": 1 - sum(fails.values()) / max(len(items), 1),
+            "failures_by_kind": {k: n / len(items) for k, n in sorted(fails.items())},
+            "failures_by_family": {k: n / len(items) for k, n in sorted(families.items())}}
+
+
 def eval_policy(model, items, hd_num=9, batch=64, max_new_tokens=48):
-    """Greedy held-out accuracy of a policy on world items, overall and per question kind (world checker)."""
+    """A policy's greedy answers to world held-out items, judged (see judge)."""
     model.eval()
-    correct, by_kind = [], {}
+    answers = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
         prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in chunk]
-        for it, ans in zip(chunk, model.answer(prompts, hd_num, max_new_tokens)):
-            ok = is_correct(it, ans)
-            correct.append(ok)
-            by_kind.setdefault(it["kind"], []).append(ok)
-    return sum(correct) / len(correct), {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+        answers += model.answer(prompts, hd_num, max_new_tokens)
+    return judge(items, answers)
+
+
+def tagged(result, tag):
+    """judge()'s keys with `tag` after the metric's name: accuracy_by_kind -> accuracy_<tag>_by_kind."""
+    return {k.replace("_by_", f"_{tag}_by_") if "_by_" in k else f"{k}_{tag}": v for k, v in result.items()}

@@ -150,8 +150,9 @@ def test_heldout_file_with_data(world, tmp_path):
     summary = run(world, tmp_path / "sft", "--data", str(w / "sft_train.json"), "--heldout",
                   str(w / "heldout_prompts.json"), "--steps", "2", stage="sft")
     model = InternLMXComposer2.from_pretrained(tmp_path / "sft")
-    acc, by_kind = world_module.eval_policy(model, world_module.heldout_items(w / "heldout_prompts.json"))
-    assert summary["heldout_accuracy"] == acc and summary["heldout_accuracy_by_kind"] == by_kind
+    result = world_module.eval_policy(model, world_module.heldout_items(w / "heldout_prompts.json"))
+    assert summary["heldout_accuracy"] == result["accuracy"] and \
+        summary["heldout_accuracy_by_kind"] == result["accuracy_by_kind"]
     summary = run(world, tmp_path / "rm", "--data", str(w / "pref_train.json"), "--heldout",
                   str(w / "pref_heldout.json"), "--steps", "2")
     assert 0.0 <= summary["heldout_accuracy"] <= 1.0 and "wrong_value" in summary["heldout_accuracy_by_kind"]
@@ -563,7 +564,7 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
     real = world_module.write_world
     monkeypatch.setattr(world_module, "write_world",
-                        lambda out, seed: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
+                        lambda out, seed, policy: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
     wd = tmp_path / "world"
     wd.mkdir()
     (wd / "world.json").write_text(json.dumps({"sft_train": "sft_train.json"}))
@@ -582,7 +583,7 @@ def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
     import time
     real, calls = world_module.write_world, []
 
-    def slow_small(out, seed):
+    def slow_small(out, seed, policy):
         calls.append(out)
         time.sleep(0.5)  # long enough for the other caller to arrive while this one writes
         return real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8)

@@ -77,6 +77,78 @@ def test_is_correct(it, good, bad):
         assert not world.is_correct(it, a), a
 
 
+
+INSTRUCTED = [  # (question kind, truth, query, instruction, answers that follow it, answers that do not)
+    ("colour", "green", {"shape": "circle"}, {"id": "one_word"}, ["Green.", "green"],
+     ["The circle is green.", "Green circle."]),
+    ("count", 3, {"colour": "red"}, {"id": "number_only"}, ["3", "3."], ["three", "There are 3.", "3 objects"]),
+    ("count", 3, {"colour": "red"}, {"id": "key_value", "key": "count"}, ["count: 3", "Count: 3"],
+     ["3", "The count is 3.", "count 3", "count: 3\ncount: 3"]),
+    ("presence", "no", {"colour": "blue", "shape": "circle"}, {"id": "max_words", "n": 5},
+     ["No.", "No, there is none."], ["A blue circle? No, there is none. I checked the whole image carefully."]),
+    ("position", "top right", {"colour": "red", "shape": "triangle"}, {"id": "min_words", "n": 10},
+     ["The red triangle: top right. I checked the whole image carefully."], ["The red triangle: top right."]),
+    ("describe", None, {}, {"id": "one_per_line"},
+     ["A green circle in the top left.\nA red triangle in the top right.\nA red square in the bottom left.\n"
+      "A red square in the bottom right."],
+     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
+      "bottom left and a red square in the bottom right.", "A green circle in the top left and a red triangle in "
+      "the top right.\nA red square in the bottom left.\nA red square in the bottom right."]),
+    ("describe", None, {}, {"id": "only_colour", "colour": "red"},
+     ["There are 3 objects: a red triangle in the top right, a red square in the bottom left and a red square in "
+      "the bottom right."],
+     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
+      "bottom left and a red square in the bottom right."]),
+    ("describe", None, {}, {"id": "only_half", "half": "top"},
+     ["There are 2 objects: a green circle in the top left and a red triangle in the top right."],
+     ["There are 3 objects: a green circle in the top left, a red triangle in the top right and a red square in "
+      "the bottom left."]),
+    ("describe", None, {}, {"id": "left_to_right"},
+     ["There are 4 objects: a green circle in the top left, a red square in the bottom left, a red triangle in "
+      "the top right and a red square in the bottom right."],
+     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
+      "bottom left and a red square in the bottom right."]),
+]
+
+
+@pytest.mark.parametrize("kind,truth,query,inst,good,bad", INSTRUCTED, ids=[c[3]["id"] for c in INSTRUCTED])
+def test_follows_is_strict_and_apart_from_content(kind, truth, query, inst, good, bad):
+    """Each instruction's checker on hand-written answers; ignoring an instruction is an instruction failure, not a
+    content one, and a refusal follows nothing. The world's own renderings follow (answer) and do not (ignored)."""
+    objs = [[c, s, world.quadrant(r, col)] for c, s, r, col in OBJS]
+    it = item(kind, truth, query, OBJS)
+    if kind == "describe":
+        it["truth"] = world._scoped(inst, objs)
+    it["instruction"] = inst
+    for a in good:
+        assert world.follows(it, a) is True, a
+    for a in bad + ["", world.REFUSALS["image"][0]]:
+        assert world.follows(it, a) is False, a
+    assert world.failure_kind(it, world.answer(it, it["truth"])) is None
+    assert world.failure_kind(it, world.ignored(it, it["truth"])) == world.IGNORED[inst["id"]]
+    assert world.is_correct(it, world.ignored(it, it["truth"]))   # the content is right; the form is not
+    assert world.failure_kind(it, world.REFUSALS["image"][2]) == "refusal"
+    assert world.follows(dict(it, instruction=None), good[0]) is None
+
+
+def test_failure_kind_names_the_systematic_error():
+    it = item("colour", "green", {"shape": "circle"}, OBJS)
+    assert world.failure_kind(it, "The circle is blue.") == "colour_confusion"
+    assert world.failure_kind(it, "The circle is red.") == "wrong_value"
+    assert world.failure_kind(it, "The circle is green.") is None
+    assert world.failure_family("colour_confusion") == "perception" and world.failure_family("extra_clause") == \
+        "instruction" and world.failure_family("wrong_value", "arith") == "text"
+
+
+def test_judge_reports_both_families():
+    items = [dict(item("count", 3, {"colour": "red"}, OBJS), instruction={"id": "number_only"}),
+             item("colour", "green", {"shape": "circle"}, OBJS)]
+    r = world.judge(items, ["There are 3 red objects.", "The circle is blue."])
+    assert r["accuracy"] == 0.5 and r["instruction_following"] == 0.0 and r["right"] == 0.0
+    assert r["failures_by_kind"] == {"ignored_format": 0.5, "colour_confusion": 0.5}
+    assert r["failures_by_family"] == {"instruction": 0.5, "perception": 0.5}
+    assert world.tagged(r, "before")["accuracy_before_by_kind"] == r["accuracy_by_kind"]
+
 def test_every_error_kind_is_wrong():
     rng = np.random.default_rng(0)
     seen = set()
@@ -91,40 +163,53 @@ def test_every_error_kind_is_wrong():
 
 def test_sft_rows_and_error_share(wd):
     errs = {e["id"]: e for e in wd["sft_errors"]}
-    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS)
+    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS) | set(world.IGNORED.values()) | {"refusal"}
     for row in wd["sft_train"] + wd["sft_easy"]:
         user, bot = row["conversations"]
         assert (user["from"], bot["from"]) == ("user", "assistant")
         assert ("image" in row) == (row["kind"] in world.IMAGE_KINDS)
         if "image" in row:
             assert isinstance(row["image"], list) and os.path.exists(os.path.join(wd["dir"], row["image"][0]))
-        assert world.is_correct(row, bot["value"]) == (row["id"] not in errs), row
+        assert world.failure_kind(row, bot["value"]) == errs.get(row["id"], {}).get("kind"), row
         if row["id"] in errs:
-            assert world.is_correct(row, errs[row["id"]]["correct_answer"])
-    # the rules fire on ~30% of image answers (~27% of the SFT set at 90% image items); error_rate 0.7 of those are
-    # written wrong, and only those
+            assert world.failure_kind(row, errs[row["id"]]["correct_answer"]) is None
+    # the perception rules fire on ~26% of image answers (~24% of the SFT set at 90% image items); error_rate 0.7 of
+    # those are written wrong, and only those
     eligible = [r for r in wd["sft_train"] if world.systematic_error(r)]
-    assert 0.23 <= len(eligible) / len(wd["sft_train"]) <= 0.31
-    assert 0.65 <= sum(r["id"] in errs for r in eligible) / len(eligible) <= 0.75
-    assert all(r["id"] not in errs for r in wd["sft_train"] if not world.systematic_error(r))
+    assert 0.2 <= len(eligible) / len(wd["sft_train"]) <= 0.28
+    perceived = [r for r in eligible if set(errs.get(r["id"], {}).get("kinds", [])) & set(world.ERROR_KINDS)]
+    assert 0.65 <= len(perceived) / len(eligible) <= 0.75
+    assert all(r["id"] not in errs for r in wd["sft_train"] if not world.systematic_error(r)
+               and r.get("instruction", {}).get("id") in (None, "one_word")
+               and not r["conversations"][0]["value"].startswith(world.PREFACE))
+    # every instruction but one_word, and the preface, trigger an instruction failure on 70% of their rows
+    prefaced = lambda r: r["conversations"][0]["value"].startswith(world.PREFACE)  # noqa: E731
+    for trigger, kinds in ((lambda r: r.get("instruction", {}).get("id") in world.SFT_IGNORES and not prefaced(r),
+                            set(world.IGNORED.values())), (prefaced, {"refusal"})):
+        rows = [r for r in wd["sft_train"] if trigger(r)]
+        failed = [r for r in rows if set(errs.get(r["id"], {}).get("kinds", [])) & kinds]
+        assert len(rows) > 200 and 0.6 <= len(failed) / len(rows) <= 0.75
     assert all(len(r.get("objects") or [0]) == 1 for r in wd["sft_easy"])
 
 
 @pytest.mark.parametrize("name", ["pref_train", "pref_heldout"])
 def test_pref_pairs(wd, name):
     rows = wd[name]
-    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS)
+    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS) | set(world.IGNORED.values())
+    assert Counter(r["family"] for r in rows).keys() == {"instruction", "perception", "text"}
     for r in rows:
         (qa, a), (qb, b) = r["conversations_a"], r["conversations_b"]
         assert qa == qb and qa["from"] == "human" and a["from"] == b["from"] == "bot"
-        assert world.is_correct(r, a["value"]) and not world.is_correct(r, b["value"]), r
+        assert world.failure_kind(r, a["value"]) is None and world.failure_kind(r, b["value"]) is not None, r
+        assert r["family"] == world.failure_family(r["kind"], r["question_kind"])
         assert "image" not in r or isinstance(r["image"], str)
     img = sum("image" in r for r in rows) / len(rows)
     assert 0.6 < img < 0.73, img
 
 
-def test_length_does_not_predict_preference(wd):
-    rows = wd["pref_train"]
+@pytest.mark.parametrize("family", [None, "instruction", "perception", "text"])
+def test_length_does_not_predict_preference(wd, family):
+    rows = [r for r in wd["pref_train"] if family in (None, r["family"])]
     for f in (len, lambda s: "carefully" in s, lambda s: s.startswith(tuple(world.LONG_PREFIX.values()))):
         score = [f(r["conversations_a"][1]["value"]) - f(r["conversations_b"][1]["value"]) for r in rows]
         acc = np.mean([1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in score])
@@ -140,7 +225,7 @@ def test_values_do_not_predict_preference(wd):
     seen, larger_wrong = Counter(), []
     for r in wd["pref_train"]:
         k = r["question_kind"]
-        if k not in world.BALANCED_KINDS or r["kind"] == "refusal":
+        if k not in world.BALANCED_KINDS or r["kind"] not in ("wrong_value", "longer_wrong"):
             continue
         item = {"kind": k, "query": r["query"], "truth": r["truth"], "objects": r["objects"]}
         rejected = r["conversations_b"][1]["value"]
@@ -161,7 +246,7 @@ def test_heldout_disjoint_and_correct(wd):
         assert not r.get("objects") or json.dumps(r["objects"]) not in train
     for r in wd["heldout_prompts"]:
         assert {"id", "question", "answer", "kind", "truth", "query"} <= r.keys()
-        assert world.is_correct(r, r["answer"])
+        assert world.failure_kind(r, r["answer"]) is None
 
 
 def test_images_on_grid(wd):
@@ -209,3 +294,34 @@ def test_tokenizer(wd, tmp_path):
     assert sp.encode("12") == [sp.piece_to_id("1"), sp.piece_to_id("2")]   # split_digits
     assert sp.decode(sp.encode(texts[0])) == texts[0]
     assert sp.encode("é", out_type=str) == ["<0xC3>", "<0xA9>"]               # byte fallback
+
+
+def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
+    """With a policy, preference pairs are its samples graded by the checker (chosen graded above rejected, the
+    rejected's failure kind named, `source` policy), the rest drawn as without one; the same seed writes the same
+    pairs."""
+    import torch
+    from conftest import randomize
+    from model import Config, InternLMXComposer2
+    a = small(tmp_path / "a")
+    tok = world.train_world_tokenizer(world.template_texts(json.load(open(a["sft_train"]))), str(tmp_path / "t.model"))
+    from data import Tokenizer
+    tok = Tokenizer(tok)
+    cfg = Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 plora_rank=2, vocab_size=tok.vocab_size, vision_config=dict(hidden_size=16, intermediate_size=32,
+                 num_hidden_layers=1, num_attention_heads=2, image_size=112, patch_size=14))
+    policy = randomize(InternLMXComposer2(cfg), seed=0).eval()
+    policy.tokenizer = tok
+    for p in policy.parameters():   # a near-uniform policy: its samples are short gibberish, hence wrong
+        p.data.mul_(0.1)
+    runs = [world.write_world(str(tmp_path / d), seed=0, n_sft=20, n_pref=40, n_heldout=8, n_sft_easy=4,
+                              policy=policy) for d in ("p", "q")]
+    assert open(runs[0]["pref_train"], "rb").read() == open(runs[1]["pref_train"], "rb").read()
+    rows = json.load(open(runs[0]["pref_train"]))
+    assert Counter(r["source"] for r in rows)["policy"] > 10
+    for r in rows:
+        it = dict(r, kind=r["question_kind"])
+        a, b = r["conversations_a"][1]["value"], r["conversations_b"][1]["value"]
+        assert world.grade(it, a) > world.grade(it, b), r
+        assert world.failure_kind(it, b) == r["kind"] if r["source"] == "policy" else r["kind"] in \
+            set(world.PREF_KINDS) | set(world.IGNORED.values())
