@@ -5,6 +5,7 @@ N rows, N responses sampled in one batch, all N scored by the reward model in on
     python bon.py --n 4 --policy CHAT_DIR --rm RM_DIR --image photo.jpg --prompt "What is in the image?" --show
 """
 import argparse
+import collections
 import json
 import sys
 import time
@@ -59,27 +60,42 @@ def world_eval(policy, rms, a):
         scores += [flat[i * max(ks):(i + 1) * max(ks)] for i in range(len(chunk))]
         print(f"\rbest-of-{max(ks)}: {min(s + a.batch, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr)
     print(file=sys.stderr)
-    right = [[world.is_correct(it, c) for c in cs] for it, cs in zip(items, cands)]
-    result = {"accuracy_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {}, "oracle_by_n": {}}
+    # right: correct content and following the instruction; a wrong sample's failure kind names what is wrong
+    fails = [[world.failure_kind(it, c) for c in cs] for it, cs in zip(items, cands)]
+    right = [[f is None for f in fs] for fs in fails]
+    result = {"accuracy_by_n": {}, "oracle_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {},
+              "accuracy_by_n_by_family": {}}
     for k in ks:
         picks = [max(range(k), key=lambda i: sc[i]) for sc in scores]
         ok = [r[p] for r, p in zip(right, picks)]
         result["accuracy_by_n"][str(k)] = sum(ok) / len(ok)
         result["oracle_by_n"][str(k)] = sum(any(r[:k]) for r in right) / len(right)  # a perfect reward model
         result["mean_length_by_n"][str(k)] = sum(len(c[p]) for c, p in zip(cands, picks)) / len(picks)
-        by_kind = {}
-        for it, o in zip(items, ok):
-            by_kind.setdefault(it["kind"], []).append(o)
-        result["accuracy_by_n_by_kind"][str(k)] = {kd: sum(v) / len(v) for kd, v in sorted(by_kind.items())}
-    # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones
-    pairs = {}
-    for it, r, sc in zip(items, right, scores):
-        hits = [sc[i] > sc[j] for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
-        pairs.setdefault(it["kind"], []).extend(hits)
-    result["rm_accuracy_on_samples_by_kind"] = {kd: sum(v) / len(v) for kd, v in sorted(pairs.items()) if v}
-    result["sample_pairs_by_kind"] = {kd: len(v) for kd, v in sorted(pairs.items())}
+        result["accuracy_by_n_by_kind"][str(k)] = _means((it["kind"], o) for it, o in zip(items, ok))
+        # by family: instruction following of the picks on prompts with an instruction, content accuracy of the
+        # picks on image prompts (perception) and on text prompts
+        result["accuracy_by_n_by_family"][str(k)] = _means(
+            [("instruction", world.follows(it, c[p])) for it, c, p in zip(items, cands, picks) if it.get("instruction")]
+            + [("perception" if "objects" in it else "text", world.is_correct(it, c[p]))
+               for it, c, p in zip(items, cands, picks)])
+    # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones:
+    # per failure kind of the wrong sample
+    hits = [(fs[j], sc[i] > sc[j]) for fs, r, sc in zip(fails, right, scores)
+            for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
+    result["rm_accuracy_on_samples_by_kind"] = _means(hits)
+    result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, _ in hits).items())}
+    result["kind_family"] = {kd: world.failure_family(kd) for kd in result["sample_pairs_by_kind"]}
+    result["rm_accuracy_on_samples_by_family"] = _means((world.failure_family(kd), h) for kd, h in hits)
     result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy))
     return result
+
+
+def _means(pairs):
+    """{key: mean of its values} from (key, value) pairs, keys sorted."""
+    groups = {}
+    for key, v in pairs:
+        groups.setdefault(key, []).append(v)
+    return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
 
 
 def main(argv=None):

@@ -1,12 +1,14 @@
 """Data cleaning with IXC-2.5-Reward: score every sample of an instruction-tuning set, flag the lowest-scored ones
 (hallucinated, empty or image-mismatched answers), and write a report a person can review.
 
-    python clean.py --rm runs/rm --out runs/clean          # the built-in world's SFT set, whose wrong answers are known
+    python clean.py --rm runs/rm --out runs/clean          # the built-in world's cleaning set, its noise labelled
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
 
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
 but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on
-them), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json.
+them), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json. Rows
+that carry a "noise" label (the world's cleaning set) are scored against it: AUROC overall and per noise kind, and
+the report marks each flagged or noisy row a hit, a miss or a false alarm.
 
 A fine-tuning row is flagged by its answer's reward. A preference row (reward format) is flagged by its margin,
 reward(chosen) - reward(rejected): a low or negative margin is a pair the reward model reads as mislabelled, while
@@ -135,31 +137,47 @@ def histogram_svg(scores, flag_at, bins=40, w=640, h=160):
             f'<text x="{w - 40}" y="{h - 4}" font-size="11">{hi:.3f}</text></svg>')
 
 
-def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, title, show=200):
-    """`scores` and `flagged` are per row; a preference row shows both answers with their rewards."""
+def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, title, show=200, noise=None):
+    """`scores` and `flagged` are per row; a preference row shows both answers with their rewards. With `noise`
+    (each row's known noise kind, "" when clean) a column says whether flagging it was a hit, a false alarm or a
+    miss, and the misses are listed too."""
     by_row = {}
     for s, sc in zip(samples, sample_scores):
         by_row.setdefault(s["row"], []).append((s, sc))
     order = sorted(range(len(scores)), key=lambda r: lowest_first(scores[r]))
+    rank_of = {r: i for i, r in enumerate(order)}
+    misses = [r for r in order[show:] if noise and noise[r]]   # noisy rows scored too high to show above
     rows = []
-    for rank, r in enumerate(order[:show]):
+    for r in order[:show] + misses:
+        rank = rank_of[r]
         s = by_row[r][0][0]
         conv = s["conversation"]
         question = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
         imgs = "".join(thumbnail(p) for p in s["images"][:4])
         answers = "<br>".join((f"<b>{x['side']} ({sc:+.3f}):</b> " if x["side"] else "")
                               + html.escape(x["conversation"][-1]["content"]) for x, sc in by_row[r])
+        verdict = ""
+        if noise is not None:
+            verdict = ("hit: " if r in flagged else "miss: ") + noise[r] if noise[r] else \
+                ("false alarm" if r in flagged else "")
+            verdict = f'<td class="{verdict.split(":")[0].replace(" ", "-")}">{html.escape(verdict)}</td>'
         rows.append(f'<tr class="{"flag" if r in flagged else ""}"><td>{rank + 1}</td><td>{scores[r]:+.4f}</td>'
-                    f'<td>{html.escape(str(s["id"]))}</td><td>{imgs}</td>'
+                    f'<td>{html.escape(str(s["id"]))}</td>{verdict}<td>{imgs}</td>'
                     f'<td>{html.escape(question)}</td><td>{answers}</td></tr>')
+    known = "" if noise is None else (
+        f" The rows' known noise is marked: <b>hit</b> (noisy and flagged, green), <b>false alarm</b> (clean and "
+        f"flagged), <b>miss</b> (noisy, not flagged, orange); the {len(misses)} misses scored above the first {show} "
+        f"rows follow them.")
     doc = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
-padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}</style>
+padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}
+td.hit{{background:#c8e6c9!important}} td.miss{{background:#ffe0b2!important}} td.false-alarm{{background:#eee!important}}</style>
 <h1>{html.escape(title)}</h1>
 <p>{len(scores)} rows scored; {len(flagged)} flagged ({html.escape(rule)}, red). Lowest {min(show, len(scores))}
-shown first: check whether the answer matches the image and the question.</p>
+shown first: check whether the answer matches the image and the question.{known}</p>
 {histogram_svg(scores, flag_at)}
-<table><tr><th>#</th><th>score</th><th>id</th><th>image</th><th>question</th><th>answer</th></tr>{"".join(rows)}</table>
+<table><tr><th>#</th><th>score</th><th>id</th>{"<th>known noise</th>" if noise is not None else ""}<th>image</th>
+<th>question</th><th>answer</th></tr>{"".join(rows)}</table>
 """
     atomic_write_text(path, doc)
 
@@ -192,7 +210,7 @@ def flag_rows(scores, flag_fraction, threshold=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
-    p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's SFT set")
+    p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's cleaning set")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--flag-fraction", type=data.fraction, default=0.15,
@@ -204,16 +222,17 @@ def main(argv=None):
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
-    files = None
     if a.data is None:
-        files = world.ensure_world(a.world_dir)
-        a.data = str(files["sft_train"])
+        a.data = str(world.ensure_world(a.world_dir)["clean_set"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
     data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
                                             "summary.json")], inputs=[src])
     rows, samples = load_samples(src)
     if not rows:
         raise ValueError(f"{src}: no rows to score")
+    # a "noise" field on every row labels the noise it carries ("" for a clean row), as in the world's set
+    noise = [row.get("noise") or "" for row in rows] if all(isinstance(r, dict) and "noise" in r for r in rows) \
+        else None
     rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
     scores = row_scores(samples, sample_scores)
@@ -231,22 +250,23 @@ def main(argv=None):
                                                                 "score": sc if math.isfinite(sc) else None}) + "\n"
                                                     for s, sc in zip(samples, sample_scores)))
     write_report(out / "report.html", samples, sample_scores, scores, flagged, rule, flag_at,
-                 f"Reward scores of {src.name}")
+                 f"Reward scores of {src.name}", noise=noise)
     summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
                "threshold": flag_at if math.isfinite(flag_at) else None,
                "broken_scores": sum(map(broken, scores)),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
-    if files is not None:  # the world knows which answers it made wrong on purpose
-        errors = {e["id"]: e["kind"] for e in json.loads(files["sft_errors"].read_text())}
-        bad = [i for i, s in enumerate(samples) if s["id"] in errors]     # fine-tuning rows: sample i is row i
-        good = [scores[i] for i, s in enumerate(samples) if s["id"] not in errors]
-        summary["auroc"] = auroc([scores[i] for i in bad], good)
-        summary["auroc_by_kind"] = {k: auroc([scores[i] for i in bad if errors[samples[i]["id"]] == k], good)
-                                    for k in sorted(set(errors.values()))}
-        hit = len([i for i in bad if i in flagged])
+    if noise is not None:  # rows labelled with the noise they carry (the world's cleaning set): how well it found them
+        bad = [r for r, n in enumerate(noise) if n]
+        good = [scores[r] for r, n in enumerate(noise) if not n]
+        summary["auroc"] = auroc([scores[r] for r in bad], good)
+        summary["auroc_by_kind"] = {k: auroc([scores[r] for r in bad if noise[r] == k], good)
+                                    for k in sorted(set(noise) - {""})}
+        hit = len([r for r in bad if r in flagged])
         summary["precision_at_flagged"] = hit / max(len(flagged), 1)
         summary["recall_at_flagged"] = hit / max(len(bad), 1)
-        summary["wrong_in_data"] = len(bad)
+        summary["recall_at_flagged_by_kind"] = {k: sum(r in flagged for r in bad if noise[r] == k) /
+                                                sum(noise[r] == k for r in bad) for k in summary["auroc_by_kind"]}
+        summary["noisy_in_data"] = len(bad)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary

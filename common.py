@@ -252,13 +252,14 @@ def load_checkpoint(out, model, opt):
 
 
 def trim_metrics(path, step):
-    """On resume, forget log lines of steps after the checkpoint: they are about to be run again. A line cut short
-    by the kill is dropped too."""
+    """On resume, forget log lines of steps after the checkpoint: they are about to be run again, as is a line
+    logged at the start of the step resumed from ("phase": "start"). A line cut short by the kill is dropped too."""
     def before(line):
         try:
-            return json.loads(line).get("step", 0) <= step
+            rec = json.loads(line)
         except json.JSONDecodeError:
             return False
+        return rec.get("step", 0) < step or rec.get("step", 0) == step and rec.get("phase") != "start"
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if before(line)]
         data.atomic_write_text(path, "".join(line + "\n" for line in keep))
@@ -273,13 +274,14 @@ def finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def curves_svg(metrics_path, keys, title, w=300, h=170):
-    """Learning curves from metrics.jsonl as one SVG: a small panel per key, its value against `step`. No plotting
-    dependency: the panels are polylines, each scaled to its own range."""
+def curves_svg(metrics_path, keys, title, x="step", w=300, h=170):
+    """Learning curves from metrics.jsonl as one SVG: a small panel per key, its value against `x` (the step, or
+    e.g. the KL to the reference), in the log's order. No plotting dependency: the panels are polylines, each
+    scaled to its own range."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     panels = []
     for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if "step" in r and finite(r.get(key))]
+        pts = [(r[x], r[key]) for r in rows if finite(r.get(x)) and finite(r.get(key))]
         if pts:
             panels.append((key, pts))
     cols = min(3, max(1, len(panels)))
@@ -299,12 +301,12 @@ def curves_svg(metrics_path, keys, title, w=300, h=170):
                 f'<polyline points="{poly}" fill="none" stroke="#2a6fdb" stroke-width="1.5"/>{dots}',
                 f'<text x="{x0 - 4}" y="{y0 + 10}" font-size="10" text-anchor="end">{v_hi:.3g}</text>',
                 f'<text x="{x0 - 4}" y="{y0 + ph}" font-size="10" text-anchor="end">{v_lo:.3g}</text>',
-                f'<text x="{x0}" y="{y0 + ph + 13}" font-size="10">{s_lo:g}</text>',
-                f'<text x="{x0 + pw}" y="{y0 + ph + 13}" font-size="10" text-anchor="end">step {s_hi:g}</text>']
+                f'<text x="{x0}" y="{y0 + ph + 13}" font-size="10">{s_lo:.3g}</text>',
+                f'<text x="{x0 + pw}" y="{y0 + ph + 13}" font-size="10" text-anchor="end">{x} {s_hi:.3g}</text>']
     return "".join(out) + "</svg>"
 
 
-def write_curves(out, keys, title):
-    """curves.svg beside metrics.jsonl, rewritten whole (atomically) whenever it is called."""
+def write_curves(out, keys, title, x="step", name="curves.svg"):
+    """An SVG of metrics.jsonl beside it, rewritten whole (atomically) whenever it is called."""
     if (out / "metrics.jsonl").is_file():
-        data.atomic_write_text(out / "curves.svg", curves_svg(out / "metrics.jsonl", keys, title))
+        data.atomic_write_text(out / name, curves_svg(out / "metrics.jsonl", keys, title, x))

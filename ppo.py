@@ -416,11 +416,19 @@ def train(a, rank, n_proc, device):
         chunk = random.Random(a.seed + step).sample(prompts, a.batch)[rank::n_proc]
         if a.algo == "rloo":
             chunk = chunk[:max(1, len(chunk) // a.rloo_k)]  # k samples each: the same number of responses
+        # Gao et al.'s over-optimisation curve: the checker's verdict on this policy's greedy held-out answers,
+        # beside the KL and reward-model score of this iteration's samples (the same policy)
+        checked = world.eval_policy(policy, held, a.hd_num) if held and a.eval_every and rank == 0 and \
+            step % a.eval_every == 0 else None
         t_roll = time.time()
         # 1. rollout: responses, their scores, and log-probs / values of every response token
         ro = collect_rollouts(policy, ref, critic, rms, chunk, a, device, generator)
         # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
         stats = compute_advantages(ro, a, n_proc)
+        if checked is not None:
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "phase": "start", "kl": stats["kl"],
+                                                        "score": stats["score"],
+                                                        **{"heldout_" + k: v for k, v in checked.items()}})
         t_roll = time.time() - t_roll
         lr = common.lr_at(step, a.lr, a.steps, a.warmup)
         common.set_lr(opt_pi, lr)
@@ -477,6 +485,9 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
     if rank == 0:
         common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
                             f"PPO ({a.algo}): {out.name}")
+        common.write_curves(out, ["heldout_accuracy", "heldout_instruction_following", "heldout_right", "score"],
+                            f"PPO ({a.algo}): the checker and the reward model against KL to the reference", x="kl",
+                            name="overoptimisation.svg")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     return summary

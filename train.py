@@ -33,12 +33,12 @@ from vision import sample_length, sincos_position_embedding
 # Settings per stage: the official recipe on real data (script_train.sh: lr 1e-5, wd 0.1, beta2 0.95, warmup 1%,
 # cosine, clip 1.0, hd_num 9, max_length 8192), and the built-in world's overrides where the tiny world needs
 # other values. Flags a stage does not read are refused for it (STAGE_FLAGS).
-RECIPE = {"sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096),
-          "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096),
-          "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096)}
-WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024),
-         "rm": dict(lr=3e-4, steps=750, batch=32, token_budget=1024),
-         "ppo": dict(lr=1e-4, steps=120, batch=48, token_budget=4096)}
+RECIPE = {"sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, eval_every=0),
+          "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, eval_every=0),
+          "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, eval_every=0)}
+WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024, eval_every=0),
+         "rm": dict(lr=3e-4, steps=750, batch=32, token_budget=1024, eval_every=0),
+         "ppo": dict(lr=1e-4, steps=120, batch=48, token_budget=4096, eval_every=20)}
 SHARED_FLAGS = {"stage", "out", "data", "init", "resume", "steps", "batch", "token_budget", "lr", "weight_decay",
                 "beta2", "warmup", "clip", "hd_num", "save_every", "stop_after", "seed", "world_dir"}
 STAGE_FLAGS = {
@@ -91,7 +91,8 @@ def parse_args(argv=None):
                    help="sft from scratch: SwiGLU intermediate size")
     p.add_argument("--vit-pos", type=float, default=4.0,
                    help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
-    p.add_argument("--eval-every", type=int, default=0, help="sft, rm: held-out evaluation every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end); ppo: "
+                   "the checker on greedy held-out answers beside KL and score, drawn in overoptimisation.svg")
     p.add_argument("--save-every", type=data.positive_int, default=50)
     p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
                    "limits); --resume continues")
@@ -103,7 +104,7 @@ def parse_args(argv=None):
                    help="sft, rm: bf16 autocast of the forward passes over fp32 weights; auto: on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
-    stage_flags = dict(STAGE_FLAGS, ppo={"rm"} | ppo.add_args(p))
+    stage_flags = dict(STAGE_FLAGS, ppo={"rm", "eval_every"} | ppo.add_args(p))
     a = p.parse_args(argv)
     given = {t[2:].split("=")[0].replace("-", "_") for t in argv if t.startswith("--")}
     unused = sorted(given - SHARED_FLAGS - stage_flags[a.stage] | (given & SCRATCH_FLAGS if a.init else set()))

@@ -720,25 +720,78 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
     return rows
 
 
+NOISE_KINDS = {"other_image": 0.2, "refusal": 0.2, "hallucination": 0.2, "ignored_instruction": 0.2,
+               "wrong_value": 0.2}
+NOISE_SHARE = 0.3            # of the cleaning set's rows
+
+
+def noisy_answer(rng, item, others):
+    """(answer, noise kind) for a noisy row of the cleaning set, the kinds the paper's cleaning found (Fig. 2):
+    an answer that belongs to another image (the right answer to the same question about another image), a
+    refusal, a hallucinated object (a description naming one more object than there is), an ignored instruction,
+    a wrong value. None when this item cannot carry the kind drawn."""
+    kind = "hallucination" if item["kind"] == "describe" and rng.random() < 0.5 else _pick(rng, NOISE_KINDS)
+    if kind == "other_image":
+        pool = [o for o in others if o["kind"] == item["kind"] and "objects" in o and o is not item]
+        for o in (pool[int(i)] for i in rng.permutation(len(pool))[:20]):
+            other = answer(dict(o, instruction=item.get("instruction")), o["truth"])
+            if failure_kind(item, other) is not None:
+                return other, kind
+        return None
+    if kind == "refusal":
+        return (REFUSALS["image" if "objects" in item else "text"][int(rng.integers(6))], kind)
+    if kind == "hallucination":
+        if item["kind"] != "describe" or item.get("instruction", {}).get("id") in SCOPES:
+            return None
+        there = {(c, s, quadrant(r, col)) for c, s, r, col in item["objects"]}
+        extra = [[c, s, quadrant(r, col)] for c in COLOURS for s in SHAPES for r in (0, 3) for col in (0, 3)
+                 if (c, s, quadrant(r, col)) not in there]
+        return answer(item, item["truth"] + [extra[int(rng.integers(len(extra)))]]), kind
+    if kind == "ignored_instruction":
+        return (ignored(item, item["truth"]), kind) if item.get("instruction") else None
+    return answer(item, wrong_value(rng, item)), kind
+
+
+def _clean_set(rng, items):
+    """An instruction-tuning set in the official fine-tuning format, NOISE_SHARE of its rows noisy, each noisy row
+    labelled with its `noise` kind (the rest: "")."""
+    rows = []
+    for it in items:
+        ans, noise = answer(it, it["truth"]), ""
+        if rng.random() < NOISE_SHARE:
+            drawn = None
+            while drawn is None:
+                drawn = noisy_answer(rng, it, items)
+            ans, noise = drawn
+        row = {"id": it["id"], **({"image": [it["image"]]} if "image" in it else {})}
+        row["conversations"] = [{"from": "user", "value": it["question"]}, {"from": "assistant", "value": ans}]
+        rows.append(dict(row, **{k: it[k] for k in GT_KEYS if k in it}, noise=noise))
+    return rows
+
+
 def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
-                error_rate=0.7, n_pref_heldout=None, policy=None):
+                error_rate=0.7, n_pref_heldout=None, policy=None, n_clean=None):
     """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right
     answer in the SFT policy's distribution (greedy still picks the error), so sampling can find it: best-of-N
     and PPO need that, as they do with real models. The held-out preference pairs default to 4 x n_heldout (1200):
     with 300, the reward model's accuracy had a standard error of 0.023, too coarse to rank two recipes."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    n_clean = 2 * n_heldout if n_clean is None else n_clean
     rng = [np.random.default_rng([seed, s]) for s in range(8)]
     sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft", image_share=SFT_IMAGE_SHARE,
                                     instruction_share=SFT_INSTRUCTION_SHARE), error_rate)
     easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1,
                                           image_share=SFT_IMAGE_SHARE, instruction_share=0.0), error_rate)
     held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
+    clean = _clean_set(np.random.default_rng([seed, 9]), _items(np.random.default_rng([seed, 8]), n_clean, out_dir,
+                                                                 "clean", heldout=True))
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
              "pref_train": _pref(rng[6], rng[2], n_pref, out_dir, "pref", policy=policy),
              "pref_heldout": _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld",
                                    heldout=True, policy=policy),
-             "heldout_prompts": [dict(it, answer=answer(it, it["truth"])) for it in held]}
+             "heldout_prompts": [dict(it, answer=answer(it, it["truth"])) for it in held],
+             "clean_set": clean}
     paths = {}
     for name, rows in files.items():
         paths[name] = os.path.join(out_dir, name + ".json")

@@ -82,6 +82,8 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
+    monkeypatch.setattr(bon.world, "failure_kind", lambda it, c: None if c == "r" else
+                        {"q0": "colour_confusion", "q1": "overcount"}[it["question"]])
     monkeypatch.setattr(bon.world, "is_correct", lambda it, c: c == "r")
     monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
     monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
@@ -89,8 +91,9 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
     r = bon.world_eval(None, [], a)
     # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; count: right 3 beats 3 of 7
-    assert r["rm_accuracy_on_samples_by_kind"] == {"colour": 0.75, "count": 3 / 7}
-    assert r["sample_pairs_by_kind"] == {"colour": 12, "count": 7}
+    assert r["rm_accuracy_on_samples_by_kind"] == {"colour_confusion": 0.75, "overcount": 3 / 7}
+    assert r["sample_pairs_by_kind"] == {"colour_confusion": 12, "overcount": 7}
+    assert r["rm_accuracy_on_samples_by_family"] == {"perception": 12 / 19}
     assert r["accuracy_by_n"] == {"1": 0.5, "2": 0.5, "4": 0.5, "8": 0.0}
     assert r["oracle_by_n"] == {"1": 0.5, "2": 0.5, "4": 1.0, "8": 1.0}
 
@@ -108,19 +111,26 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     s = clean.main(["--rm", str(rm_dir), "--world-dir", str(world / "world"), "--out", str(out),
                     "--flag-fraction", "0.25"])
     kept, flagged = json.loads((out / "kept.json").read_text()), json.loads((out / "flagged.json").read_text())
-    src = json.loads((world / "world" / "sft_train.json").read_text())
+    src = json.loads((world / "world" / "clean_set.json").read_text())
     assert len(kept) + len(flagged) == len(src) and flagged and s["flagged"] == len(flagged)
     assert {r["id"] for r in kept} | {r["id"] for r in flagged} == {r["id"] for r in src}
     # the kept file trains as it is: its samples, read from --out, name the input's images
-    by_id = {r["id"]: r for r in data.read_sft(world / "world" / "sft_train.json")}
+    by_id = {r["id"]: r for r in data.read_sft(world / "world" / "clean_set.json")}
     kept_samples = data.read_sft(out / "kept.json")
     assert any(r["images"] for r in kept_samples)
     for r in kept_samples:
         want = by_id[r["id"]]["images"]
         assert len(r["images"]) == len(want) and all(os.path.samefile(a, b) for a, b in zip(r["images"], want))
-    assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= set(world_module.FAMILY)   # the world's failure kinds
+    assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= set(world_module.NOISE_KINDS)
+    noisy = {r["id"] for r in src if r["noise"]}
+    assert s["noisy_in_data"] == len(noisy) > 0
+    assert s["recall_at_flagged"] == pytest.approx(len(noisy & {r["id"] for r in flagged}) / len(noisy))
     html = (out / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html
+    # every noisy row is in the report, marked hit or miss by whether it was flagged; clean flagged rows: false alarm
+    assert html.count('class="hit"') + html.count('class="miss"') == len(noisy)
+    assert html.count('class="hit"') == len(noisy & {r["id"] for r in flagged})
+    assert html.count('class="false-alarm"') == len(flagged) - html.count('class="hit"')
     data_file = world / "world" / "sft_train.json"
     before = data_file.read_bytes()
     with pytest.raises(ValueError, match="refusing to write over the input"):

@@ -414,8 +414,8 @@ def test_readers_take_every_json_shape_and_reject_bad_rows_early(tmp_path):
 
 def test_trim_metrics_drops_a_line_cut_by_a_kill(tmp_path):
     m = tmp_path / "metrics.jsonl"
-    m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    common.trim_metrics(m, 2)
+    m.write_text('{"step": 1}\n{"step": 2}\n{"step": 2, "phase": "start"}\n{"step": 3}\n{"step": 4, "lo')
+    common.trim_metrics(m, 2)   # a line logged at the start of step 2 + 1 is logged again when it is re-run
     assert m.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
