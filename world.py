@@ -904,18 +904,16 @@ def judge(items, answers):
     """The world's checker over answers to `items`: content accuracy (is_correct) overall and per question kind,
     strict instruction following (follows) over the items that carry an instruction, overall and per
     instruction, and the share of items with each failure kind (failure_kind) and family."""
-    by_kind, by_inst, fails = {}, {}, collections.Counter()
+    by_kind, by_inst, fails, families = {}, {}, collections.Counter(), collections.Counter()
     for it, ans in zip(items, answers):
         by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
         if it.get("instruction"):
             by_inst.setdefault(it["instruction"]["id"], []).append(bool(follows(it, ans)))
         if (f := failure_kind(it, ans)) is not None:
             fails[f] += 1
+            families[failure_family(f, it["kind"])] += 1   # a wrong value: perception on an image, else text
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     followed = sum(by_inst.values(), [])
-    families = collections.Counter()
-    for f, n in fails.items():
-        families[failure_family(f)] += n    # a wrong value on an image item: perception; text items: text
     return {"accuracy": mean(sum(by_kind.values(), [])),
             "accuracy_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
             "instruction_following": mean(followed) if followed else None,

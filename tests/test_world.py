@@ -142,11 +142,12 @@ def test_failure_kind_names_the_systematic_error():
 
 def test_judge_reports_both_families():
     items = [dict(item("count", 3, {"colour": "red"}, OBJS), instruction={"id": "number_only"}),
-             item("colour", "green", {"shape": "circle"}, OBJS)]
-    r = world.judge(items, ["There are 3 red objects.", "The circle is blue."])
-    assert r["accuracy"] == 0.5 and r["instruction_following"] == 0.0 and r["right"] == 0.0
-    assert r["failures_by_kind"] == {"ignored_format": 0.5, "colour_confusion": 0.5}
-    assert r["failures_by_family"] == {"instruction": 0.5, "perception": 0.5}
+             item("colour", "green", {"shape": "circle"}, OBJS), item("colour", "green", {"shape": "circle"}, OBJS),
+             item("arith", 11, {"a": 4, "b": 7})]
+    r = world.judge(items, ["There are 3 red objects.", "The circle is blue.", "The circle is red.", "4 + 7 = 12."])
+    assert r["accuracy"] == 0.25 and r["instruction_following"] == 0.0 and r["right"] == 0.0
+    assert r["failures_by_kind"] == {"ignored_format": 0.25, "colour_confusion": 0.25, "wrong_value": 0.5}
+    assert r["failures_by_family"] == {"instruction": 0.25, "perception": 0.5, "text": 0.25}
     assert world.tagged(r, "before")["accuracy_before_by_kind"] == r["accuracy_by_kind"]
 
 def test_every_error_kind_is_wrong():
