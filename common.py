@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -138,6 +139,19 @@ def micro_batches(lengths, budget, world, fsdp, device):
             big = micro.pop()
             micro += [big[:len(big) // 2], big[len(big) // 2:]]
     return micro
+
+
+def matmul_gflops(n=1024, reps=5):
+    """This machine's fp32 matmul speed now, in GFLOP/s (best of `reps`), recorded beside every wall time: these
+    machines vary up to 5x from day to day, so a time means little without it."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n ** 3 / best / 1e9, 1)
 
 
 def autocast(device, mode):

@@ -473,7 +473,7 @@ def train(a, rank, n_proc, device):
 
 def finish(a, out, rank, policy, held, summary, stats, t0):
     """summary.json (held-out accuracy before and after, the last KL) and curves.svg."""
-    summary["seconds"] = round(time.time() - t0, 1)
+    summary["seconds"], summary["matmul_gflops"] = round(time.time() - t0, 1), common.matmul_gflops()
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]

@@ -411,7 +411,8 @@ class Run:
 
     def finish(self, metrics):
         summary = {"stage": self.a.stage, "steps": self.step, "seconds": round(time.time() - self.t0, 1),
-                   "processes": self.n_proc, "command": " ".join(sys.argv), "seed": self.a.seed, **metrics}
+                   "matmul_gflops": common.matmul_gflops(), "processes": self.n_proc,
+                   "command": " ".join(sys.argv), "seed": self.a.seed, **metrics}
         if self.rank == 0:
             common.write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}")
             data.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))

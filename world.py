@@ -10,6 +10,7 @@ from IXC-2.5.
 """
 import collections
 import functools
+import gzip
 import io
 import json
 import os
@@ -57,7 +58,8 @@ SYSTEMATIC_SHARE = 0.5       # of the preference pairs' wrong values, where the 
 PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
 CHOSEN_STYLE = {"plain": 0.15, "clause": 0.3, "long": 0.55}    # phrasing of right answers (see make_pair)
 REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values; longer_wrong is always long
-PAIR_MINUTES = 5             # sampling the preference pairs' answers (2 cores)
+PAIR_MINUTES = 12            # sampling the preference pairs' answers: 11200 prompts x 4 (2 cores, 2026-12-02)
+PAIRS_FILE = "pairs.json.gz"  # beside the SFT policy: the pairs its samples made (ship_pairs)
 MAX_LEN_RATIO = 2.5          # train.py's default --max-len-ratio (the paper's length constraint)
 GT_KEYS = ("kind", "query", "truth", "objects", "instruction")   # ground truth kept in every row for is_correct
 SPECIAL_PIECES = ["[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]
@@ -770,8 +772,10 @@ def _clean_set(rng, items):
 
 
 def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft_easy=2000,
-                error_rate=0.7, n_pref_heldout=None, policy=None, n_clean=None):
-    """Write every world file under out_dir; returns {name: path}. Deterministic by seed.
+                error_rate=0.7, n_pref_heldout=None, policy=None, n_clean=None, pairs=None):
+    """Write every world file under out_dir; returns {name: path}. Deterministic by seed. The preference pairs are
+    sampled from `policy` (see _pref), or are `pairs` ({"pref_train": rows, "pref_heldout": rows}, as shipped beside
+    the SFT policy that sampled them; their images are drawn from their rows).
     sft_easy.json holds single-object images for an SFT curriculum warm-up. `error_rate` < 1 keeps the right
     answer in the SFT policy's distribution (greedy still picks the error), so sampling can find it: best-of-N
     and PPO need that, as they do with real models. The held-out preference pairs default to 4 x n_heldout (1200):
@@ -787,11 +791,15 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
     clean = _clean_set(np.random.default_rng([seed, 9]), _items(np.random.default_rng([seed, 8]), n_clean, out_dir,
                                                                  "clean", heldout=True))
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
-             "pref_train": _pref(rng[6], rng[2], n_pref, out_dir, "pref", policy=policy),
-             "pref_heldout": _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout, out_dir, "prefheld",
-                                   heldout=True, policy=policy),
+             "pref_train": pairs["pref_train"] if pairs else _pref(rng[6], rng[2], n_pref, out_dir, "pref",
+                                                                   policy=policy),
+             "pref_heldout": pairs["pref_heldout"] if pairs else _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout,
+                                                                       out_dir, "prefheld", heldout=True, policy=policy),
              "heldout_prompts": [dict(it, answer=answer(it, it["truth"])) for it in held],
              "clean_set": clean}
+    for row in (pairs["pref_train"] + pairs["pref_heldout"] if pairs else []):
+        if "image" in row:
+            draw(row["objects"]).save(os.path.join(out_dir, row["image"]), compress_level=1)
     paths = {}
     for name, rows in files.items():
         paths[name] = os.path.join(out_dir, name + ".json")
@@ -852,12 +860,35 @@ def policy_id(path=WORLD_SFT):
     return f"{Path(path).name}:{zlib.crc32(weights.read_bytes()):08x}" if weights.is_file() else None
 
 
+def ship_pairs(world_dir=WORLD_DIR, policy_dir=WORLD_SFT):
+    """Store a world's preference pairs beside the SFT policy that sampled them (PAIRS_FILE, gzip JSON), so that a
+    fresh clone writes the world in a minute instead of sampling for PAIR_MINUTES."""
+    world_dir = Path(world_dir)
+    meta = json.loads((world_dir / "world.json").read_text())
+    if meta.get("pairs_policy") != policy_id(policy_dir):
+        raise ValueError(f"{world_dir}'s pairs were not sampled from {policy_dir} ({meta.get('pairs_policy')} != "
+                         f"{policy_id(policy_dir)})")
+    rows = {k: json.loads((world_dir / meta["files"][k]).read_text()) for k in ("pref_train", "pref_heldout")}
+    blob = gzip.compress(json.dumps({"version": WORLD_VERSION, "policy": meta["pairs_policy"], **rows}).encode(),
+                         mtime=0)
+    data.atomic_write_bytes(Path(policy_dir) / PAIRS_FILE, blob)
+
+
+def shipped_pairs(policy_dir):
+    """The pairs shipped beside the policy, when they are this world version's and this policy's; else None."""
+    path = Path(policy_dir) / PAIRS_FILE
+    if not path.is_file():
+        return None
+    pairs = json.loads(gzip.decompress(path.read_bytes()))
+    return pairs if (pairs.get("version"), pairs.get("policy")) == (WORLD_VERSION, policy_id(policy_dir)) else None
+
+
 def ensure_world(world_dir=WORLD_DIR, policy_dir=WORLD_SFT):
-    """Write the built-in world once (deterministic by seed; the preference pairs sampled from the shipped SFT
-    policy, about PAIR_MINUTES on 2 cores) and return its file paths. Every torchrun rank calls this: a lock file
-    lets one write while the others wait, then read. A cache written by another world version, or whose pairs
-    came from another policy, is rewritten; one that names no policy (written by write_world alone, as the tests
-    do) is used as it is."""
+    """Write the built-in world once (deterministic by seed; the preference pairs are the shipped SFT policy's
+    samples, read from PAIRS_FILE beside it or sampled anew, about PAIR_MINUTES on 2 cores) and return its file
+    paths. Every torchrun rank calls this: a lock file lets one write while the others wait, then read. A cache
+    written by another world version, or whose pairs came from another policy, is rewritten; one that names no
+    policy (written by write_world alone, as the tests do) is used as it is."""
     world_dir = Path(world_dir)
     done = world_dir / "world.json"
 
@@ -874,12 +905,14 @@ def ensure_world(world_dir=WORLD_DIR, policy_dir=WORLD_SFT):
             if fcntl:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not current():
-                print(f"writing the built-in world (version {WORLD_VERSION}) to {world_dir}: images, data files, "
-                      f"tokenizer and the SFT policy's samples for the preference pairs, about {PAIR_MINUTES} "
-                      f"minutes, once", file=sys.stderr, flush=True)
-                from model import InternLMXComposer2   # the one place the world runs a model
-                policy = InternLMXComposer2.from_pretrained(policy_dir) if policy_id(policy_dir) else None
-                paths = write_world(str(world_dir), seed=0, policy=policy)
+                pairs, policy = shipped_pairs(policy_dir), None
+                if pairs is None and policy_id(policy_dir):
+                    from model import InternLMXComposer2   # the one place the world runs a model
+                    policy = InternLMXComposer2.from_pretrained(policy_dir)
+                print(f"writing the built-in world (version {WORLD_VERSION}) to {world_dir}: images, data files and "
+                      f"tokenizer, about a minute" + (f", and the SFT policy's samples for the preference pairs, "
+                      f"about {PAIR_MINUTES} minutes more" if policy else "") + ", once", file=sys.stderr, flush=True)
+                paths = write_world(str(world_dir), seed=0, policy=policy, pairs=pairs)
                 rows = sum((json.loads(Path(p).read_text()) for p in paths.values()), [])
                 train_world_tokenizer(template_texts(rows), str(world_dir / "tokenizer.model"))
                 files = {k: Path(p).name for k, p in paths.items()}

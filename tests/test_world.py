@@ -326,3 +326,24 @@ def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
         assert world.grade(it, a) > world.grade(it, b), r
         assert world.failure_kind(it, b) == r["kind"] if r["source"] == "policy" else r["kind"] in \
             set(world.PREF_KINDS) | set(world.IGNORED.values())
+
+
+def test_shipped_pairs_rewrite_the_same_world(tmp_path):
+    """Pairs shipped beside a policy (ship_pairs) write, with their images drawn from their rows, the world that
+    sampling wrote; pairs of another policy or world version are not used."""
+    a = small(tmp_path / "a")
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    meta = {"version": world.WORLD_VERSION, "files": {k: os.path.basename(p) for k, p in a.items()},
+            "pairs_policy": world.policy_id(policy)}
+    (tmp_path / "a" / "world.json").write_text(json.dumps(meta))
+    world.ship_pairs(tmp_path / "a", policy)
+    b = world.write_world(str(tmp_path / "b"), seed=0, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30,
+                          pairs=world.shipped_pairs(policy))
+    for name in a:
+        assert open(a[name], "rb").read() == open(b[name], "rb").read(), name
+    for f in sorted(os.listdir(tmp_path / "a" / "images")):
+        assert (tmp_path / "a" / "images" / f).read_bytes() == (tmp_path / "b" / "images" / f).read_bytes(), f
+    (policy / "model.safetensors").write_bytes(b"other weights")
+    assert world.shipped_pairs(policy) is None
