@@ -25,6 +25,15 @@ RTOL32 = 1e-5
 SCORE_ATOL = 5 * RTOL32
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deterministic():
+    """Deterministic kernels wherever torch has a choice (and NaN-filled torch.empty, so reading uninitialised
+    memory cannot pass by luck); warn_only for an op without a deterministic CPU path."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 def assert_close(out, ref, rtol, atol=0.0, what="output"):
     """max|out - ref| <= rtol * max|ref| + atol. Bounds scale with the reference's magnitude: rounding noise of a
     float32 computation is relative (a few EPS32 times the reduction's length and depth), so a bound in units of
