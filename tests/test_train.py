@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import ASSETS, REAL_TOKENIZER, ROOT
+from conftest import ASSETS, REAL_TOKENIZER, ROOT, RTOL32, SCORE_ATOL, assert_close
 import common
 import data
 import train
@@ -88,14 +88,18 @@ def test_shared_prefix_equals_scoring_each_alone(world):
         (r * torch.arange(1.0, len(r) + 1)).sum().backward()
         return r.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
     (r0, g0), (r1, g1) = grads(rm.rewards_alone), grads(rm.pair_rewards)
-    assert torch.allclose(r0, r1, atol=1e-5)
+    assert_close(r1, r0, rtol=RTOL32, atol=SCORE_ATOL, what="rewards")
     assert set(g0) == set(g1)
+    # a gradient is rounded on the scale of its module's: a bias's can cancel to 0 where the weight's does not (a
+    # key bias's is exactly 0 in exact arithmetic: softmax ignores a shift shared by all keys)
+    module = {n: n.rpartition(".")[0] for n in g0}
+    scale = {m: max(g0[n].abs().max().item() for n in g0 if module[n] == m) for m in module.values()}
     for n, g in g0.items():
-        assert torch.allclose(g, g1[n], atol=1e-5 * max(1.0, g.abs().max().item())), n
+        assert_close(g1[n], g, rtol=RTOL32, atol=RTOL32 * scale[module[n]], what=f"gradient of {n}")
     img = pairs[0]["images"] or pairs[1]["images"]
     two = [rm.sequence(data.reward_template(data.qa("A <ImageHere> B <ImageHere>?", ans)), img * 2, 9)
            for ans in ("yes", "no")]
-    assert torch.allclose(rm.pair_rewards(two).detach(), rm.rewards_alone(two).detach(), atol=1e-5)
+    assert_close(rm.pair_rewards(two), rm.rewards_alone(two), rtol=RTOL32, atol=SCORE_ATOL, what="two-image rewards")
     with pytest.warns(UserWarning, match="truncated to max_length 20"):  # over-long: cut as upstream, said loudly
         assert rm.pair_rewards(seqs, max_length=20).shape == (len(seqs),)
 
@@ -131,8 +135,8 @@ def test_gradient_checkpointing_trains_the_same_weights(world, tmp_path, monkeyp
     run(world, tmp_path / "b", "--steps", "3", "--grad-ckpt")
     assert calls  # every decoder layer of every training forward
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    for k in a:  # recomputation replays the same kernels on the same shapes: exact in practice (observed 0)
+        assert_close(b[k], a[k], rtol=0, atol=1e-6, what=k)
 
 
 def test_sft_stage_learns_only_answers(world, tmp_path):
@@ -262,7 +266,7 @@ def test_fsdp_resume_is_identical(world, tmp_path, fsdp_two):
 
 def test_bf16_autocast_trains_on_cpu(world, tmp_path, one_process):
     """--autocast bf16 (forced on CPU; auto is off there) trains: finite loss and rewards, the weights move, and they
-    are near the fp32 run's but not equal to them (the forward really ran in bf16)."""
+    move as the fp32 run's do but not equally (the forward really ran in bf16)."""
     summary = run(world, tmp_path / "bf16", "--steps", "3", "--save-every", "3", "--token-budget", "200",
                   "--autocast", "bf16")
     last = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -271,7 +275,13 @@ def test_bf16_autocast_trains_on_cpu(world, tmp_path, one_process):
     bf16, fp32 = load_file(str(tmp_path / "bf16" / "model.safetensors")), load_file(str(one_process / "model.safetensors"))
     w = "model.layers.0.attention.wqkv.weight"
     assert not torch.equal(bf16[w], start[w])
-    assert not torch.equal(bf16[w], fp32[w]) and torch.allclose(bf16[w], fp32[w], atol=1e-2)
+    assert not torch.equal(bf16[w], fp32[w])
+    # 3 Adam steps at lr 3e-4 move a weight by <= ~1e-3, so no bound on the weights can fail: compare the updates.
+    # bf16 misses fp32's by 12% of its norm (observed; Adam's m / sqrt(v) magnifies the rounding of tiny gradients),
+    # no step at all by 100%, an unrelated one by ~140%
+    step_bf16, step_fp32 = bf16[w] - start[w], fp32[w] - start[w]
+    miss = ((step_bf16 - step_fp32).norm() / step_fp32.norm()).item()
+    assert miss < 0.5, f"bf16 update misses the fp32 update by {miss:.2f} of its norm"
 
 
 def test_check_data_and_length_filter():
@@ -565,7 +575,7 @@ def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
     real = world_module.write_world
     monkeypatch.setattr(world_module, "write_world",
-                        lambda out, seed, policy: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
+                        lambda out, seed, **kw: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
     wd = tmp_path / "world"
     wd.mkdir()
     (wd / "world.json").write_text(json.dumps({"sft_train": "sft_train.json"}))
@@ -584,7 +594,7 @@ def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
     import time
     real, calls = world_module.write_world, []
 
-    def slow_small(out, seed, policy):
+    def slow_small(out, seed, **kw):
         calls.append(out)
         time.sleep(0.5)  # long enough for the other caller to arrive while this one writes
         return real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8)
