@@ -934,9 +934,10 @@ def heldout_items(path):
 
 
 def judge(items, answers):
-    """The world's checker over answers to `items`: content accuracy (is_correct) overall and per question kind,
-    strict instruction following (follows) over the items that carry an instruction, overall and per
-    instruction, and the share of items with each failure kind (failure_kind) and family."""
+    """The world's checker over answers to `items`: content accuracy (is_correct) overall, per question kind and per
+    family (perception: the image questions; text), strict instruction following (follows) over the items that
+    carry an instruction, overall and per instruction, and the share of items with each failure kind
+    (failure_kind, which names an instruction failure before a content one) and family."""
     by_kind, by_inst, fails, families = {}, {}, collections.Counter(), collections.Counter()
     for it, ans in zip(items, answers):
         by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
@@ -947,8 +948,11 @@ def judge(items, answers):
             families[failure_family(f, it["kind"])] += 1   # a wrong value: perception on an image, else text
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     followed = sum(by_inst.values(), [])
+    image = [ok for k, v in by_kind.items() if k in IMAGE_KINDS for ok in v]
+    text = [ok for k, v in by_kind.items() if k not in IMAGE_KINDS for ok in v]
     return {"accuracy": mean(sum(by_kind.values(), [])),
             "accuracy_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
+            "accuracy_by_family": {**({"perception": mean(image)} if image else {}), **({"text": mean(text)} if text else {})},
             "instruction_following": mean(followed) if followed else None,
             "instruction_following_by_id": {k: mean(v) for k, v in sorted(by_inst.items())},
             "right": 1 - sum(fails.values()) / max(len(items), 1),

@@ -146,6 +146,7 @@ def test_judge_reports_both_families():
              item("arith", 11, {"a": 4, "b": 7})]
     r = world.judge(items, ["There are 3 red objects.", "The circle is blue.", "The circle is red.", "4 + 7 = 12."])
     assert r["accuracy"] == 0.25 and r["instruction_following"] == 0.0 and r["right"] == 0.0
+    assert r["accuracy_by_family"] == {"perception": 1 / 3, "text": 0.0}
     assert r["failures_by_kind"] == {"ignored_format": 0.25, "colour_confusion": 0.25, "wrong_value": 0.5}
     assert r["failures_by_family"] == {"instruction": 0.25, "perception": 0.5, "text": 0.25}
     assert world.tagged(r, "before")["accuracy_before_by_kind"] == r["accuracy_by_kind"]
