@@ -288,11 +288,12 @@ def finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def curves_svg(metrics_path, keys, title, x="step", w=300, h=170):
+def curves_svg(metrics_path, keys, title, x="step", w=300, h=170, rows_with=None):
     """Learning curves from metrics.jsonl as one SVG: a small panel per key, its value against `x` (the step, or
-    e.g. the KL to the reference), in the log's order. No plotting dependency: the panels are polylines, each
-    scaled to its own range."""
+    e.g. the KL to the reference), in the log's order, from the lines that hold `rows_with` (default: all). No
+    plotting dependency: the panels are polylines, each scaled to its own range."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if rows_with is None or rows_with in r]
     panels = []
     for key in keys:
         pts = [(r[x], r[key]) for r in rows if finite(r.get(x)) and finite(r.get(key))]
@@ -320,7 +321,7 @@ def curves_svg(metrics_path, keys, title, x="step", w=300, h=170):
     return "".join(out) + "</svg>"
 
 
-def write_curves(out, keys, title, x="step", name="curves.svg"):
+def write_curves(out, keys, title, x="step", name="curves.svg", rows_with=None):
     """An SVG of metrics.jsonl beside it, rewritten whole (atomically) whenever it is called."""
     if (out / "metrics.jsonl").is_file():
-        data.atomic_write_text(out / name, curves_svg(out / "metrics.jsonl", keys, title, x))
+        data.atomic_write_text(out / name, curves_svg(out / "metrics.jsonl", keys, title, x, rows_with=rows_with))

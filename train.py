@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -297,6 +298,27 @@ def eval_rm(objective, pairs, batch=32):
             "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}
 
 
+def blank_image_check(objective, held):
+    """Does the reward model use the image? The held-out perception pairs (the world's, which need the image)
+    scored with each image as it is and replaced by a blank one of its size: with the image they should be
+    judged better than chance, blank at chance."""
+    from PIL import Image
+    need = [p for p in held if p.get("family") == "perception" and p["images"]]
+    if not need:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:   # this process's own files: ranks may all run this
+        def blank(path):
+            with Image.open(path) as f:
+                w, h = f.size
+            name = Path(tmp) / f"blank_{w}x{h}.png"
+            if not name.exists():
+                Image.new("RGB", (w, h), "white").save(name)
+            return str(name)
+        blanked = [dict(p, images=[blank(im) for im in p["images"]]) for p in need]
+        return {"image_check": {"pairs": len(need), "accuracy_with_image": eval_rm(objective, need)["heldout_accuracy"],
+                                "accuracy_blank_image": eval_rm(objective, blanked)["heldout_accuracy"]}}
+
+
 def train_rm(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
     rm = RewardModel.from_pretrained(a.init or world.WORLD_SFT, device=device, seed=a.seed,
@@ -311,11 +333,13 @@ def train_rm(a, rank, n_proc, device):
     amp = common.autocast(device, a.autocast)
     run = Run(a, out, rank, n_proc, rm, opt, ["loss", "accuracy", "grad_norm", "heldout_accuracy"], "reward model")
 
-    def evaluate():  # DDP: rank 0 alone, unwrapped; FSDP: every rank, so that the all-gathers pair up
+    def evaluate(final=False):  # DDP: rank 0 alone, unwrapped; FSDP: every rank, so that the all-gathers pair up
         if not held or not (rank == 0 or a.fsdp):
             return {}
         with amp():
             result = eval_rm(objective, held)
+            if final:
+                result.update(blank_image_check(objective, held))
         if a.fsdp and n_proc > 1:
             fwd.reshard()  # FSDP2 leaves the root gathered after a forward, for a backward that is not coming
         return result
@@ -341,7 +365,7 @@ def train_rm(a, rank, n_proc, device):
                      accuracy=n_correct / len(mine))
         if run.stopped:
             return None
-    summary = run.finish(evaluate())
+    summary = run.finish(evaluate(final=True))
     if "reward_mean" in summary:  # the held-out reward statistics PPO normalises with
         rm.cfg.reward_mean, rm.cfg.reward_std = summary["reward_mean"], summary["reward_std"]
         weights = {k: common.to_cpu(v, rank == 0) for k, v in rm.state_dict().items()}

@@ -64,6 +64,10 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert "score.weight" in after and "output.weight" not in after
     assert set(summary["heldout_accuracy_by_kind"]) <= set(world_module.PREF_KINDS) | set(world_module.IGNORED.values())
     assert set(summary["heldout_accuracy_by_family"]) <= {"instruction", "perception", "text"}
+    check = summary["image_check"]   # the perception pairs scored with their images and with blank ones
+    assert check["pairs"] == sum(p["family"] == "perception" and bool(p["images"]) for p in
+                                 data.read_preference(world / "world" / "pref_heldout.json"))
+    assert 0 <= check["accuracy_blank_image"] <= 1 and 0 <= check["accuracy_with_image"] <= 1
     cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert cfg["reward_std"] == pytest.approx(summary["reward_std"])
     lines = (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()
