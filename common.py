@@ -192,10 +192,13 @@ def autocast_on(device, mode):
     return mode == "bf16" or (mode == "auto" and device.type == "cuda")
 
 
-def autocast(device, mode):
-    """bf16 autocast of the forward passes over fp32 weights (auto: on CUDA only)."""
+def autocast(device, mode, cache=True):
+    """bf16 autocast of the forward passes over fp32 weights (auto: on CUDA only). Its cache keeps the bf16 copy of
+    every weight it cast until the region ends; `cache=False` for regions that run whole models without a backward
+    (or FSDP, whose layers free their gathered weights after each forward): the copies then live only as long as
+    a backward needs them."""
     on = autocast_on(device, mode)
-    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=on)
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=on, cache_enabled=cache)
 
 
 def to_cpu(t, keep=True):

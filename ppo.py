@@ -310,19 +310,21 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
     B, T = ro.response.shape
     score, old_logp, ref_logp, values = torch.zeros(B), torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
     lengths = (ro.lengths() + torch.tensor(prompt_len)).tolist()
+    def run(objective, part):  # FSDP: the root gathered for one forward only, one model's at a time
+        out = objective(part)
+        common.release(objective)
+        return out[0] if isinstance(out, tuple) else out
+
     for mi in common.micro_batches(lengths, a.token_budget, world, fsdp, device):
         part = ro.rows(mi or [0])  # an empty micro-batch (FSDP: the ranks' counts match) runs on a stand-in row
         t = part.response.shape[1]
-        out = (sum(rm(part) for rm in roles.rms) / len(roles.rms), pi(part)[0], ref(part)[0],
-               critic(part) if critic is not None else None)
+        out = (sum(run(rm, part) for rm in roles.rms) / len(roles.rms), run(pi, part), run(ref, part),
+               run(critic, part) if critic is not None else None)
         if mi:
             score[mi] = out[0].float().cpu()
             old_logp[mi, :t], ref_logp[mi, :t] = out[1].cpu(), out[2].cpu()
             if critic is not None:
                 values[mi, :t] = out[3].float().cpu()
-    for m in (pi, ref, critic, *roles.rms):
-        if m is not None:
-            common.release(m)
     ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
     ro.old_logp, ro.ref_logp, ro.values = old_logp * ro.mask, ref_logp * ro.mask, values * ro.mask
     return ro
@@ -393,24 +395,25 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
                 part = ro.rows([mb[i] for i in mi] or [0])
                 mask, adv = part.mask.to(device) * bool(mi), part.adv.to(device)
                 last = k == len(micro) - 1
-                with common.no_sync_unless(last, fwd_pi), amp(), \
-                        (common.no_sync_unless(last, fwd_v) if fwd_v is not None else contextlib.nullcontext()):
+                # policy and critic share no parameter: a backward each equals one of the summed losses, and only
+                # one model's activations are alive at a time
+                with common.no_sync_unless(last, fwd_pi), amp():
                     logp, entropy = fwd_pi(part)
                     log_ratio = (logp - part.old_logp.to(device)) * mask
                     ratio = log_ratio.exp()
                     # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
                     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
-                    loss = (pg * mask).sum() * world / n_tok
-                    if fwd_v is not None:
+                    ((pg * mask).sum() * world / n_tok).backward()
+                if fwd_v is not None:
+                    with common.no_sync_unless(last, fwd_v), amp():
                         old_v, ret = part.values.to(device), part.returns.to(device)
                         v = fwd_v(part)
                         # paper Eq. 4: the value loss, clipped around the rollout's values
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        loss = loss + (vf * mask).sum() * world / n_tok
-                        log_mean("value_loss", vf.detach(), mask)
-                        log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
-                    loss.backward()
+                        ((vf * mask).sum() * world / n_tok).backward()
+                    log_mean("value_loss", vf.detach(), mask)
+                    log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
                 with torch.no_grad():
                     log_mean("policy_loss", pg, mask)
                     log_mean("entropy", entropy, mask)
@@ -490,7 +493,7 @@ def ppo_prompts(a):
 def train(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
     fsdp = a.fsdp and n_proc > 1
-    amp = common.autocast(device, a.autocast)
+    amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
     policy, ref, rms, critic = load_roles(a, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
                                           else torch.float32)
     prompts, held = ppo_prompts(a)

@@ -705,8 +705,10 @@ def test_ppo_fsdp_resume_is_identical(world, ppo_rm, ppo_runs, tmp_path):
 def test_ppo_fsdp_ranks_stopping_apart(world, ppo_rm, tmp_path):
     """Rank 0's responses all stop at their first token, rank 1's run to --max-new-tokens (tests/forced_stops.py
     forces the sampled tokens per rank): the ranks' rollouts and micro-batch counts differ, and the run still
-    completes (a rank left waiting in a collective would hang until launch's timeout)."""
-    out = run_ppo(world, ppo_rm, tmp_path / "out", "--fsdp", procs=2, script="tests/forced_stops.py")
+    completes (a rank left waiting in a collective would hang until launch's timeout). With --autocast bf16, so
+    that the path CUDA takes by default (frozen models and the sampling copy in bf16) runs too."""
+    out = run_ppo(world, ppo_rm, tmp_path / "out", "--fsdp", "--autocast", "bf16", procs=2,
+                  script="tests/forced_stops.py")
     for m in metrics(out):
         assert m["eos_rate"] == 0.5 and m["response_length"] == (1 + 12) / 2
     assert "accuracy_after" in json.loads((out / "summary.json").read_text())
