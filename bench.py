@@ -377,6 +377,65 @@ def load_child(ckpt, reps=3):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# PPO under FSDP (torchrun): how the rollout samples from a sharded policy
+
+
+def rollout_fsdp(quick, dev):
+    """Under torchrun (--rollout-fsdp): sampling from an FSDP-sharded policy two ways, timed on every rank.
+    copy: gather a whole copy once per rollout (common.unsharded_copy, what ppo.collect_rollouts does), then decode
+    with no collective. layers: keep the policy sharded and let every decoder layer all-gather its weights at every
+    decoding step (the root gathered once); every rank must then run the same number of steps, so no row may stop
+    early (here none does: no stop token). Prints, on rank 0, the medians and the bytes each way all-gathers."""
+    import common
+    import ppo
+    import torch.distributed as dist
+    shapes = {"world": dict(world.WORLD_CONFIG, vocab_size=640),  # the shipped policy's shape
+              "mid": dict(FULL["decoder"], vision_config=TINY_VISION)}
+    C, P, T = (4, 32, 8) if quick else (8, 64, 32)   # prompts, prompt tokens, new tokens
+    results = {}
+    for name, shape in (list(shapes.items())[:1] if quick else shapes.items()):
+        cfg = Config(**{"plora_rank": 8, **shape})
+        policy = build(InternLMXComposer2(cfg), dev, torch.float32)
+        policy.tokenizer = None
+        for p in [*policy.vit.parameters(), *policy.vision_proj.parameters(), policy.plora_glb_GN, policy.plora_sub_GN]:
+            p.requires_grad_(False)
+        fwd = common.wrap(ppo.PolicyLogprobs(policy, 1.0, dev), dist.get_world_size(), fsdp=True)
+        with torch.no_grad():  # FSDP2 initialises its root on the first forward through it: one row of 2 tokens
+            fwd(ppo.Rollout.start([[5, 6]], [False], 0, [[[1, 5, 6]]], {"policy": [[]]}, [3], [None], [0]))
+        common.release(fwd)
+        g = torch.Generator().manual_seed(0)
+        seqs = [([torch.randint(3, cfg.vocab_size, (P,), generator=g).tolist()], []) for _ in range(C)]
+
+        def sample(model):
+            batch = model.embed_batch(seqs, left_pad=True)
+            gens = [torch.Generator(dev).manual_seed(i) for i in range(C)]
+            return model.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], T, 1.0,
+                                  stop_ids=[-1], generator=gens)
+
+        def copy():
+            return sample(common.unsharded_copy(policy))
+
+        def layers():
+            with torch.no_grad(), common.root_gathered(fwd):
+                return sample(policy)
+        assert torch.equal(copy(), layers())  # the same samples either way
+        t = medians({"copy": copy, "layers": layers}, 3, dev)
+        layer_bytes = sum(p.numel() * 4 for p in policy.model.layers.parameters())
+        root_bytes = sum(p.numel() * 4 for n, p in policy.named_parameters()
+                         if p.requires_grad and not n.startswith("model.layers."))
+        results[name] = {"copy_s": t["copy"], "layers_s": t["layers"], "copy_gathered_bytes": layer_bytes + root_bytes,
+                         "layers_gathered_bytes": (T + 1) * layer_bytes + root_bytes, "params": sum(
+                             p.numel() for p in policy.parameters()), "prompts": C, "prompt_tokens": P, "new_tokens": T}
+    if dist.get_rank() == 0:
+        for name, r in results.items():
+            print(f"rollout_fsdp {name} ({r['params'] / 1e6:.1f}M params, {dist.get_world_size()} ranks, {C} prompts "
+                  f"x {P} tokens + {T} new): copy once {r['copy_s']:.3f} s, gathering {r['copy_gathered_bytes'] / 2 ** 20:.1f} MiB; "
+                  f"per-layer gathers {r['layers_s']:.3f} s, gathering {r['layers_gathered_bytes'] / 2 ** 20:.1f} MiB "
+                  f"(x{r['layers_s'] / r['copy_s']:.2f} the time)", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 MEASUREMENTS = {"prefill_vs_hf": bench_prefill, "prefill_plora_vs_hf": bench_prefill, "vision_vs_hf": bench_vision,
                 "decode_ms_per_token": bench_decode, "decode_flatness": bench_decode, "bon_cost": bench_bon,
@@ -409,13 +468,23 @@ def main(argv=None):
                    help=f"measure only these keys: {', '.join(MEASUREMENTS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--profile", action="store_true", help="print the top ops of each timed callable")
+    p.add_argument("--rollout-fsdp", action="store_true", help="under torchrun: sampling from an FSDP-sharded policy "
+                   "through a whole copy vs per-layer all-gathers at every step (README: PPO at 7B)")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
         return load_child(a.load_child)
-    PROFILE, s = a.profile, QUICK if a.quick else FULL
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.rollout_fsdp:
+        import common
+        rank, n_proc, dev = common.setup_distributed()
+        results = rollout_fsdp(a.quick, dev)
+        if a.json and rank == 0:
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        common.teardown_distributed(n_proc)
+        return results
+    PROFILE, s = a.profile, QUICK if a.quick else FULL
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # inference comparisons; RM training runs fp32
     fns = list(dict.fromkeys(MEASUREMENTS[k] for k in (a.only or MEASUREMENTS)))
