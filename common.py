@@ -92,7 +92,7 @@ def wrap(objective, world, fsdp=False):
         # PLoRA and the separators get no gradient from a text-only micro-batch
         return torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     # frozen parameters (ViT + vision_proj) stay whole on every rank: nothing to shard, small next to the decoder
-    shard(objective, {p for p in objective.parameters() if not p.requires_grad})
+    shard(objective, lambda o: {p for p in o.parameters() if not p.requires_grad})
     # a rank whose micro-batch has no image reduces zeros for PLoRA (as DDP's find_unused_parameters), so that the
     # ranks' reduce-scatters match
     objective.set_reduce_scatter_unused_params(True)
@@ -101,10 +101,19 @@ def wrap(objective, world, fsdp=False):
 
 def shard(objective, whole):
     """FSDP2 in place: each decoder layer of `objective.model` a unit, the rest of the decoder the root's; the
-    parameters in `whole` stay unsharded on every rank."""
+    parameters `whole(objective)` stay unsharded on every rank.
+
+    A checkpoint read on the CPU gives parameters that view the file's bytes in memory, and once anything asks
+    for their storage (fully_shard does), that buffer is never freed (torch 2.13, safetensors 0.8): on the CPU each
+    parameter gets a copy of its own first, so that the buffer goes with the model's original parameters. On a
+    GPU, loading already copied each tensor."""
+    for module in objective.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.device.type == "cpu":
+                module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
     for layer in objective.model.model.layers:
         fully_shard(layer)
-    fully_shard(objective, ignored_params=whole)
+    fully_shard(objective, ignored_params=whole(objective))
     return objective
 
 
@@ -114,8 +123,8 @@ def shard_frozen(objective, world, fsdp):
     gradient to synchronise, so DDP has nothing to do for it."""
     if world == 1 or not fsdp:
         return objective
-    m = objective.model
-    return shard(objective, {*m.vit.parameters(), *m.vision_proj.parameters(), m.plora_glb_GN, m.plora_sub_GN})
+    return shard(objective, lambda o: {*o.model.vit.parameters(), *o.model.vision_proj.parameters(),
+                                       o.model.plora_glb_GN, o.model.plora_sub_GN})
 
 
 def unwrap(wrapped):

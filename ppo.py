@@ -276,6 +276,9 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
     The scoring passes go through the wrapped objectives and every rank runs as many of them."""
     pi, ref, critic = common.unwrap(roles.policy), roles.ref, common.unwrap(roles.critic) if roles.critic else None
     policy, fsdp = pi.model, common.sharded(pi)
+    for m in (policy, critic.model if critic is not None else None):
+        if m is not None:
+            m.eval()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     sampler = common.unsharded_copy(policy, amp) if fsdp else policy
@@ -439,34 +442,33 @@ def explained_variance(ro, world=1):
 # The loop (train.py --stage ppo calls it)
 
 
-def load_roles(a, device, frozen_dtype=torch.float32):
-    """Policy and frozen reference from --init (default: the world's SFT policy); the frozen reward model(s) and,
-    for PPO, the critic from --rm. Vision path and separators frozen: image embeddings are rollout constants. The
-    frozen models in `frozen_dtype` (bf16 under autocast, whose matmuls round their weights to bf16 anyway)."""
-    if not a.rm:
-        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    init = a.init or world.WORLD_SFT
-    policy = InternLMXComposer2.from_pretrained(init, device=device)
-    ref = InternLMXComposer2.from_pretrained(init, device=device, dtype=frozen_dtype).requires_grad_(False)
-    rms = [RewardModel.from_pretrained(d, device=device, dtype=frozen_dtype).requires_grad_(False) for d in a.rm]
-    critic = RewardModel.from_pretrained(a.rm[0], device=device) if a.algo == "ppo" else None
-    for m in (policy, critic):
-        if m is not None:
-            m.model.gradient_checkpointing = a.grad_ckpt
-            for p in [*m.vit.parameters(), *m.vision_proj.parameters(), m.plora_glb_GN, m.plora_sub_GN]:
-                p.requires_grad_(False)
-    return policy, ref, rms, critic
+def trained(model, a):
+    """A policy or critic as PPO trains it: vision path and separators frozen (image embeddings are rollout
+    constants), the decoder checkpointed under --grad-ckpt."""
+    model.model.gradient_checkpointing = a.grad_ckpt
+    for p in [*model.vit.parameters(), *model.vision_proj.parameters(), model.plora_glb_GN, model.plora_sub_GN]:
+        p.requires_grad_(False)
+    return model
 
 
-def wrap_roles(a, policy, ref, rms, critic, n_proc, device):
-    """The objectives of the four roles: DDP for the trained ones under torchrun, or with --fsdp every model's
-    decoder sharded (the frozen ones too: at 7B no GPU holds four models whole)."""
-    return Roles(common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp),
-                 common.shard_frozen(PolicyLogprobs(ref, a.temperature, device), n_proc, a.fsdp),
-                 common.wrap(CriticValues(critic, reward_norm(critic, a.normalize_reward), device), n_proc, a.fsdp)
-                 if critic is not None else None,
-                 [common.shard_frozen(RewardScore(rm, f"rm{i}", a.normalize_reward, device), n_proc, a.fsdp)
-                  for i, rm in enumerate(rms)])
+def load_roles(a, policy, n_proc, device, frozen_dtype=torch.float32):
+    """The objectives of the four roles around `policy` (loaded from --init): the frozen reference from --init, the
+    frozen reward model(s) and, for PPO, the critic from --rm, the frozen ones in `frozen_dtype` (bf16 under
+    autocast, whose matmuls round their weights to bf16 anyway). DDP for the trained ones under torchrun; with
+    --fsdp every model's decoder sharded, the frozen ones' too, each right after it is loaded: at 7B no GPU holds
+    two of them whole."""
+    load = lambda cls, path, **kw: cls.from_pretrained(path, device=device, **kw)  # noqa: E731
+    frozen = lambda cls, path: load(cls, path, dtype=frozen_dtype).requires_grad_(False)  # noqa: E731
+    pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp)
+    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or world.WORLD_SFT), a.temperature,
+                                             device), n_proc, a.fsdp)
+    rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d), f"rm{i}", a.normalize_reward, device), n_proc,
+                               a.fsdp) for i, d in enumerate(a.rm)]
+    critic = None
+    if a.algo == "ppo":
+        model = trained(load(RewardModel, a.rm[0]), a)
+        critic = common.wrap(CriticValues(model, reward_norm(model, a.normalize_reward), device), n_proc, a.fsdp)
+    return Roles(pi, ref, critic, rms)
 
 
 def step_prompts(prompts, a, step, rank, n_proc):
@@ -494,16 +496,19 @@ def train(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
     fsdp = a.fsdp and n_proc > 1
     amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
-    policy, ref, rms, critic = load_roles(a, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
-                                          else torch.float32)
+    if not a.rm:
+        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
+    policy = trained(InternLMXComposer2.from_pretrained(a.init or world.WORLD_SFT, device=device), a)
     prompts, held = ppo_prompts(a)
     summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed}
-    if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole
+    if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole, and no other model
         summary["accuracy_before"], summary["accuracy_before_by_kind"] = world.eval_policy(policy, held, a.hd_num)
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
-    roles = wrap_roles(a, policy, ref, rms, critic, n_proc, device)
+    roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
+                       else torch.float32)
     fwd_pi, fwd_v = roles.policy, roles.critic
+    critic = common.unwrap(fwd_v).model if fwd_v is not None else None
     critic_lr = a.critic_lr or 5 * a.lr
     # after wrapping: FSDP replaces the parameters by their shards
     opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
@@ -536,7 +541,9 @@ def train(a, rank, n_proc, device):
         if opt_v is not None:
             common.set_lr(opt_v, lr * critic_lr / a.lr)
         # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
-        policy.train()
+        for m in (policy, critic):  # train mode: --grad-ckpt checkpoints only in training forwards
+            if m is not None:
+                m.train()
         stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp))
         step += 1
         tokens_done += int(ro.mask.sum())
