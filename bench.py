@@ -377,6 +377,273 @@ def load_child(ckpt, reps=3):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# PPO under FSDP (torchrun): how the rollout samples from a sharded policy
+
+
+def rollout_fsdp(quick, dev):
+    """Under torchrun (--rollout-fsdp): sampling from an FSDP-sharded policy two ways, timed on every rank.
+    copy: gather a whole copy once per rollout (common.unsharded_copy, what ppo.collect_rollouts does), then decode
+    with no collective. layers: keep the policy sharded and let every decoder layer all-gather its weights at every
+    decoding step (the root gathered once); every rank must then run the same number of steps, so no row may stop
+    early (here none does: no stop token). Prints, on rank 0, the medians and the bytes each way all-gathers."""
+    import common
+    import ppo
+    import torch.distributed as dist
+    shapes = {"world": dict(world.WORLD_CONFIG, vocab_size=640),  # the shipped policy's shape
+              "mid": dict(FULL["decoder"], vision_config=TINY_VISION)}
+    C, P, T = (4, 32, 8) if quick else (8, 64, 32)   # prompts, prompt tokens, new tokens
+    results = {}
+    for name, shape in (list(shapes.items())[:1] if quick else shapes.items()):
+        cfg = Config(**{"plora_rank": 8, **shape})
+        policy = build(InternLMXComposer2(cfg), dev, torch.float32)
+        policy.tokenizer = None
+        for p in [*policy.vit.parameters(), *policy.vision_proj.parameters(), policy.plora_glb_GN, policy.plora_sub_GN]:
+            p.requires_grad_(False)
+        fwd = common.wrap(ppo.PolicyLogprobs(policy, 1.0, dev), dist.get_world_size(), fsdp=True)
+        with torch.no_grad():  # FSDP2 initialises its root on the first forward through it: one row of 2 tokens
+            fwd(ppo.Rollout.start([[5, 6]], [False], 0, [[[1, 5, 6]]], {"policy": [[]]}, [3], [None], [0]))
+        common.release(fwd)
+        g = torch.Generator().manual_seed(0)
+        seqs = [([torch.randint(3, cfg.vocab_size, (P,), generator=g).tolist()], []) for _ in range(C)]
+
+        def sample(model):
+            batch = model.embed_batch(seqs, left_pad=True)
+            gens = [torch.Generator(dev).manual_seed(i) for i in range(C)]
+            return model.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], T, 1.0,
+                                  stop_ids=[-1], generator=gens)
+
+        def copy():
+            return sample(common.unsharded_copy(policy))
+
+        def layers():
+            with torch.no_grad(), common.root_gathered(fwd):
+                return sample(policy)
+        assert torch.equal(copy(), layers())  # the same samples either way
+        t = medians({"copy": copy, "layers": layers}, 3, dev)
+        layer_bytes = sum(p.numel() * 4 for p in policy.model.layers.parameters())
+        root_bytes = sum(p.numel() * 4 for n, p in policy.named_parameters()
+                         if p.requires_grad and not n.startswith("model.layers."))
+        results[name] = {"copy_s": t["copy"], "layers_s": t["layers"], "copy_gathered_bytes": layer_bytes + root_bytes,
+                         "layers_gathered_bytes": (T + 1) * layer_bytes + root_bytes, "params": sum(
+                             p.numel() for p in policy.parameters()), "prompts": C, "prompt_tokens": P, "new_tokens": T}
+    if dist.get_rank() == 0:
+        for name, r in results.items():
+            print(f"rollout_fsdp {name} ({r['params'] / 1e6:.1f}M params, {dist.get_world_size()} ranks, {C} prompts "
+                  f"x {P} tokens + {T} new): copy once {r['copy_s']:.3f} s, gathering {r['copy_gathered_bytes'] / 2 ** 20:.1f} MiB; "
+                  f"per-layer gathers {r['layers_s']:.3f} s, gathering {r['layers_gathered_bytes'] / 2 ** 20:.1f} MiB "
+                  f"(x{r['layers_s'] / r['copy_s']:.2f} the time)", flush=True)
+    return results
+
+
+# The memory model of `train.py --stage ppo`: bytes per GPU from config.json and the PPO settings
+
+# IXC-2.5 7B (../shared/spec/ixc25.md section 1; the vision tower is CLIP ViT-L/14 at 560 px, VisionConfig's defaults)
+IXC25_7B = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, rope_scaling={"type": "dynamic", "factor": 2.0},
+                max_position_embeddings=24576, max_length=16384)
+# the 7B run the table assumes: train.py's recipe for ppo (batch 16, token budget 4096), responses up to 512 tokens,
+# prompts of one image at hd_num 9 (a 3x3 grid of 560-px crops and the global view: 4081 tokens) and 512 of text
+PPO_7B = dict(gpus=8, batch=16, token_budget=4096, max_new_tokens=512, image_tokens=4081, text_tokens=512,
+              rollout_chunk=32, mini_batches=2, plora_rank=256)
+
+
+def layer_activation_bytes(D, I, H, kv, r, autocast):
+    """(bytes per token, extra bytes per image token) that autograd saves in one of model.py's decoder layers for
+    its backward, the layer's input included: the norms' fp32 outputs, q/k/v (kept whole by v's view), RoPE'd q
+    and k, attention out and its log-sum-exp, the SwiGLU's four intermediates; on image tokens PLoRA's inputs
+    (tests/test_ppo_memory.py checks this against autograd's saved tensors). Not included: the attention mask,
+    which the attention kernel keeps as floats per layer, and the RoPE tables, shared by the layers."""
+    if autocast:
+        per_token = 4 * (6 * D + H + 3) + 2 * (3 * D + 3 * kv + 4 * I)
+    else:
+        per_token = 4 * (11 * D + 3 * kv + 4 * I + H + 3)
+    return per_token, (2 if autocast else 4) * (4 * D + I + 5 * r)
+
+
+def ppo_memory(config, gpus, fsdp=True, autocast=True, grad_ckpt=False, algo="ppo", rloo_k=4, batch=16,
+               mini_batches=2, rollout_chunk=32, image_tokens=4081, text_tokens=512, max_new_tokens=512,
+               token_budget=4096, reward_models=1, plora_rank=256, cpu=False):
+    """Bytes per GPU of `train.py --stage ppo`, by component, and the peak of each phase: {name: bytes}. `config`: a
+    config.json path or its dict. Every prompt is taken as `image_tokens` + `text_tokens` long and every response
+    as `max_new_tokens`: the worst case the settings allow. Parameter counts come from model.py's own modules,
+    built on the meta device.
+
+    Static: the trained policy and critic (fp32, sharded under FSDP, their vision path whole) and their AdamW
+    moments; the frozen reference and reward models (bf16 under autocast, sharded the same way).
+    Rollout: the sampling copy (FSDP: the policy whole, in the autocast dtype), the KV cache of a chunk of prompts
+    with room for every new token, the prefill's widest step; then, the copy freed, the widest scoring forward (a
+    micro-batch of the token budget, no gradient) with the root it gathers.
+    Update: one model's forward + backward at a time (ppo.ppo_update), the critic's with the policy's gradients
+    already made: the activations autograd saves per layer (counted from model.py's layer, and checked against a
+    measurement in tests/test_ppo_memory.py), the float attention mask the attention kernel keeps per layer,
+    autocast's bf16 weight copies saved for the backward (none under checkpointing), the policy's log-softmax over
+    the vocabulary, and under FSDP a gathered root and two gathered layers with their gradients.
+    Loading: each model is whole until it is sharded, the critic last. Checkpoint: rank 0 gathers the policy (then
+    the critic) whole with its AdamW moments, in host memory unless `cpu` (a CPU run, whose host memory is its
+    device memory). Not modelled: the built-in world's held-out evaluation on rank 0 (world runs only)."""
+    cfg = Config.from_json(config) if not isinstance(config, dict) else Config(**config)
+    cfg.plora_rank = plora_rank
+    with torch.device("meta"):
+        policy, critic = InternLMXComposer2(cfg), InternLMXComposer2(Config(**{**cfg.__dict__, "head": "score"}))
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    vision = count([*policy.vit.parameters(), *policy.vision_proj.parameters(), policy.plora_glb_GN,
+                    policy.plora_sub_GN])
+    layers = count(policy.model.layers.parameters())
+    layer_mm = count(p for p in policy.model.layers[0].parameters() if p.dim() == 2)
+    n_pi, n_v = count(policy.parameters()) - vision, count(critic.parameters()) - vision
+    D, I, L, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    hd, V, r, kv = cfg.head_dim, cfg.vocab_size, cfg.plora_rank, cfg.num_key_value_heads * cfg.head_dim
+    with_critic = algo == "ppo"
+    f = gpus if fsdp and gpus > 1 else 1            # how many ways the weights are split
+    wb = 2 if autocast else 4                       # frozen weights, matmul outputs
+    gen_b = wb if f > 1 else 4                      # one process / DDP: the fp32 policy samples itself
+    n = 1 if with_critic else rloo_k
+    prompts = max(1, batch // gpus // n)            # per rank (ppo.step_prompts)
+    P, T = image_tokens + text_tokens, max_new_tokens
+    rows_score = max(1, min(prompts * n, token_budget // (P + T)))
+    rows_update = max(1, min(-(-prompts * n // mini_batches), token_budget // (P + T)))
+    trained = n_pi + (n_v if with_critic else 0)
+    mb = {}
+    mb["policy + critic weights"] = trained * 4 / f + (2 if with_critic else 1) * vision * 4
+    mb["AdamW moments"] = 8 * trained / f
+    mb["reference + reward models"] = (n_pi + reward_models * n_v) * wb / f + (1 + reward_models) * vision * wb
+    static = sum(mb.values())
+
+    # rollout: sampling, then scoring. A forward without gradient holds one layer's widest step: the SwiGLU's
+    # three intermediates and a few fp32 residuals per token, and the attention mask (bool, and as floats)
+    no_grad_token, no_grad_row = 3 * I * wb + 16 * D, lambda length: length * length * (1 + wb)  # noqa: E731
+    gen = min(rollout_chunk, prompts)
+    mb["sampling copy of the policy"] = (n_pi + (vision if gen_b != 4 else 0)) * gen_b if f > 1 else 0
+    cache = 2 * L * kv * gen_b * gen * n * (P + T)
+    mb["KV cache"] = cache * (1 + 1 / n if n > 1 else 1)  # KVCache.repeat: the prompts' cache and its n copies
+    mb["prefill"] = gen * (P * no_grad_token + no_grad_row(P)) + gen * n * V * 8
+    gathered = (n_pi - layers + 2 * layers / L) * 4 if f > 1 else 0   # the policy's root and two layers
+    mb["scoring forward"] = rows_score * ((P + T) * no_grad_token + no_grad_row(P + T) + T * V * 16) + gathered
+    rollout = static + max(mb["sampling copy of the policy"] + mb["KV cache"] + mb["prefill"], mb["scoring forward"])
+
+    # update
+    per_token, per_image_token = layer_activation_bytes(D, I, H, kv, r, autocast)
+    tokens = rows_update * (P + T)
+    layer = tokens * per_token + rows_update * (image_tokens * per_image_token + (P + T) ** 2 * wb)
+    copies = 2 * layer_mm if autocast else 0
+    acts = L * tokens * 4 * D + layer + copies if grad_ckpt else L * (layer + copies)
+    # shared by the layers: RoPE tables, the image and attention masks; and the final norm
+    mb["activations (one model)"] = acts + tokens * (8 * hd + 1 + 12 * D) + rows_update * (P + T) ** 2
+    mb["policy log-softmax over the vocabulary"] = rows_update * T * V * (20 + (2 if autocast else 0))
+    mb["FSDP: gathered root + 2 layers, their gradients"] = 2 * gathered
+    mb["gradients (until the optimizer step)"] = trained * 4 / f
+    update = static + mb["activations (one model)"] + 2 * gathered + \
+        max(mb["policy log-softmax over the vocabulary"], n_pi * 4 / f)   # the critic's backward: policy grads made
+    update = max(update, static + mb["gradients (until the optimizer step)"])
+
+    # loading (ppo.load_roles): each model whole until it is sharded, the critic (fp32) last; on the CPU the
+    # file's bytes and their copy (common.shard) both
+    whole = lambda m: (m + vision) * 4 * (2 if cpu and f > 1 else 1)  # noqa: E731
+    load = max(whole(n_pi), n_pi * 4 / f + vision * 4 + mb["reference + reward models"] + whole(n_v)
+               if with_critic else 0)
+    mb["checkpoint on rank 0 (host memory on GPUs)"] = 3 * max(n_pi, n_v) * 4 if f > 1 else 0
+    save = static + (mb["checkpoint on rank 0 (host memory on GPUs)"] if cpu else V * D * 4 if f > 1 else 0)
+    mb.update(load_peak=load, rollout_peak=rollout, update_peak=update, checkpoint_peak=save,
+              peak=max(load, rollout, update, save))
+    return mb
+
+
+def print_ppo_memory(config=None):
+    """The table of the README (markdown): GB per GPU on 8 GPUs under FSDP and bf16 autocast, PPO with and without
+    --grad-ckpt and RLOO, for IXC-2.5 7B unless `config` (a config.json) says otherwise."""
+    runs = {"ppo": dict(PPO_7B), "ppo --grad-ckpt": dict(PPO_7B, grad_ckpt=True),
+            "rloo --grad-ckpt": dict(PPO_7B, grad_ckpt=True, algo="rloo")}
+    tables = {k: ppo_memory(config or IXC25_7B, **v) for k, v in runs.items()}
+    print("| GB per GPU | " + " | ".join(f"`{k}`" for k in tables) + " |\n|---|" + "---:|" * len(tables))
+    for row in tables["ppo"]:
+        bold = "**" if row.endswith("peak") else ""
+        print(f"| {bold}{row.replace('_', ' ')}{bold} | " + " | ".join(f"{bold}{t[row] / 1e9:.1f}{bold}"
+                                                                     for t in tables.values()) + " |")
+    for gb in (80, 141):  # 5% kept for the allocator's fragmentation and the CUDA context
+        print(f"| fits 8x{gb} GB | " + " | ".join("yes" if t["peak"] < gb * 1e9 * 0.95 else "no"
+                                                 for t in tables.values()) + " |")
+    return tables
+
+
+def peak_tensor_bytes(fn):
+    """Peak bytes of tensors allocated while fn() runs: the CUDA allocator's statistics. On the CPU, whose allocator
+    keeps none: the running total that c10 keeps when its flag caffe2_report_cpu_memory_usage is set (every
+    thread's allocations and frees: gloo's threads free some), read at each allocation the profiler records, plus
+    the storages the profiler reports outside that total (a safetensors file read into memory, reported with a
+    total of 0), from their allocation to their release."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    import ctypes
+    from torch.profiler import ProfilerActivity, profile
+    libc10 = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo += node.children
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields))
+    outside, peak = {}, 0
+    for _, e in sorted(events, key=lambda x: x[0]):
+        if e.alloc_size > 0 and e.total_allocated == 0:
+            outside[e.ptr] = e.alloc_size
+        elif e.alloc_size < 0 and e.ptr in outside and e.total_allocated == 0:
+            del outside[e.ptr]
+        peak = max(peak, e.total_allocated + sum(outside.values()))
+    return peak
+
+
+def ppo_settings(a, n_proc, device):
+    """ppo_memory's settings for a parsed `train.py --stage ppo` run: its flags, and prompts as long as the longest
+    one it draws (ppo.step_prompts over its iterations and ranks, image tokens from each image's size)."""
+    import common
+    import ppo
+    from model import checkpoint_files, tensor_shapes, tokenize_segments
+    from PIL import Image
+    from vision import hd_grid, n_image_tokens
+    init = Path(a.init or world.WORLD_SFT)
+    cfg, tok = Config.from_json(init / "config.json"), data.Tokenizer(init / "tokenizer.model")
+    plora = [s[0] for k, s in tensor_shapes(checkpoint_files(init)).items() if k.endswith("Plora_A.weight")]
+    prompts, _ = ppo.ppo_prompts(a)
+    longest = (0, 0)
+    for step in range(a.steps):
+        for rank in range(n_proc):
+            for prompt, images, _ in ppo.step_prompts(prompts, a, step, rank, n_proc)[0]:
+                text = sum(len(s) for s in tokenize_segments(tok, prompt, len(images)) if isinstance(s, list))
+                hd = 6 if len(images) > 1 else a.hd_num
+                crop, grid = cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size
+                image = sum(n_image_tokens(*hd_grid(*Image.open(im).size, hd, crop), grid) for im in images)
+                longest = max(longest, (text + image, image))
+    return dict(config=str(init / "config.json"), gpus=n_proc, fsdp=a.fsdp, autocast=common.autocast_on(device, a.autocast),
+                grad_ckpt=a.grad_ckpt, algo=a.algo, rloo_k=a.rloo_k, batch=a.batch, mini_batches=a.mini_batches,
+                rollout_chunk=a.rollout_chunk, image_tokens=longest[1], text_tokens=longest[0] - longest[1],
+                max_new_tokens=a.max_new_tokens, token_budget=a.token_budget, reward_models=len(a.rm),
+                plora_rank=plora[0] if plora else 0, cpu=device.type == "cpu")
+
+
+def check_ppo_memory(train_args):
+    """Run `train.py --stage ppo` with `train_args` in this process (under torchrun: on every rank), measure its peak
+    tensor memory, and print it next to ppo_memory's for the same settings, one JSON line per rank."""
+    import train
+    n_proc = int(os.environ.get("WORLD_SIZE", 1))
+    a = train.parse_args(train_args)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    settings = ppo_settings(a, n_proc, device)
+    measured = peak_tensor_bytes(lambda: train.main(train_args))
+    model = ppo_memory(**settings)
+    line = {"rank": int(os.environ.get("RANK", 0)), "measured": measured, "modelled": model["peak"],
+            "ratio": model["peak"] / measured, "rollout_peak": model["rollout_peak"],
+            "update_peak": model["update_peak"], "checkpoint_peak": model["checkpoint_peak"], "settings": settings}
+    print("ppo_memory_check " + json.dumps(line), flush=True)
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 MEASUREMENTS = {"prefill_vs_hf": bench_prefill, "prefill_plora_vs_hf": bench_prefill, "vision_vs_hf": bench_vision,
                 "decode_ms_per_token": bench_decode, "decode_flatness": bench_decode, "bon_cost": bench_bon,
@@ -409,13 +676,32 @@ def main(argv=None):
                    help=f"measure only these keys: {', '.join(MEASUREMENTS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--profile", action="store_true", help="print the top ops of each timed callable")
+    p.add_argument("--rollout-fsdp", action="store_true", help="under torchrun: sampling from an FSDP-sharded policy "
+                   "through a whole copy vs per-layer all-gathers at every step (README: PPO at 7B)")
+    p.add_argument("--ppo-memory", nargs="?", const="7b", metavar="CONFIG", help="print the PPO memory model "
+                   "per GPU for a config.json (default: IXC-2.5 7B) on 8 GPUs (README: PPO at 7B)")
+    p.add_argument("--ppo-memory-check", nargs=argparse.REMAINDER, metavar="TRAIN_ARGS", help="run train.py with "
+                   "these arguments (--stage ppo ...; under torchrun on every rank) and print its measured peak "
+                   "tensor memory next to the model's; on GPUs: the check of the 7B table")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
         return load_child(a.load_child)
-    PROFILE, s = a.profile, QUICK if a.quick else FULL
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.ppo_memory:
+        return print_ppo_memory(None if a.ppo_memory == "7b" else a.ppo_memory)
+    if a.ppo_memory_check is not None:
+        return check_ppo_memory(a.ppo_memory_check)
+    if a.rollout_fsdp:
+        import common
+        rank, n_proc, dev = common.setup_distributed()
+        results = rollout_fsdp(a.quick, dev)
+        if a.json and rank == 0:
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        common.teardown_distributed(n_proc)
+        return results
+    PROFILE, s = a.profile, QUICK if a.quick else FULL
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # inference comparisons; RM training runs fp32
     fns = list(dict.fromkeys(MEASUREMENTS[k] for k in (a.only or MEASUREMENTS)))

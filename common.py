@@ -93,14 +93,69 @@ def wrap(objective, world, fsdp=False):
         # PLoRA and the separators get no gradient from a text-only micro-batch
         return torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     # frozen parameters (ViT + vision_proj) stay whole on every rank: nothing to shard, small next to the decoder
-    frozen = {p for p in objective.parameters() if not p.requires_grad}
-    for layer in objective.model.model.layers:
-        fully_shard(layer)
-    fully_shard(objective, ignored_params=frozen)
+    shard(objective, lambda o: {p for p in o.parameters() if not p.requires_grad})
     # a rank whose micro-batch has no image reduces zeros for PLoRA (as DDP's find_unused_parameters), so that the
     # ranks' reduce-scatters match
     objective.set_reduce_scatter_unused_params(True)
     return objective
+
+
+def shard(objective, whole):
+    """FSDP2 in place: each decoder layer of `objective.model` a unit, the rest of the decoder the root's; the
+    parameters `whole(objective)` stay unsharded on every rank.
+
+    A checkpoint read on the CPU gives parameters that view the file's bytes in memory, and once anything asks
+    for their storage (fully_shard does), that buffer is never freed (torch 2.13, safetensors 0.8): on the CPU each
+    parameter gets a copy of its own first, so that the buffer goes with the model's original parameters. On a
+    GPU, loading already copied each tensor."""
+    for module in objective.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.device.type == "cpu":
+                module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    for layer in objective.model.model.layers:
+        fully_shard(layer)
+    fully_shard(objective, ignored_params=whole(objective))
+    return objective
+
+
+def shard_frozen(objective, world, fsdp):
+    """A frozen model (PPO's reference and reward models) under --fsdp: its decoder sharded as a trained one's, so
+    that no rank holds it whole; the vision path (ViT, projector, separators) stays whole, as in `wrap`. It has no
+    gradient to synchronise, so DDP has nothing to do for it."""
+    if world == 1 or not fsdp:
+        return objective
+    return shard(objective, lambda o: {*o.model.vit.parameters(), *o.model.vision_proj.parameters(),
+                                       o.model.plora_glb_GN, o.model.plora_sub_GN})
+
+
+def unwrap(wrapped):
+    """The objective inside DDP (for passes without gradients, which need no all-reduce); FSDP shards in place."""
+    return wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
+
+
+def sharded(module):
+    return isinstance(module, FSDPModule)
+
+
+def release(wrapped):
+    """FSDP2 keeps the root's parameters gathered after a forward, for the backward that usually follows; after a
+    forward without one (scoring, evaluation), free them."""
+    if sharded(wrapped):
+        wrapped.reshard()
+
+
+def unsharded_copy(model, dtype=None):
+    """A plain (hook-free) copy of an FSDP-sharded model with whole weights, in `dtype` (default: the model's), for
+    work that calls the model step by step outside a wrapped forward: generation. Every rank calls it (one all-gather
+    per tensor); tensors that FSDP leaves whole (the vision path) are shared, not copied, when the dtype matches."""
+    with torch.device("meta"):
+        copy = type(model)(model.cfg)
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    # one tensor at a time: the whole fp32 tensor is freed as soon as its copy in `dtype` exists
+    copy.load_state_dict({k: whole(v.detach()).to(dtype or v.dtype) for k, v in model.state_dict().items()},
+                         assign=True)
+    copy.tokenizer = model.tokenizer
+    return copy.requires_grad_(False).eval()
 
 
 def no_sync_unless(last, wrapped):
@@ -129,8 +184,10 @@ def root_gathered(wrapped):
 def micro_batches(lengths, budget, world, fsdp, device):
     """A step's share cut into micro-batches of at most `budget` padded tokens (data.token_budget_batches). Under
     FSDP each forward all-gathers every layer, so every rank runs as many micro-batches as the one that needs the
-    most, splitting its largest until it has them."""
-    micro = data.token_budget_batches(lengths, budget, shuffle=False)
+    most, splitting its largest until it has them. A share too small for that (PPO's mini-batches are drawn from the
+    global batch, so a rank's share can be empty) gets empty micro-batches: the caller still runs a forward for each,
+    on a stand-in row that weighs nothing, and at least one, so that DDP's all-reduce pairs up too."""
+    micro = data.token_budget_batches(lengths, budget, shuffle=False) or [[]]
     if world > 1 and fsdp:
         n = torch.tensor(len(micro), device=device)  # NCCL reduces device tensors only
         dist.all_reduce(n, dist.ReduceOp.MAX)
@@ -154,10 +211,17 @@ def matmul_gflops(n=1024, reps=5):
     return round(2 * n ** 3 / best / 1e9, 1)
 
 
-def autocast(device, mode):
-    """bf16 autocast of the forward passes over fp32 weights (auto: on CUDA only)."""
-    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=on)
+def autocast_on(device, mode):
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
+def autocast(device, mode, cache=True):
+    """bf16 autocast of the forward passes over fp32 weights (auto: on CUDA only). Its cache keeps the bf16 copy of
+    every weight it cast until the region ends; `cache=False` for regions that run whole models without a backward
+    (or FSDP, whose layers free their gathered weights after each forward): the copies then live only as long as
+    a backward needs them."""
+    on = autocast_on(device, mode)
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=on, cache_enabled=cache)
 
 
 def to_cpu(t, keep=True):

@@ -69,23 +69,26 @@ class Rollout:
     values: torch.Tensor     # [B, T] V(prefix before each token), zeros without a critic
     adv: torch.Tensor        # [B, T] advantages (set by compute_advantages)
     returns: torch.Tensor    # [B, T] value targets (set by compute_advantages)
-    group: torch.Tensor      # [B] the prompt a row answers (RLOO's leave-one-out groups)
+    group: torch.Tensor      # [B] the prompt a row answers (RLOO's leave-one-out groups): its place in the step's
+                             #     global batch, the same on any number of processes
+    index: torch.Tensor      # [B] the row's place in the step's global batch (prompt-major, samples of a prompt)
     segments: list           # per row: the prompt's token segments and image slots
     images: dict             # role -> per row, the prompt's image embeddings for that role's model (constants)
     prompt_len: list         # per row: prompt tokens, image tokens included (for the token budget)
     items: list              # per row: the data row (the world's checker reads it)
 
     @classmethod
-    def start(cls, responses, stopped, pad_id, segments, images, prompt_len, items, group):
+    def start(cls, responses, stopped, pad_id, segments, images, prompt_len, items, group, index=None):
         """The rollout of sampled responses (lists of ids), right-padded here once; the per-token fields zero until
-        the models have read them."""
+        the models have read them. `index` defaults to the rows' own order (one process holds the whole batch)."""
         B, T = len(responses), max(map(len, responses))
         response, mask = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T)
         for b, r in enumerate(responses):
             response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r, dtype=torch.long), 1.0
         zeros = torch.zeros(B, T)
+        index = torch.arange(B) if index is None else torch.tensor(index)
         return cls(response, mask, torch.tensor(stopped), torch.zeros(B), zeros, zeros, zeros, zeros, zeros,
-                   torch.tensor(group), segments, images, prompt_len, items)
+                   torch.tensor(group), index, segments, images, prompt_len, items)
 
     def __len__(self):
         return len(self.segments)
@@ -111,7 +114,8 @@ class Rollout:
 
 def model_batch(model, ro, role, device):
     """[left-padded prompt | right-padded response] for `model`, with its own image embeddings (`role`)."""
-    rows = [model.splice(seg, [e.to(device, non_blocking=True) for e in ims])
+    # a frozen model held in bf16 reads the policy's fp32 image embeddings (the reference shares its vision path)
+    rows = [model.splice(seg, [e.to(device, model.dtype, non_blocking=True) for e in ims])
             for seg, ims in zip(ro.segments, ro.images[role])]
     prompt = model.pad_batch(rows, left_pad=True)
     response, resp_mask = ro.response.to(device), ro.mask.to(device).long()
@@ -142,19 +146,21 @@ def values_of(critic, batch, norm=(0.0, 1.0)):
 
 
 class PolicyLogprobs(nn.Module):
-    """What DDP wraps for the policy: forward(rollout) -> (log-probs, entropy) [B, T]. Splicing reads the token
-    embeddings, so it runs inside the wrapped forward, or DDP would never arm their all-reduce."""
+    """What DDP / FSDP wrap for the policy (and FSDP for the frozen reference): forward(rollout) -> (log-probs,
+    entropy) [B, T]. Splicing reads the token embeddings, so it runs inside the wrapped forward, or DDP would never
+    arm their all-reduce and FSDP never gather them."""
 
     def __init__(self, policy, temperature, device):
         super().__init__()
         self.model, self.temperature, self.device = policy, temperature, device
 
     def forward(self, ro):
-        return logprobs_of(self.model, model_batch(self.model, ro, "policy", self.device), self.temperature)
+        logp, entropy = logprobs_of(self.model, model_batch(self.model, ro, "policy", self.device), self.temperature)
+        return logp.clone(), entropy  # not a view of the log-softmax: FSDP2 hooks its backward on what is returned
 
 
 class CriticValues(nn.Module):
-    """What DDP wraps for the critic: forward(rollout) -> V [B, T] in the rewards' units."""
+    """What DDP / FSDP wrap for the critic: forward(rollout) -> V [B, T] in the rewards' units."""
 
     def __init__(self, critic, norm, device):
         super().__init__()
@@ -162,6 +168,29 @@ class CriticValues(nn.Module):
 
     def forward(self, ro):
         return values_of(self.model, model_batch(self.model, ro, "critic", self.device), self.norm)
+
+
+class RewardScore(nn.Module):
+    """What FSDP shards for a frozen reward model: forward(rollout) -> its score of each row [B], normalised with
+    the held-out statistics when asked; `role` names the rollout's image embeddings for this model."""
+
+    def __init__(self, rm, role, normalize, device):
+        super().__init__()
+        self.model, self.role, self.normalize, self.device = rm, role, normalize, device
+
+    def forward(self, ro):
+        mean, std = reward_norm(self.model, self.normalize)
+        return (self.model.score_embedded(reward_rows(self.model, ro, self.role, self.device)) - mean) / std
+
+
+@dataclass
+class Roles:
+    """The four roles as the objectives the passes call (ppo.train wraps the trained ones for DDP / FSDP and, under
+    FSDP, shards the frozen ones); each plain model is its objective's `.model`."""
+    policy: nn.Module           # PolicyLogprobs of the policy
+    ref: nn.Module              # PolicyLogprobs of the frozen reference
+    critic: nn.Module | None    # CriticValues; None for RLOO
+    rms: list                   # RewardScore of each frozen reward model, averaged
 
 
 def reward_norm(rm, normalize):
@@ -208,68 +237,98 @@ def kl_penalty(logp, ref_logp, estimator):
 # Rollout
 
 
+def reward_rows(rm, ro, role, device):
+    """Each row as the reward model reads it: prompt + response under the reward template (its suffix
+    `</s>[UNUSED_TOKEN_130]` appended after the response and its end-of-turn), spliced with `role`'s images."""
+    tok = rm.tokenizer
+    suffix = tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
+    rows = []
+    for b in range(len(ro)):
+        resp = ro.response[b, :int(ro.mask[b].sum())].tolist()
+        # the template's answer ends with end-of-turn: a response that stopped on </s> gets it in its place
+        resp = resp[:-1] if ro.stopped[b] and resp[-1:] == [tok.eos_id] else resp
+        resp = resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]
+        rows.append(rm.splice(ro.segments[b] + [resp + suffix], [e.to(device, rm.dtype) for e in ro.images[role][b]]))
+    return rows
+
+
 def reward_scores(rms, ro, device, normalize):
-    """Each reward model scores prompt + response under the reward template (its suffix `</s>[UNUSED_TOKEN_130]`
-    appended after the response and its end-of-turn); several models are averaged."""
-    total = torch.zeros(len(ro), device=device)
-    for i, rm in enumerate(rms):
-        tok = rm.tokenizer
-        suffix = tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
-        rows = []
-        for b in range(len(ro)):
-            resp = ro.response[b, :int(ro.mask[b].sum())].tolist()
-            # the template's answer ends with end-of-turn: a response that stopped on </s> gets it in its place
-            resp = resp[:-1] if ro.stopped[b] and resp[-1:] == [tok.eos_id] else resp
-            resp = resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]
-            rows.append(rm.splice(ro.segments[b] + [resp + suffix], [e.to(device) for e in ro.images[f"rm{i}"][b]]))
-        mean, std = reward_norm(rm, normalize)
-        total += (rm.score_embedded(rows) - mean) / std
-    return total / len(rms)
+    """The reward models' scores of every row, averaged (each normalised first when asked)."""
+    return sum(RewardScore(rm, f"rm{i}", normalize, device)(ro) for i, rm in enumerate(rms)) / len(rms)
+
+
+def sample_seed(seed, step, row):
+    """The seed of one response's sampler: a function of the run's seed, the iteration and the row's place in the
+    step's global batch only, so that a response does not depend on which rank draws it, on how many ranks there
+    are, or on a resume (bon.sample_candidates does the same per candidate)."""
+    return random.Random(f"{seed}/{step}/{row}").getrandbits(63)
 
 
 @torch.no_grad()
-def collect_rollouts(policy, ref, critic, rms, prompts, a, device, generator):
-    """Sample responses in chunks of --rollout-chunk prompts, then score them and read log-probs and values."""
-    policy.eval()
+def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
+    """Sample responses in chunks of --rollout-chunk prompts, response j of prompt p from generators[p * n + j];
+    then score them and read log-probs and values over micro-batches of --token-budget tokens. `prompt_index`: each
+    prompt's place in the step's global batch (default: its place in `prompts`).
+
+    Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed before
+    returning, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
+    different steps never wait for one another (README: "PPO at 7B (FSDP)" has the measurement behind this choice).
+    The scoring passes go through the wrapped objectives and every rank runs as many of them."""
+    pi, ref, critic = common.unwrap(roles.policy), roles.ref, common.unwrap(roles.critic) if roles.critic else None
+    policy, fsdp = pi.model, common.sharded(pi)
+    for m in (policy, critic.model if critic is not None else None):
+        if m is not None:
+            m.eval()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    sampler = common.unsharded_copy(policy, amp) if fsdp else policy
+    prompt_index = list(range(len(prompts))) if prompt_index is None else prompt_index
     n = a.rloo_k if a.algo == "rloo" else 1
-    segments, pixels, items, group, responses, stopped = [], [], [], [], [], []
+    segments, pixels, items, group, index, responses, stopped = [], [], [], [], [], [], []
     stop = {policy.tokenizer.eos_id, policy.tokenizer.eot_id}
     for c in range(0, len(prompts), a.rollout_chunk):
         chunk = prompts[c:c + a.rollout_chunk]
-        seqs = [policy.sequence(prompt, ims, a.hd_num) for prompt, ims, _ in chunk]
-        batch = policy.embed_batch(seqs, left_pad=True)
-        out = policy.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
-                              a.temperature, a.top_p, generator=generator, n=n)
+        seqs = [sampler.sequence(prompt, ims, a.hd_num) for prompt, ims, _ in chunk]
+        batch = sampler.embed_batch(seqs, left_pad=True)
+        out = sampler.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
+                               a.temperature, a.top_p, generator=generators[c * n:(c + len(chunk)) * n], n=n)
         for j, row in enumerate(out.tolist()):
             end = next((t + 1 for t, tok in enumerate(row) if tok in stop), None)
             segments.append(seqs[j // n][0])
             pixels.append(seqs[j // n][1])
             items.append(chunk[j // n][2])
-            group.append(c + j // n)
+            group.append(prompt_index[c + j // n])
+            index.append(prompt_index[c + j // n] * n + j % n)
             responses.append(row[:end] if end else row)
             stopped.append(end is not None)
+    del sampler, batch  # under FSDP the whole copy: freed before the passes below and the update
     # image embeddings are constants during PPO (vision frozen): encode once per model, keep them on the host
-    roles = {"policy": policy, **({"critic": critic} if critic is not None else {}),
-             **{f"rm{i}": rm for i, rm in enumerate(rms)}}
+    models = {"policy": policy, **({"critic": critic.model} if critic is not None else {}),
+              **{rm.role: rm.model for rm in roles.rms}}
     images = {role: [[e.cpu() for e in m.encode_images(px)] if px else [] for px in pixels]
-              for role, m in roles.items()}
+              for role, m in models.items()}
     prompt_len = [sum(len(s) for s in seg if not isinstance(s, int)) + sum(e.shape[0] for e in ims)
                   for seg, ims in zip(segments, images["policy"])]
-    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group)
-    score = reward_scores(rms, ro, device, a.normalize_reward).cpu()
-    ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
+    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group, index)
     B, T = ro.response.shape
-    old_logp, ref_logp, values = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    for c in range(0, B, a.rollout_chunk):
-        part = ro.rows(range(c, min(c + a.rollout_chunk, B)))
+    score, old_logp, ref_logp, values = torch.zeros(B), torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    lengths = (ro.lengths() + torch.tensor(prompt_len)).tolist()
+    def run(objective, part):  # FSDP: the root gathered for one forward only, one model's at a time
+        out = objective(part)
+        common.release(objective)
+        return out[0] if isinstance(out, tuple) else out
+
+    for mi in common.micro_batches(lengths, a.token_budget, world, fsdp, device):
+        part = ro.rows(mi or [0])  # an empty micro-batch (FSDP: the ranks' counts match) runs on a stand-in row
         t = part.response.shape[1]
-        old_logp[c:c + len(part), :t] = logprobs_of(policy, model_batch(policy, part, "policy", device),
-                                                    a.temperature)[0].cpu()
-        ref_logp[c:c + len(part), :t] = logprobs_of(ref, model_batch(ref, part, "policy", device),
-                                                    a.temperature)[0].cpu()
-        if critic is not None:
-            values[c:c + len(part), :t] = values_of(critic, model_batch(critic, part, "critic", device),
-                                                    reward_norm(critic, a.normalize_reward)).cpu()
+        out = (sum(run(rm, part) for rm in roles.rms) / len(roles.rms), run(pi, part), run(ref, part),
+               run(critic, part) if critic is not None else None)
+        if mi:
+            score[mi] = out[0].float().cpu()
+            old_logp[mi, :t], ref_logp[mi, :t] = out[1].cpu(), out[2].cpu()
+            if critic is not None:
+                values[mi, :t] = out[3].float().cpu()
+    ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
     ro.old_logp, ro.ref_logp, ro.values = old_logp * ro.mask, ref_logp * ro.mask, values * ro.mask
     return ro
 
@@ -288,56 +347,76 @@ def compute_advantages(ro, a, world=1):
         baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
         adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
     ro.adv = whiten(adv, ro.mask, world=world)
-    return {"kl": kl.sum(1).mean().item(), "score": ro.score.mean().item(), "score_std": ro.score.std().item()}
+    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), world)
+    return {"kl": mean[0].item(), "score": mean[1].item(), "score_std": std[1].item()}
+
+
+def pooled_moments(x, world, mask=None):
+    """Mean and (unbiased) standard deviation of each row of x [K, N] over its valid entries on every rank: the
+    numbers one process holding the whole batch would log."""
+    mask = torch.ones_like(x) if mask is None else mask.expand_as(x)
+    x = x.double() * mask
+    n, s, s2 = common.sum_over_ranks(torch.stack([mask.double().sum(1), x.sum(1), (x * x).sum(1)]), world)
+    mean = s / n.clamp(min=1)
+    return mean, ((s2 - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Update
 
 
-def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world):
+def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextlib.nullcontext):
     """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
-    micro-batches that fit --token-budget. Losses are token means over the whole mini-batch, all ranks included.
-    fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for RLOO), DDP-wrapped under torchrun."""
-    stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update
+    micro-batches that fit --token-budget. Mini-batches are drawn from the step's global batch (the same shuffle on
+    every rank), so that they hold the rows one process would put in them; losses are token means over the whole
+    mini-batch, all ranks included. fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for RLOO), wrapped
+    for DDP or FSDP under torchrun."""
+    stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update, all ranks
 
     def log_mean(name, x, mask):
         total = stats.setdefault(name, [0.0, 0.0])
         total[0] += (x * mask).sum().item()
         total[1] += mask.sum().item()
 
-    idx = list(range(len(ro)))
-    n_mb = min(a.mini_batches, len(idx))
-    cuts = [round(i * len(idx) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
+    # each local row's place in the global batch (one process: the rows as they are, repeats included)
+    rows = ro.index.tolist() if world > 1 else list(range(len(ro)))
+    local = {g: i for i, g in enumerate(rows)}
+    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), world))))
+    n_mb = min(a.mini_batches, len(order))
+    cuts = [round(i * len(order) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
+    fsdp = common.sharded(fwd_pi)
     for epoch in range(a.ppo_epochs):
-        random.shuffle(idx)
+        random.shuffle(order)  # every rank's Python RNG is seeded alike and drawn alike
         for m0, m1 in zip(cuts, cuts[1:]):
-            mb = idx[m0:m1]
+            mb = [local[g] for g in order[m0:m1] if g in local]  # this rank's share, possibly empty
             n_tok = common.sum_over_ranks(ro.mask[mb].sum(), world).item()
-            lengths = (ro.lengths()[mb] + torch.tensor([ro.prompt_len[i] for i in mb])).tolist()
-            micro = data.token_budget_batches(lengths, a.token_budget, shuffle=False)
+            lengths = (ro.lengths()[mb] + torch.tensor([ro.prompt_len[i] for i in mb], dtype=torch.long)).tolist()
+            micro = common.micro_batches(lengths, a.token_budget, world, fsdp, device)
             for k, mi in enumerate(micro):
-                part = ro.rows([mb[i] for i in mi])
-                mask, adv = part.mask.to(device), part.adv.to(device)
+                # an empty micro-batch runs a stand-in row with a zero mask: the forwards and reductions pair up
+                # across ranks, and nothing of it reaches a gradient or a statistic
+                part = ro.rows([mb[i] for i in mi] or [0])
+                mask, adv = part.mask.to(device) * bool(mi), part.adv.to(device)
                 last = k == len(micro) - 1
-                with common.no_sync_unless(last, fwd_pi), \
-                        (common.no_sync_unless(last, fwd_v) if fwd_v is not None else contextlib.nullcontext()):
+                # policy and critic share no parameter: a backward each equals one of the summed losses, and only
+                # one model's activations are alive at a time
+                with common.no_sync_unless(last, fwd_pi), amp():
                     logp, entropy = fwd_pi(part)
                     log_ratio = (logp - part.old_logp.to(device)) * mask
                     ratio = log_ratio.exp()
                     # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
                     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
-                    loss = (pg * mask).sum() * world / n_tok
-                    if fwd_v is not None:
+                    ((pg * mask).sum() * world / n_tok).backward()
+                if fwd_v is not None:
+                    with common.no_sync_unless(last, fwd_v), amp():
                         old_v, ret = part.values.to(device), part.returns.to(device)
                         v = fwd_v(part)
                         # paper Eq. 4: the value loss, clipped around the rollout's values
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        loss = loss + (vf * mask).sum() * world / n_tok
-                        log_mean("value_loss", vf.detach(), mask)
-                        log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
-                    loss.backward()
+                        ((vf * mask).sum() * world / n_tok).backward()
+                    log_mean("value_loss", vf.detach(), mask)
+                    log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
                 with torch.no_grad():
                     log_mean("policy_loss", pg, mask)
                     log_mean("entropy", entropy, mask)
@@ -347,33 +426,60 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world):
             for fwd, opt in ((fwd_pi, opt_pi), (fwd_v, opt_v)):
                 if fwd is not None:
                     common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, a.clip)
-    return {k: total / max(n, 1.0) for k, (total, n) in stats.items()}
+    names = sorted(stats)
+    totals = common.sum_over_ranks(torch.tensor([stats[k] for k in names], dtype=torch.float64), world)
+    return {k: total / max(n, 1.0) for k, (total, n) in zip(names, totals.tolist())}
 
 
-def explained_variance(ro):
-    v, r = ro.values[ro.mask.bool()], ro.returns[ro.mask.bool()]
-    return (1 - (r - v).var() / r.var().clamp(min=1e-8)).item()
+def explained_variance(ro, world=1):
+    """1 - Var(returns - V) / Var(returns) over every rank's valid tokens."""
+    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), world,
+                                           ro.mask.flatten()[None])
+    return (1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop (train.py --stage ppo calls it)
 
 
-def load_roles(a, device):
-    """Policy and frozen reference from --init (default: the world's SFT policy); the frozen reward model(s) and,
-    for PPO, the critic from --rm. Vision path and separators frozen: image embeddings are rollout constants."""
-    if not a.rm:
-        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    init = a.init or world.WORLD_SFT
-    policy = InternLMXComposer2.from_pretrained(init, device=device)
-    ref = InternLMXComposer2.from_pretrained(init, device=device).requires_grad_(False)
-    rms = [RewardModel.from_pretrained(d, device=device).requires_grad_(False) for d in a.rm]
-    critic = RewardModel.from_pretrained(a.rm[0], device=device) if a.algo == "ppo" else None
-    for m in (policy, critic):
-        if m is not None:
-            for p in [*m.vit.parameters(), *m.vision_proj.parameters(), m.plora_glb_GN, m.plora_sub_GN]:
-                p.requires_grad_(False)
-    return policy, ref, rms, critic
+def trained(model, a):
+    """A policy or critic as PPO trains it: vision path and separators frozen (image embeddings are rollout
+    constants), the decoder checkpointed under --grad-ckpt."""
+    model.model.gradient_checkpointing = a.grad_ckpt
+    for p in [*model.vit.parameters(), *model.vision_proj.parameters(), model.plora_glb_GN, model.plora_sub_GN]:
+        p.requires_grad_(False)
+    return model
+
+
+def load_roles(a, policy, n_proc, device, frozen_dtype=torch.float32):
+    """The objectives of the four roles around `policy` (loaded from --init): the frozen reference from --init, the
+    frozen reward model(s) and, for PPO, the critic from --rm, the frozen ones in `frozen_dtype` (bf16 under
+    autocast, whose matmuls round their weights to bf16 anyway). DDP for the trained ones under torchrun; with
+    --fsdp every model's decoder sharded, the frozen ones' too, each right after it is loaded: at 7B no GPU holds
+    two of them whole."""
+    load = lambda cls, path, **kw: cls.from_pretrained(path, device=device, **kw)  # noqa: E731
+    frozen = lambda cls, path: load(cls, path, dtype=frozen_dtype).requires_grad_(False)  # noqa: E731
+    pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp)
+    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or world.WORLD_SFT), a.temperature,
+                                             device), n_proc, a.fsdp)
+    rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d), f"rm{i}", a.normalize_reward, device), n_proc,
+                               a.fsdp) for i, d in enumerate(a.rm)]
+    critic = None
+    if a.algo == "ppo":
+        model = trained(load(RewardModel, a.rm[0]), a)
+        critic = common.wrap(CriticValues(model, reward_norm(model, a.normalize_reward), device), n_proc, a.fsdp)
+    return Roles(pi, ref, critic, rms)
+
+
+def step_prompts(prompts, a, step, rank, n_proc):
+    """This rank's prompts of iteration `step` and their places in the step's global batch: a draw of --batch
+    prompts (RLOO: a k-th of them, k samples each: the same number of responses), dealt to the ranks in turn."""
+    per_rank = a.batch // n_proc
+    if a.algo == "rloo":
+        per_rank = max(1, per_rank // a.rloo_k)
+    drawn = random.Random(a.seed + step).sample(prompts, a.batch)[:per_rank * n_proc]
+    index = list(range(rank, len(drawn), n_proc))
+    return [drawn[g] for g in index], index
 
 
 def ppo_prompts(a):
@@ -388,13 +494,25 @@ def ppo_prompts(a):
 
 def train(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
-    policy, ref, rms, critic = load_roles(a, device)
+    fsdp = a.fsdp and n_proc > 1
+    amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
+    if not a.rm:
+        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
+    policy = trained(InternLMXComposer2.from_pretrained(a.init or world.WORLD_SFT, device=device), a)
+    prompts, held = ppo_prompts(a)
+    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed}
+    if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole, and no other model
+        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "before"))
+        common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
+        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
+    roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
+                       else torch.float32)
+    fwd_pi, fwd_v = roles.policy, roles.critic
+    critic = common.unwrap(fwd_v).model if fwd_v is not None else None
     critic_lr = a.critic_lr or 5 * a.lr
+    # after wrapping: FSDP replaces the parameters by their shards
     opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
     opt_v = common.make_optimizer(critic, critic_lr, a.weight_decay, a.beta2) if critic is not None else None
-    fwd_pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc)
-    fwd_v = common.wrap(CriticValues(critic, reward_norm(critic, a.normalize_reward), device), n_proc) \
-        if critic is not None else None
     step = 0
     if a.resume:
         step = common.load_checkpoint(out, policy, opt_pi)
@@ -403,45 +521,43 @@ def train(a, rank, n_proc, device):
         if rank == 0:
             common.trim_metrics(out / "metrics.jsonl", step)
         common.log(rank, f"resumed {out} at step {step}")
-    prompts, held = ppo_prompts(a)
-    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "seed": a.seed}
-    if held and rank == 0 and step == 0:
-        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "before"))
-        common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
-        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
-    generator = torch.Generator(device=device)
+    per_prompt = a.rloo_k if a.algo == "rloo" else 1
     t0, tokens_done, first_step, stats = time.time(), 0, step, None
     while step < a.steps:
-        generator.manual_seed((a.seed * 100_003 + step) * 1024 + rank)  # a function of the step: resume is exact
-        chunk = random.Random(a.seed + step).sample(prompts, a.batch)[rank::n_proc]
-        if a.algo == "rloo":
-            chunk = chunk[:max(1, len(chunk) // a.rloo_k)]  # k samples each: the same number of responses
         # Gao et al.'s over-optimisation curve: the checker's verdict on this policy's greedy held-out answers,
-        # beside the KL and reward-model score of this iteration's samples (the same policy)
-        checked = world.eval_policy(policy, held, a.hd_num) if held and a.eval_every and rank == 0 and \
-            step % a.eval_every == 0 else None
+        # beside the KL and reward-model score of this iteration's samples (the same policy). FSDP: every rank
+        # gathers a whole copy, rank 0 evaluates
+        checked = None
+        if held and a.eval_every and step % a.eval_every == 0:
+            judged = common.unsharded_copy(policy) if fsdp else policy
+            checked = world.eval_policy(judged, held, a.hd_num) if rank == 0 else None
+            del judged
+        mine, index = step_prompts(prompts, a, step, rank, n_proc)
+        # one generator per response, seeded by its place in the global batch: resume and process count change
+        # nothing
+        generators = [torch.Generator(device).manual_seed(sample_seed(a.seed, step, g * per_prompt + j))
+                      for g in index for j in range(per_prompt)]
         t_roll = time.time()
         # 1. rollout: responses, their scores, and log-probs / values of every response token
-        ro = collect_rollouts(policy, ref, critic, rms, chunk, a, device, generator)
+        with amp():
+            ro = collect_rollouts(roles, mine, a, device, generators, index)
         # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
         stats = compute_advantages(ro, a, n_proc)
-        if checked is not None:
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "phase": "start", "kl": stats["kl"],
-                                                        "score": stats["score"],
-                                                        **{"heldout_" + k: v for k, v in checked.items()}})
         t_roll = time.time() - t_roll
         lr = common.lr_at(step, a.lr, a.steps, a.warmup)
         common.set_lr(opt_pi, lr)
         if opt_v is not None:
             common.set_lr(opt_v, lr * critic_lr / a.lr)
         # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
-        policy.train()
-        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc))
+        for m in (policy, critic):  # train mode: --grad-ckpt checkpoints only in training forwards
+            if m is not None:
+                m.train()
+        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp))
         step += 1
         tokens_done += int(ro.mask.sum())
         stats.update(step=step, response_length=ro.mask.sum().item() / len(ro),
                      eos_rate=ro.stopped.float().mean().item(), tokens_per_s=tokens_done * n_proc / (time.time() - t0),
-                     rollout_s=t_roll, explained_variance=explained_variance(ro) if critic else float("nan"))
+                     rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
         if held:
             answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
             stats["train_accuracy"] = sum(map(world.is_correct, ro.items, answers)) / len(ro)
@@ -456,19 +572,30 @@ def train(a, rank, n_proc, device):
                   + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
                   + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
             common.append_jsonl(out / "metrics.jsonl", stats)
+            if checked is not None:  # logged as of the start of this iteration, with its (all-rank) KL and score
+                common.append_jsonl(out / "metrics.jsonl", {"step": step - 1, "phase": "start", "kl": stats["kl"],
+                                                            "score": stats["score"],
+                                                            **{"heldout_" + k: v for k, v in checked.items()}})
         stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
         if step % a.save_every == 0 or step == a.steps or stop:
-            common.check_replicas(policy, n_proc, "policy")
-            if critic is not None:
-                common.check_replicas(critic, n_proc, "critic")
-            if rank == 0:
-                common.save_checkpoint(out, policy, opt_pi, step)
-                if critic is not None:
-                    common.save_checkpoint(out / "critic", critic, opt_v, step)
+            save(out, [("", policy, opt_pi), ("critic", critic, opt_v)], step, rank, n_proc, fsdp)
         if stop:
             common.log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
             return None
-    return finish(a, out, rank, policy, held, summary, stats, t0)
+    # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
+    return finish(a, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
+
+
+def save(out, models, step, rank, n_proc, fsdp):
+    """Each (sub-directory, model, optimizer) to out/sub. DDP: the ranks must hold the same weights (a gradient that
+    missed the all-reduce shows here), rank 0 writes; FSDP: every rank gathers its shards, rank 0 writes."""
+    for sub, model, opt in models:
+        if model is None:
+            continue
+        if not fsdp:
+            common.check_replicas(model, n_proc, sub or "policy")
+        if rank == 0 or fsdp:
+            common.save_checkpoint(out / sub, model, opt, step, write=rank == 0)
 
 
 def finish(a, out, rank, policy, held, summary, stats, t0):

@@ -97,15 +97,16 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=data.positive_int, default=50)
     p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
                    "limits); --resume continues")
-    p.add_argument("--fsdp", action="store_true", help="sft, rm under torchrun: shard weights, gradients and optimizer "
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                    "state across processes (FSDP2) instead of replicating them (DDP), for models that do not fit one GPU")
-    p.add_argument("--grad-ckpt", action="store_true", help="sft, rm: recompute each decoder layer's activations in "
+    p.add_argument("--grad-ckpt", action="store_true", help="recompute each decoder layer's activations in "
                    "backward (the official script's gradient_checkpointing): activation memory for ~1/3 more time")
     p.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
-                   help="sft, rm: bf16 autocast of the forward passes over fp32 weights; auto: on CUDA, off on CPU")
+                   help="bf16 autocast of the forward passes over fp32 weights (ppo: the frozen models held in "
+                   "bf16 too); auto: on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
-    stage_flags = dict(STAGE_FLAGS, ppo={"rm", "eval_every"} | ppo.add_args(p))
+    stage_flags = dict(STAGE_FLAGS, ppo={"rm", "eval_every", "fsdp", "grad_ckpt", "autocast"} | ppo.add_args(p))
     a = p.parse_args(argv)
     given = {t[2:].split("=")[0].replace("-", "_") for t in argv if t.startswith("--")}
     unused = sorted(given - SHARED_FLAGS - stage_flags[a.stage] | (given & SCRATCH_FLAGS if a.init else set()))

@@ -89,7 +89,12 @@ def roles(world):  # noqa: F811
 def rollout(roles, **kw):
     policy, ref, rm, critic, prompts = roles
     a = args(**kw)
-    ro = ppo.collect_rollouts(policy, ref, critic, [rm], prompts, a, CPU, torch.Generator().manual_seed(0))
+    n = a.rloo_k if a.algo == "rloo" else 1
+    objectives = ppo.Roles(ppo.PolicyLogprobs(policy, a.temperature, CPU), ppo.PolicyLogprobs(ref, a.temperature, CPU),
+                           ppo.CriticValues(critic, ppo.reward_norm(critic, a.normalize_reward), CPU),
+                           [ppo.RewardScore(rm, "rm0", a.normalize_reward, CPU)])
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts) * n)]
+    ro = ppo.collect_rollouts(objectives, prompts, a, CPU, generators)
     ro.prompt_len = [50] * len(ro)
     return a, ro
 

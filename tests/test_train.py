@@ -206,10 +206,10 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
     assert segments == prompt + [answer] and flags[-len(answer):] == [True] * len(answer) and sum(flags) == len(answer)
 
 
-def launch(args, procs=1):
+def launch(args, procs=1, script="train.py"):
     """train.py with `args` in a fresh process, or under torchrun with `procs` processes (gloo); must exit 0."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    r = subprocess.run([sys.executable, *torchrun, "train.py", *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, *torchrun, script, *args], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -651,3 +651,81 @@ def test_ppo_stage_writes_summary_and_resumes_exactly(world, tmp_path):
     rloo = run(world, tmp_path / "rloo", "--rm", str(rm), "--steps", "1", "--batch", "4", "--max-new-tokens", "6",
                "--algo", "rloo", stage="ppo")
     assert "accuracy_after" in rloo
+
+
+@pytest.fixture(scope="module")
+def ppo_rm(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_rm") / "rm"
+    run(world, out, "--steps", "1")
+    return out
+
+
+def run_ppo(world, rm, out, *extra, procs=1, script="train.py"):
+    """2 PPO iterations on a global batch of 8 prompts in a fresh process or under torchrun (gloo); the small token
+    budget packs each rank's share of a mini-batch into several micro-batches."""
+    launch(["--stage", "ppo", "--world-dir", str(world / "world"), "--init", str(world / "sft"), "--rm", str(rm),
+            "--steps", "2", "--batch", "8", "--rloo-k", "2", "--max-new-tokens", "12", "--token-budget", "160",
+            "--save-every", "2", "--out", str(out), *extra], procs, script)
+    return out
+
+
+def metrics(out):
+    """The iterations' lines of a PPO run's log (not the held-out checks logged at an iteration's start)."""
+    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "phase" not in m]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(world, ppo_rm, tmp_path_factory):
+    """algo -> (a 1-process run, a 2-process --fsdp run) of run_ppo, each made once, on first use."""
+    made = {}
+
+    def get(algo):
+        if algo not in made:
+            d = tmp_path_factory.mktemp(algo)
+            made[algo] = (run_ppo(world, ppo_rm, d / "one", "--algo", algo),
+                          run_ppo(world, ppo_rm, d / "fsdp", "--algo", algo, "--fsdp", procs=2))
+        return made[algo]
+    return get
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_ppo_fsdp_two_processes_equal_one(world, ppo_runs, algo):
+    """--stage ppo --fsdp on 2 processes (FSDP2, gloo) with the global batch of a 1-process run: each response comes
+    from its own generator and mini-batches are cut from the global batch, so the two runs sample the same
+    responses and take the same steps. Policy and critic weights after 2 iterations, and every logged statistic but
+    the timings, agree up to reduction order."""
+    one, fsdp = ppo_runs(algo)
+    assert json.loads((fsdp / "summary.json").read_text())["fsdp"] is True
+    for sub in ("", "critic") if algo == "ppo" else ("",):
+        assert_same_weights(one / sub, fsdp / sub)
+    w, start = "model.layers.0.attention.wqkv.weight", load_file(str(world / "sft" / "model.safetensors"))
+    assert not torch.equal(load_file(str(fsdp / "model.safetensors"))[w], start[w])  # it trained
+    for a, b in zip(metrics(one), metrics(fsdp), strict=True):
+        assert a.keys() == b.keys()
+        for k in a.keys() - {"tokens_per_s", "rollout_s"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6, nan_ok=True), k
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_ppo_fsdp_resume_is_identical(world, ppo_rm, ppo_runs, tmp_path):
+    """An --fsdp PPO run stopped after one iteration and resumed ends with the policy and critic of the
+    uninterrupted --fsdp run, bit for bit (shards re-made from the whole saved tensors, samplers seeded by step)."""
+    fsdp = ppo_runs("ppo")[1]
+    run_ppo(world, ppo_rm, tmp_path / "b", "--fsdp", "--save-every", "1", "--stop-after", "1", procs=2)
+    run_ppo(world, ppo_rm, tmp_path / "b", "--fsdp", "--save-every", "1", "--resume", procs=2)
+    for sub in ("", "critic"):
+        assert_same_weights(fsdp / sub, tmp_path / "b" / sub, exact=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
+def test_ppo_fsdp_ranks_stopping_apart(world, ppo_rm, tmp_path):
+    """Rank 0's responses all stop at their first token, rank 1's run to --max-new-tokens (tests/forced_stops.py
+    forces the sampled tokens per rank): the ranks' rollouts and micro-batch counts differ, and the run still
+    completes (a rank left waiting in a collective would hang until launch's timeout). With --autocast bf16, so
+    that the path CUDA takes by default (frozen models and the sampling copy in bf16) runs too."""
+    out = run_ppo(world, ppo_rm, tmp_path / "out", "--fsdp", "--autocast", "bf16", procs=2,
+                  script="tests/forced_stops.py")
+    for m in metrics(out):
+        assert m["eos_rate"] == 0.5 and m["response_length"] == (1 + 12) / 2
+    assert "accuracy_after" in json.loads((out / "summary.json").read_text())
