@@ -415,8 +415,8 @@ def systematic_error(item):
     if k == "colour" and t in CONFUSED:
         return "colour_confusion", CONFUSED[t]
     if k == "presence" and t == "no" and [CONFUSED.get(q["colour"]), q["shape"]] in [o[:2] for o in item["objects"]]:
-        # names an absent object: its twin of the other cool hue is there. (An earlier rule, "binds on shape
-        # only", fired on every hard negative and left the SFT data no signal to learn colour-shape binding from.)
+        # names an absent object whose twin of the other cool hue is there: only then, so that the SFT data still
+        # teaches colour-shape binding on every other hard negative
         return "absent_object", "yes"
     if k == "position" and q["shape"] == "triangle":
         v, h = t.split()
@@ -667,9 +667,8 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
     graded by the checker); where every sample is right, or without a policy, drawn by make_pair /
     make_instruction_pair. In both, the question and the two values never tell, without the image, which side is
     right: for the image kinds, (query, truth a, wrong b) is accepted only while it is not more frequent than
-    (query, truth b, wrong a). Without this, the systematic errors made "the larger count is wrong" true 92% of the
-    time, and the reward model scored count pairs by that instead of counting (it then preferred the policy's
-    under-counts)."""
+    (query, truth b, wrong a): the systematic errors alone would make "the larger count is wrong" true for most
+    count pairs, a rule the reward model learns instead of counting."""
     seen = collections.Counter()
 
     def key(it, truth, wrong):
