@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import data
 import world
 from model import InternLMXComposer2, add_device_args, device_kwargs
@@ -80,13 +81,16 @@ def world_eval(policy, rms, a):
                for it, c, p in zip(items, cands, picks)])
     # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones:
     # per failure kind of the wrong sample
-    hits = [(fs[j], sc[i] > sc[j]) for fs, r, sc in zip(fails, right, scores)
+    hits = [(fs[j], world.failure_family(fs[j], it["kind"]), sc[i] > sc[j])
+            for it, fs, r, sc in zip(items, fails, right, scores)
             for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
-    result["rm_accuracy_on_samples_by_kind"] = _means(hits)
-    result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, _ in hits).items())}
-    result["kind_family"] = {kd: world.failure_family(kd) for kd in result["sample_pairs_by_kind"]}
-    result["rm_accuracy_on_samples_by_family"] = _means((world.failure_family(kd), h) for kd, h in hits)
-    result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy))
+    result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h in hits)
+    result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, _, _ in hits).items())}
+    # a wrong value's family follows its question: perception on an image, text otherwise
+    result["kind_family"] = {kd: sorted({fam for k, fam, _ in hits if k == kd}) for kd in result["sample_pairs_by_kind"]}
+    result["rm_accuracy_on_samples_by_family"] = _means((fam, h) for _, fam, h in hits)
+    result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
+                  seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
 
 

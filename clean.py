@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import common
 import data
 import world
 from data import atomic_write_text
@@ -94,7 +95,8 @@ def auroc(pos, neg):
     """P(score of a flagged-worthy sample < score of a good one), ties half: the Mann-Whitney statistic."""
     if not pos or not neg:
         return float("nan")
-    neg_sorted = sorted(neg)
+    low = lambda x: -math.inf if math.isnan(x) else x  # noqa: E731  a broken (NaN) score ranks lowest, as it is flagged
+    pos, neg_sorted = [low(x) for x in pos], sorted(low(x) for x in neg)
     import bisect
     total = 0.0
     for p in pos:
@@ -146,7 +148,7 @@ def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, t
         by_row.setdefault(s["row"], []).append((s, sc))
     order = sorted(range(len(scores)), key=lambda r: lowest_first(scores[r]))
     rank_of = {r: i for i, r in enumerate(order)}
-    misses = [r for r in order[show:] if noise and noise[r]]   # noisy rows scored too high to show above
+    misses = [r for r in order[show:] if noise and noise[r] and r not in flagged]   # noisy, scored too high to show
     rows = []
     for r in order[:show] + misses:
         rank = rank_of[r]
@@ -222,6 +224,7 @@ def main(argv=None):
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
+    t0 = time.time()
     if a.data is None:
         a.data = str(world.ensure_world(a.world_dir)["clean_set"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
@@ -252,6 +255,7 @@ def main(argv=None):
     write_report(out / "report.html", samples, sample_scores, scores, flagged, rule, flag_at,
                  f"Reward scores of {src.name}", noise=noise)
     summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
+               "seconds": round(time.time() - t0, 1), "matmul_gflops": common.matmul_gflops(),
                "threshold": flag_at if math.isfinite(flag_at) else None,
                "broken_scores": sum(map(broken, scores)),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}

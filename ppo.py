@@ -613,8 +613,8 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
         common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
                             f"PPO ({a.algo}): {out.name}")
         common.write_curves(out, ["heldout_accuracy", "heldout_instruction_following", "heldout_right", "score"],
-                            f"PPO ({a.algo}): the checker and the reward model against KL to the reference", x="kl",
-                            name="overoptimisation.svg", rows_with="heldout_right")
+                            f"PPO ({a.algo}), {out.name}: the checker and the reward model against KL to the reference",
+                            x="kl", name="overoptimisation.svg", rows_with="heldout_right")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     return summary

@@ -43,7 +43,7 @@ WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024, eval_ever
 SHARED_FLAGS = {"stage", "out", "data", "init", "resume", "steps", "batch", "token_budget", "lr", "weight_decay",
                 "beta2", "warmup", "clip", "hd_num", "save_every", "stop_after", "seed", "world_dir"}
 STAGE_FLAGS = {
-    "sft": {"heldout", "train_transform", "max_length", "freeze_vision", "layers", "width", "ffn", "vit_pos",
+    "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos",
             "eval_every", "fsdp", "grad_ckpt", "autocast"},
     "rm": {"heldout", "train_transform", "max_length", "freeze_vision", "head", "share_prefix", "max_len_ratio",
            "eval_every", "fsdp", "grad_ckpt", "autocast"},

@@ -95,6 +95,7 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     assert r["rm_accuracy_on_samples_by_kind"] == {"colour_confusion": 0.75, "overcount": 3 / 7}
     assert r["sample_pairs_by_kind"] == {"colour_confusion": 12, "overcount": 7}
     assert r["rm_accuracy_on_samples_by_family"] == {"perception": 12 / 19}
+    assert r["kind_family"] == {"colour_confusion": ["perception"], "overcount": ["perception"]}
     assert r["accuracy_by_n"] == {"1": 0.5, "2": 0.5, "4": 0.5, "8": 0.0}
     assert r["oracle_by_n"] == {"1": 0.5, "2": 0.5, "4": 1.0, "8": 1.0}
 
