@@ -628,13 +628,15 @@ def ppo_settings(a, n_proc, device):
 
 def check_ppo_memory(train_args):
     """Run `train.py --stage ppo` with `train_args` in this process (under torchrun: on every rank), measure its peak
-    tensor memory, and print it next to ppo_memory's for the same settings, one JSON line per rank."""
-    import train
+    tensor memory, and print it next to ppo_memory's for the same settings, one JSON line per rank. The launcher is
+    measured as the program it is: its file is run here, as torchrun would run it, not imported as a library."""
+    import runpy
+    launcher = runpy.run_path(str(ROOT / "train.py"), run_name="train_under_measurement")
     n_proc = int(os.environ.get("WORLD_SIZE", 1))
-    a = train.parse_args(train_args)
+    a = launcher["parse_args"](train_args)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     settings = ppo_settings(a, n_proc, device)
-    measured = peak_tensor_bytes(lambda: train.main(train_args))
+    measured = peak_tensor_bytes(lambda: launcher["main"](train_args))
     model = ppo_memory(**settings)
     line = {"rank": int(os.environ.get("RANK", 0)), "measured": measured, "modelled": model["peak"],
             "ratio": model["peak"] / measured, "rollout_peak": model["rollout_peak"],
