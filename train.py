@@ -12,6 +12,7 @@ checkpoints/world-sft, as the paper starts from IXC-2.5. Outputs in --out: confi
 metrics.jsonl, curves.svg and summary.json. Every file is written to a temporary name and renamed.
 """
 import argparse
+import functools
 import json
 import random
 import sys
@@ -201,11 +202,17 @@ def train_sft(a, rank, n_proc, device):
         return {"heldout_" + k: v for k, v in result.items()}
 
     per_epoch = max(1, len(samples) // a.batch)
-    while run.step < a.steps:
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch):  # a fresh order per epoch, the same on every rank
         order = list(range(len(samples)))
-        random.Random(a.seed + run.step // per_epoch).shuffle(order)
-        if run.step < per_epoch:  # the first epoch opens with the warm-up samples, each group still shuffled
+        random.Random(a.seed + epoch).shuffle(order)
+        if epoch == 0:  # the first epoch opens with the warm-up samples, each group still shuffled
             order.sort(key=lambda i: not samples[i].get("warmup"))
+        return order
+
+    while run.step < a.steps:
+        order = epoch_order(run.step // per_epoch)
         at = (run.step % per_epoch) * a.batch
         # a step is a random draw; inside it, samples sorted by length pack into micro-batches of --token-budget
         mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[rank::n_proc]
@@ -346,9 +353,11 @@ def train_rm(a, rank, n_proc, device):
         return result
 
     per_epoch = max(1, len(pairs) // a.batch)
+    # the official stream, image, image, text, ...: every step holds both kinds, 2:1, in a fresh order per epoch
+    epoch_order = functools.lru_cache(maxsize=1)(
+        lambda epoch: data.mix_image_text([bool(p["images"]) for p in pairs], a.seed + epoch))
     while run.step < a.steps:
-        # the official stream, image, image, text, ...: every step holds both kinds, 2:1, in a fresh order per epoch
-        order = data.mix_image_text([bool(p["images"]) for p in pairs], a.seed + run.step // per_epoch)
+        order = epoch_order(run.step // per_epoch)
         at = (run.step % per_epoch) * a.batch
         mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[rank::n_proc]
         micro = common.micro_batches([lengths[i] for i in mine], a.token_budget, n_proc, a.fsdp, device)
