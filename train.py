@@ -212,11 +212,7 @@ def train_sft(a, rank, n_proc, device):
         return order
 
     while run.step < a.steps:
-        order = epoch_order(run.step // per_epoch)
-        at = (run.step % per_epoch) * a.batch
-        # a step is a random draw; inside it, samples sorted by length pack into micro-batches of --token-budget
-        mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[rank::n_proc]
-        micro = common.micro_batches([lengths[i] for i in mine], a.token_budget, n_proc, a.fsdp, device)
+        mine, micro = run.share(epoch_order(run.step // per_epoch), per_epoch, lengths, device)
         model.train()
         loss_total = 0.0
         for k, mb in enumerate(micro):
@@ -357,10 +353,7 @@ def train_rm(a, rank, n_proc, device):
     epoch_order = functools.lru_cache(maxsize=1)(
         lambda epoch: data.mix_image_text([bool(p["images"]) for p in pairs], a.seed + epoch))
     while run.step < a.steps:
-        order = epoch_order(run.step // per_epoch)
-        at = (run.step % per_epoch) * a.batch
-        mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[rank::n_proc]
-        micro = common.micro_batches([lengths[i] for i in mine], a.token_budget, n_proc, a.fsdp, device)
+        mine, micro = run.share(epoch_order(run.step // per_epoch), per_epoch, lengths, device)
         fwd.train()
         loss_total, n_correct = 0.0, 0
         for k, mb in enumerate(micro):
@@ -404,6 +397,14 @@ class Run:
         trainable = [p for p in model.parameters() if p.requires_grad]
         common.log(rank, f"{a.stage}: {a.steps} steps of {a.batch}, {n_proc} process(es), {sum(p.numel() for p in trainable) / 1e6:.2f}M "
                          f"trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+
+    def share(self, order, per_epoch, lengths, device):
+        """This rank's samples of the current step (indices into `order`'s dataset) and their micro-batches. A step
+        is a random draw from the epoch's order; inside it, samples sorted by length pack into micro-batches of at
+        most --token-budget padded tokens."""
+        a, at = self.a, (self.step % per_epoch) * self.a.batch
+        mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[self.rank::self.n_proc]
+        return mine, common.micro_batches([lengths[i] for i in mine], a.token_budget, self.n_proc, a.fsdp, device)
 
     def save(self):
         if self.rank == 0 or (self.a.fsdp and self.n_proc > 1):
