@@ -651,15 +651,12 @@ def policy_pair(rng, item, samples, allowed):
 def sample_answers(policy, items, out_dir, k, seed, hd_num=9, max_new_tokens=48, temperature=1.0):
     """k sampled answers per item; each (item, sample) has a generator of its own, so the samples do not depend
     on how items are batched."""
-    gens = [torch_generator(seed, zlib.crc32(it["id"].encode()), j) for it in items for j in range(k)]
+    import torch   # the world needs torch only here, where a policy samples
+    gens = [torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(it["id"].encode())) * 64 + j)
+            for it in items for j in range(k)]
     prompts = [(it["question"], [os.path.join(out_dir, it["image"])] if "image" in it else []) for it in items]
     flat = policy.answer(prompts, hd_num, max_new_tokens, temperature, n=k, generator=gens)
     return [flat[i * k:(i + 1) * k] for i in range(len(items))]
-
-
-def torch_generator(seed, *ids):
-    import torch
-    return torch.Generator().manual_seed((seed * 1_000_003 + ids[0]) * 64 + ids[1])
 
 
 def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, block=64):
