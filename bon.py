@@ -23,7 +23,7 @@ from reward import RewardModel, ensemble_scores
 
 @torch.no_grad()
 def sample_candidates(policy, prompts, n, hd_num=9, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, first=0):
-    """[(query, images)] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat). Candidate j
+    """[(query, images[, history])] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat). Candidate j
     of prompt `first + i` has a generator of its own, so its sample does not depend on how prompts are batched (and
     the first candidate of the first prompt draws from `seed` itself: best-of-1 is plain sampling)."""
     gens = [torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * ((first + i) * 65_537 + j))
@@ -47,15 +47,15 @@ def world_eval(policy, rms, a):
     monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k."""
     items = world.heldout_items(world.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
     ks = sorted({1, 2, 4, 8, a.n})
-    prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in items]
+    prompts = [world.prompt(it, it["_dir"]) for it in items]
     t0 = time.time()
     cands, scores = [], []
     for s in range(0, len(prompts), a.batch):
         chunk = prompts[s:s + a.batch]
         cs = sample_candidates(policy, chunk, max(ks), a.hd_num, a.temperature, a.top_p, a.max_new_tokens,
                                a.seed, first=s)
-        convs = [data.qa(q, c) for (q, _), row in zip(chunk, cs) for c in row]
-        imgs = [ims for (_, ims), row in zip(chunk, cs) for _ in row]
+        convs = [data.from_official(world.turns(it, c)) for it, row in zip(items[s:s + a.batch], cs) for c in row]
+        imgs = [ims for (_, ims, _), row in zip(chunk, cs) for _ in row]
         flat = ensemble_scores(rms, convs, imgs, a.hd_num, a.normalize)
         cands += cs
         scores += [flat[i * max(ks):(i + 1) * max(ks)] for i in range(len(chunk))]

@@ -154,7 +154,9 @@ def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, t
         rank = rank_of[r]
         s = by_row[r][0][0]
         conv = s["conversation"]
-        question = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
+        # every turn before the scored answer: the questions, and earlier answers in italics
+        question = "<br>".join(html.escape(m["content"]) if m["role"] == "user" else f"<i>{html.escape(m['content'])}</i>"
+                               for m in conv[:-1] if m["role"] != "system")
         imgs = "".join(thumbnail(p) for p in s["images"][:4])
         answers = "<br>".join((f"<b>{x['side']} ({sc:+.3f}):</b> " if x["side"] else "")
                               + html.escape(x["conversation"][-1]["content"]) for x, sc in by_row[r])
@@ -165,7 +167,7 @@ def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, t
             verdict = f'<td class="{verdict.split(":")[0].replace(" ", "-")}">{html.escape(verdict)}</td>'
         rows.append(f'<tr class="{"flag" if r in flagged else ""}"><td>{rank + 1}</td><td>{scores[r]:+.4f}</td>'
                     f'<td>{html.escape(str(s["id"]))}</td>{verdict}<td>{imgs}</td>'
-                    f'<td>{html.escape(question)}</td><td>{answers}</td></tr>')
+                    f'<td>{question}</td><td>{answers}</td></tr>')
     known = "" if noise is None else (
         f" The rows' known noise is marked: <b>hit</b> (noisy and flagged, green), <b>false alarm</b> (clean and "
         f"flagged), <b>miss</b> (noisy, not flagged, orange); the {len(misses)} misses scored above the first {show} "

@@ -469,8 +469,10 @@ class InternLMXComposer2(nn.Module):
 
     @torch.no_grad()
     def answer(self, prompts, hd_num=24, max_new_tokens=64, temperature=0.0, top_p=1.0, n=1, generator=None):
-        """Batched chat: [(query, images)] -> n decoded answers per prompt (left-padded prompts, one prefill)."""
-        batch = self.embed_batch([self.sequence(chat_prompt(q), ims, hd_num) for q, ims in prompts], left_pad=True)
+        """Batched chat: [(query, images) or (query, images, history)] -> n decoded answers per prompt (left-padded
+        prompts, one prefill). History: earlier (query, response) turns, as `chat` takes them."""
+        batch = self.embed_batch([self.sequence(chat_prompt(q, *rest), ims, hd_num) for q, ims, *rest in prompts],
+                                 left_pad=True)
         out = self.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], max_new_tokens,
                             temperature, top_p, generator=generator, n=n)
         return [self.decode_answer(row) for row in out.tolist()]

@@ -38,7 +38,7 @@ WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                     vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=112, patch_size=14))
 
-WORLD_VERSION = 7            # ensure_world rewrites a cached world written by another version
+WORLD_VERSION = 8            # ensure_world rewrites a cached world written by another version
 IMG, CELL, GRID, MARGIN = 112, 28, 4, 3
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
@@ -61,7 +61,7 @@ REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values
 PAIR_MINUTES = 12            # sampling the preference pairs' answers: 11200 prompts x 4 (2 cores, 2026-12-02)
 PAIRS_FILE = "pairs.json.gz"  # beside the SFT policy: the pairs its samples made (ship_pairs)
 MAX_LEN_RATIO = 2.5          # train.py's default --max-len-ratio (the paper's length constraint)
-GT_KEYS = ("kind", "query", "truth", "objects", "instruction")   # ground truth kept in every row for is_correct
+GT_KEYS = ("kind", "query", "truth", "objects", "instruction", "history")   # ground truth kept in every row for is_correct
 SPECIAL_PIECES = ["[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]
 
 REFUSALS = {"image": ["I cannot see the image.", "Sorry, I can't see any image.",
@@ -169,17 +169,20 @@ def _question(rng, kind, objs):
 
 
 def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SHARE, instruction_share=0.0,
-              preface_share=0.0):
+              preface_share=0.0, followup_share=0.0):
     """One question with ground truth; `max_objects` is the curriculum knob (1 = single object). With
-    `instruction_share` it may carry an instruction, with `preface_share` (image questions) the PREFACE."""
+    `instruction_share` it may carry an instruction, with `preface_share` (image questions) the PREFACE, with
+    `followup_share` it may be the second turn of a conversation (see _follow_up)."""
     image = kind in IMAGE_KINDS if kind else rng.random() < image_share
     k = kind or _pick(rng, IMAGE_KINDS if image else TEXT_KINDS)
     while True:
         objs = sample_objects(rng, max_objects, heldout) if image else None
         qa = _question(rng, k, objs)
         if qa:
-            item = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2]}
-            item = _instruct(rng, dict(item, objects=objs) if image else item, instruction_share)
+            plain = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2], **({"objects": objs} if image else {})}
+            item = _instruct(rng, plain, instruction_share)
+            if followup_share and rng.random() < followup_share and (out := _follow_up(rng, plain, item)):
+                return out
             if image and rng.random() < preface_share:
                 item["question"] = PREFACE + item["question"]
             return item
@@ -238,7 +241,7 @@ IGNORED = {"one_word": "ignored_format", "number_only": "ignored_format", "key_v
            "only_colour": "ignored_scope", "only_half": "ignored_scope", "left_to_right": "ignored_scope"}
 SFT_IGNORES = tuple(i for i in INSTRUCTIONS if i != "one_word")
 FAMILY = {"ignored_format": "instruction", "extra_clause": "instruction", "ignored_scope": "instruction",
-          "refusal": "instruction", **{k: "perception" for k in ERROR_KINDS}}
+          "refusal": "instruction", "repeated_answer": "instruction", **{k: "perception" for k in ERROR_KINDS}}
 KEY = {"colour": "colour", "count": "count", "position": "position"}
 
 
@@ -312,6 +315,47 @@ def _scoped(inst, objs):
     if inst["id"] == "only_half":
         return [o for o in objs if o[2].startswith(inst["half"])]
     return _left_to_right(objs) if inst["id"] == "left_to_right" else objs
+
+
+# Multi-turn follow-ups (MM-MT-Bench, MIA-Bench's multi-turn items): the last turn of a two-turn conversation
+# either asks again in another form or scope ("Now answer in one word.") or asks a new question about the same
+# image. The earlier turn's answer is the reference one. The weaker model repeats its earlier answer
+# (repeated_answer), a failure the reward model can see in the text alone.
+FOLLOWUP_SHARE = 0.2         # of held-out and preference items (SFT: the same)
+
+
+def _follow_up(rng, plain, item):
+    """`item` as the second turn after a question about the same image (a text item: after the other text kind): a form or scope
+    follow-up when `item` carries an instruction ("Now " + the instruction, the first turn the plain question), else
+    a new question after another question. None when the image supports no other question, or when the earlier
+    answer already answers the follow-up."""
+    inst = item.get("instruction")
+    if inst:
+        said = item["question"][len(plain["question"]):].strip() if item["question"].startswith(plain["question"]) \
+            else item["question"]
+        first = plain
+        question = f"Now {said[0].lower()}{said[1:]}"
+    else:
+        kinds = [str(k) for k in (IMAGE_KINDS if "objects" in plain else TEXT_KINDS) if k != plain["kind"]]
+        asked = ((k, _question(rng, k, plain.get("objects"))) for k in rng.permutation(kinds))
+        k, qa = next(((k, qa) for k, qa in asked if qa), (None, None))
+        if qa is None:
+            return None
+        first, question = dict(plain, kind=k, question=qa[0], query=qa[1], truth=qa[2]), item["question"]
+    out = dict(item, question=question, history=[[first["question"], render(first, first["truth"])]])
+    return out if failure_kind(out, out["history"][0][1]) else None   # "Now in at most 5 words" after 5 words
+
+
+def prompt(item, image_dir):
+    """(question, images, history): what model.answer takes for this item."""
+    return (item["question"], [os.path.join(image_dir, item["image"])] if "image" in item else [],
+            item.get("history", ()))
+
+
+def turns(item, answer_text, user="user", assistant="assistant"):
+    """The item's conversation ending in `answer_text`, in the official rows' {"from", "value"} form."""
+    said = [m for q, a in item.get("history", ()) for m in ((user, q), (assistant, a))]
+    return [{"from": r, "value": v} for r, v in said + [(user, item["question"]), (assistant, answer_text)]]
 
 
 def short(item, value):
@@ -392,16 +436,19 @@ def follows(item, answer_text):
 
 def failure_kind(item, answer_text):
     """What is wrong with an answer, by the world's checker: None when it is right (correct and following its
-    instruction), else refusal, the item's ignored-instruction kind, the item's systematic error kind when the
-    answer states that error, or wrong_value."""
+    instruction), else refusal, repeated_answer (a follow-up answered with the earlier turn's answer), the item's
+    ignored-instruction kind, the item's systematic error kind when the answer states that error, or wrong_value."""
     a = (answer_text or "").strip().lower()
     if not a or any(m in a for m in REFUSAL_MARKERS):
         return "refusal"
     item = dict(item, kind=item.get("question_kind", item["kind"]))   # a preference row keeps it there
-    if follows(item, answer_text) is False:
-        return IGNORED[item["instruction"]["id"]]
-    if is_correct(item, answer_text):
+    followed, correct = follows(item, answer_text) is not False, is_correct(item, answer_text)
+    if followed and correct:
         return None
+    if item.get("history") and a == item["history"][-1][1].strip().lower():
+        return "repeated_answer"
+    if not followed:
+        return IGNORED[item["instruction"]["id"]]
     err = systematic_error(item)
     return err[0] if err and is_correct(dict(item, truth=err[1]), answer_text) else "wrong_value"
 
@@ -514,16 +561,21 @@ def _styled(text, mod, style):
 
 
 INSTRUCTION_PREF_KINDS = {"ignored": 0.55, "wrong_value": 0.35, "refusal": 0.10}   # pairs on instruction items
+REPEAT_PREF_SHARE = 0.4      # of the synthetic pairs on follow-ups: the rejected side repeats the earlier answer
 
 
 def make_instruction_pair(rng, item, allowed=lambda wrong: True, rkind=None):
     """make_pair for an item that carries an instruction: both sides in the instruction's form (no styling, which
     would break it), the rejected one ignoring the instruction ("ignored": the item's IGNORED kind), stating a
-    wrong value, or refusing. None when no draw passes `allowed` or the paper's length filter."""
+    wrong value, refusing, or (a follow-up) repeating the earlier answer. None when no draw passes `allowed` or the
+    paper's length filter."""
     rkind = rkind or _pick(rng, INSTRUCTION_PREF_KINDS)
     good, wrong = answer(item, item["truth"]), None
     if rkind in ("ignored", *IGNORED.values()):
-        rkind, rejected = IGNORED[item["instruction"]["id"]], ignored(item, item["truth"])
+        rejected = ignored(item, item["truth"])
+        rkind = failure_kind(item, rejected)   # on a follow-up, ignoring it is mostly repeating the earlier answer
+    elif rkind == "repeated_answer":
+        rejected = item["history"][-1][1]
     elif rkind == "refusal":
         rejected = REFUSALS["image" if "objects" in item else "text"][int(rng.integers(6))]
     else:
@@ -544,7 +596,7 @@ def make_pair(rng, item, allowed=lambda wrong: True, rkind=None):
     rkind = rkind or _pick(rng, PREF_KINDS)
     good = render(item, item["truth"])
     wrong = None
-    if rkind != "refusal":
+    if rkind not in ("refusal", "repeated_answer"):
         wrong = next((w for w in (wrong_value(rng, item) for _ in range(20)) if allowed(w)), None)
         if wrong is None:
             return None
@@ -555,18 +607,23 @@ def make_pair(rng, item, allowed=lambda wrong: True, rkind=None):
         elif rkind == "refusal":
             chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
             rejected = REFUSALS[mod][rng.integers(len(REFUSALS[mod]))]
+        elif rkind == "repeated_answer":
+            chosen, rejected = _styled(good, mod, _pick(rng, CHOSEN_STYLE)), item["history"][-1][1]
         else:
             chosen = _styled(good, mod, _pick(rng, CHOSEN_STYLE))
             rejected = _styled(render(item, wrong), mod, _pick(rng, REJECTED_STYLE))
         if len(chosen) <= MAX_LEN_RATIO * len(rejected):
             return chosen, rejected, rkind, wrong
+    if rkind == "repeated_answer":   # a short earlier answer before a long one: this item cannot carry the kind
+        return None
     raise RuntimeError(f"cannot phrase a pair within the length ratio for {item}")
 
 
 def _items(rng, n, out_dir, prefix, max_objects=4, heldout=False, image_share=IMAGE_SHARE,
-           instruction_share=INSTRUCTION_SHARE):
+           instruction_share=INSTRUCTION_SHARE, followup_share=FOLLOWUP_SHARE):
     return [_save_image(dict(make_item(rng, max_objects, heldout, image_share=image_share,
-                                       instruction_share=instruction_share, preface_share=PREFACE_SHARE),
+                                       instruction_share=instruction_share, preface_share=PREFACE_SHARE,
+                                       followup_share=followup_share),
                              id=f"{prefix}_{i:05d}"), out_dir) for i in range(n)]
 
 
@@ -581,13 +638,17 @@ def weaker_answer(rng, item, error_rate):
     """(answer, failure kinds) as the weaker model that wrote the SFT set answers: each of its rules fires on its
     cases with probability `error_rate`, so the failure is the SFT policy's greedy choice while the right answer
     stays in its distribution. Perception: systematic_error. Instruction: refusing a question that opens with
-    PREFACE, and ignoring every instruction but one_word (IGNORED names how)."""
+    PREFACE, repeating its earlier answer to a follow-up, and ignoring every instruction but one_word (IGNORED names
+    how)."""
     kinds, value = [], item["truth"]
     err = systematic_error(item)
     if err and rng.random() < error_rate:
         kinds, value = [err[0]], err[1]
     if item["question"].startswith(PREFACE) and rng.random() < error_rate:
         return REFUSALS["image"][0], kinds + ["refusal"]
+    if item.get("history"):   # ignoring a follow-up is repeating the earlier answer
+        return (item["history"][-1][1], ["repeated_answer"]) if rng.random() < error_rate else \
+            (answer(item, value), kinds)
     inst = item.get("instruction")
     if inst and inst["id"] in SFT_IGNORES and rng.random() < error_rate:
         return ignored(item, value), kinds + [IGNORED[inst["id"]]]
@@ -602,7 +663,7 @@ def _sft(rng, items, error_rate):
             errors.append({"id": it["id"], "kind": kinds[-1], "kinds": kinds,
                            "family": failure_family(kinds[-1], it["kind"]), "correct_answer": answer(it, it["truth"])})
         row = {"id": it["id"], **({"image": [it["image"]]} if "image" in it else {})}
-        row["conversations"] = [{"from": "user", "value": it["question"]}, {"from": "assistant", "value": ans}]
+        row["conversations"] = turns(it, ans)
         rows.append(dict(row, **{k: it[k] for k in GT_KEYS if k in it}))
     return rows, errors
 
@@ -654,7 +715,7 @@ def sample_answers(policy, items, out_dir, k, seed, hd_num=9, max_new_tokens=48,
     import torch   # the world needs torch only here, where a policy samples
     gens = [torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(it["id"].encode())) * 64 + j)
             for it in items for j in range(k)]
-    prompts = [(it["question"], [os.path.join(out_dir, it["image"])] if "image" in it else []) for it in items]
+    prompts = [prompt(it, out_dir) for it in items]
     flat = policy.answer(prompts, hd_num, max_new_tokens, temperature, n=k, generator=gens)
     return [flat[i * k:(i + 1) * k] for i in range(len(items))]
 
@@ -677,7 +738,7 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
             (lambda w: seen[key(it, t, w)] <= seen[key(it, w, t)])
 
     new_item = functools.partial(make_item, item_rng, 4, heldout, instruction_share=INSTRUCTION_SHARE,
-                                 preface_share=PREFACE_SHARE)
+                                 preface_share=PREFACE_SHARE, followup_share=FOLLOWUP_SHARE)
     rows, drawn = [], 0
     while len(rows) < n:
         items = []
@@ -694,6 +755,9 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
             pair = policy_pair(rng, it, cands, allowed_for(it)) if cands else None
             if pair is None:
                 source, rkind = "synthetic", _pick(rng, INSTRUCTION_PREF_KINDS if instructed else PREF_KINDS)
+                if "history" in it and rng.random() < REPEAT_PREF_SHARE:
+                    pair = (make_instruction_pair if instructed else make_pair)(rng, it, rkind="repeated_answer")
+            if pair is None:
                 # an item that cannot make this pair is replaced by another of its question kind (and instruction
                 # or not), so the mixes keep their proportions
                 for _ in range(1000):
@@ -710,8 +774,8 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
                 seen[key(it, it["truth"], wrong)] += 1
             it = _save_image(it, out_dir)
             row = {"id": it["id"], **({"image": it["image"]} if "image" in it else {})}
-            row["conversations_a"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": good}]
-            row["conversations_b"] = [{"from": "human", "value": it["question"]}, {"from": "bot", "value": bad}]
+            row["conversations_a"] = turns(it, good, "human", "bot")
+            row["conversations_b"] = turns(it, bad, "human", "bot")
             gt = {name: it[name] for name in GT_KEYS if name in it}
             gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
             rows.append(dict(row, **gt, kind=rkind, family=failure_family(rkind, k_), source=source))
@@ -762,7 +826,7 @@ def _clean_set(rng, items):
                 drawn = noisy_answer(rng, it, items)
             ans, noise = drawn
         row = {"id": it["id"], **({"image": [it["image"]]} if "image" in it else {})}
-        row["conversations"] = [{"from": "user", "value": it["question"]}, {"from": "assistant", "value": ans}]
+        row["conversations"] = turns(it, ans)
         rows.append(dict(row, **{k: it[k] for k in GT_KEYS if k in it}, noise=noise))
     return rows
 
@@ -782,7 +846,8 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
     sft, errs = _sft(rng[5], _items(rng[0], n_sft, out_dir, "sft", image_share=SFT_IMAGE_SHARE,
                                     instruction_share=SFT_INSTRUCTION_SHARE), error_rate)
     easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1,
-                                          image_share=SFT_IMAGE_SHARE, instruction_share=0.0), error_rate)
+                                          image_share=SFT_IMAGE_SHARE, instruction_share=0.0, followup_share=0.0),
+                            error_rate)
     held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
     clean = _clean_set(np.random.default_rng([seed, 9]), _items(np.random.default_rng([seed, 8]), n_clean, out_dir,
                                                                  "clean", heldout=True))
@@ -809,13 +874,11 @@ def template_texts(rows):
     role = {"human": "user", "user": "user", "system": "system"}
     out = []
     for r in rows:
-        for key in ("conversations", "conversations_a", "conversations_b"):
-            if key in r:
-                out.append("".join(f"[UNUSED_TOKEN_146]{role.get(m['from'], 'assistant')}\n{m['value']}"
-                                   "[UNUSED_TOKEN_145]\n" for m in r[key]))
-        if "question" in r:
-            out.append(f"[UNUSED_TOKEN_146]user\n{r['question']}[UNUSED_TOKEN_145]\n"
-                       f"[UNUSED_TOKEN_146]assistant\n{r['answer']}[UNUSED_TOKEN_145]\n")
+        convs = [r[key] for key in ("conversations", "conversations_a", "conversations_b") if key in r]
+        if "question" in r:   # a held-out prompt with its reference answer
+            convs.append(turns(r, r["answer"]))
+        out += ["".join(f"[UNUSED_TOKEN_146]{role.get(m['from'], 'assistant')}\n{m['value']}[UNUSED_TOKEN_145]\n"
+                        for m in conv) for conv in convs]
     return out
 
 
@@ -932,14 +995,19 @@ def heldout_items(path):
 def judge(items, answers):
     """The world's checker over answers to `items`: content accuracy (is_correct) overall, per question kind and per
     family (perception: the image questions; text), strict instruction following (follows) over the items that
-    carry an instruction, overall and per instruction, and the share of items with each failure kind
+    carry an instruction, overall and per instruction, the share of follow-ups (second turns) answered right, and
+    the share of items with each failure kind
     (failure_kind, which names an instruction failure before a content one) and family."""
     by_kind, by_inst, fails, families = {}, {}, collections.Counter(), collections.Counter()
+    followups = []
     for it, ans in zip(items, answers):
         by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
         if it.get("instruction"):
             by_inst.setdefault(it["instruction"]["id"], []).append(bool(follows(it, ans)))
-        if (f := failure_kind(it, ans)) is not None:
+        f = failure_kind(it, ans)
+        if it.get("history"):
+            followups.append(f is None)
+        if f is not None:
             fails[f] += 1
             families[failure_family(f, it["kind"])] += 1   # a wrong value: perception on an image, else text
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
@@ -952,6 +1020,7 @@ def judge(items, answers):
             "instruction_following": mean(followed) if followed else None,
             "instruction_following_by_id": {k: mean(v) for k, v in sorted(by_inst.items())},
             "right": 1 - sum(fails.values()) / max(len(items), 1),
+            "followup_right": mean(followups) if followups else None,
             "failures_by_kind": {k: n / len(items) for k, n in sorted(fails.items())},
             "failures_by_family": {k: n / len(items) for k, n in sorted(families.items())}}
 
@@ -962,8 +1031,7 @@ def eval_policy(model, items, hd_num=9, batch=64, max_new_tokens=48):
     answers = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        prompts = [(it["question"], [str(Path(it["_dir"]) / it["image"])] if "image" in it else []) for it in chunk]
-        answers += model.answer(prompts, hd_num, max_new_tokens)
+        answers += model.answer([prompt(it, it["_dir"]) for it in chunk], hd_num, max_new_tokens)
     return judge(items, answers)
 
 

@@ -53,6 +53,22 @@ def test_best_of_one_is_plain_sampling(world, rm_dir):  # noqa: F811
                  rtol=0, atol=1e-6, what="best-of-4 scores")
 
 
+def test_batched_answers_carry_the_history(world):  # noqa: F811
+    """A follow-up's prompt holds the earlier turn: `answer` with a history is `chat` with it (greedy, no
+    repetition penalty), and a left-padded batch of a one-turn and a two-turn prompt answers each as alone."""
+    policy = InternLMXComposer2.from_pretrained(world / "sft")
+    image = [str(next((world / "world" / "images").iterdir()))]
+    history = [("What colour is the circle?", "The circle is red.")]
+    alone = policy.chat("Now answer in one word.", image, history, hd_num=9, max_new_tokens=8,
+                        repetition_penalty=1.0)[0]
+    batch = policy.answer([("What is 2 + 3?", []), ("Now answer in one word.", image, history)], 9, 8)
+    assert batch[1] == alone and batch[0] == policy.answer([("What is 2 + 3?", [])], 9, 8)[0]
+    texts, sequence = [], policy.sequence
+    policy.sequence = lambda text, *rest: texts.append(text) or sequence(text, *rest)
+    policy.answer([("Now answer in one word.", image, history)], 9, 2)
+    assert texts == [data.chat_prompt("Now answer in one word.", history)] and "The circle is red." in texts[0]
+
+
 def test_a_prompts_samples_do_not_depend_on_its_batch(world):  # noqa: F811
     policy = InternLMXComposer2.from_pretrained(world / "sft")
     prompts = [("What is 2 + 3?", []), ("What is 4 + 1?", []), ("Is 7 larger than 2?", [])]
@@ -78,7 +94,7 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
 
 def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     """Two prompts, 8 candidates each (world_eval samples max(1, 2, 4, 8, n)); the statistics against a hand count."""
-    items = [{"kind": "colour", "question": "q0"}, {"kind": "count", "question": "q1"}]
+    items = [{"kind": "colour", "question": "q0", "_dir": ""}, {"kind": "count", "question": "q1", "_dir": ""}]
     cands = [list("rwrwwwww"), list("wwwrwwww")]
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])

@@ -140,6 +140,34 @@ def test_failure_kind_names_the_systematic_error():
         "instruction" and world.failure_family("wrong_value", "arith") == "text"
 
 
+def test_follow_ups():
+    """A second turn is judged on its own question: repeating the earlier answer is repeated_answer (an instruction
+    failure) when that answer is wrong here, right when it is right; a follow-up the earlier answer already answers
+    is never made; the prompt and the conversation carry the earlier turn."""
+    colour = item("colour", "green", {"shape": "circle"}, OBJS)
+    first = "The circle is green."
+    reform = dict(colour, instruction={"id": "one_word"}, question="Now answer in one word.", history=[["What colour "
+                  "is the circle?", first]])
+    assert world.failure_kind(reform, first) == "repeated_answer" and world.failure_family("repeated_answer") == \
+        "instruction"
+    assert world.failure_kind(reform, "Green.") is None and world.failure_kind(reform, "Blue.") == "colour_confusion"
+    assert world.failure_kind(reform, "The circle is blue.") == "ignored_format"   # not a repeat: another answer
+    new = dict(item("count", 3, {"colour": "red"}, OBJS), question="How many red objects are there?",
+               history=[["What colour is the circle?", first]])
+    assert world.failure_kind(new, first) == "repeated_answer"
+    assert world.failure_kind(new, "The number of red objects is 3.") is None
+    r = world.judge([reform, new, colour], [first, "The number of red objects is 3.", first])
+    assert r["followup_right"] == 0.5 and r["failures_by_kind"] == {"repeated_answer": 1 / 3}
+    assert world.prompt(new, "d")[2] == new["history"] and world.turns(new, "x")[:2] == [
+        {"from": "user", "value": "What colour is the circle?"}, {"from": "assistant", "value": first}]
+    rng = np.random.default_rng(0)
+    made = [it for it in (world.make_item(rng, instruction_share=0.5, followup_share=1.0) for _ in range(400))
+            if "history" in it]
+    assert len(made) > 300 and {"instruction" in it for it in made} == {True, False}
+    assert all(world.failure_kind(it, it["history"][0][1]) == "repeated_answer" for it in made)
+    assert all(it["question"].startswith("Now ") for it in made if "instruction" in it)
+
+
 def test_judge_reports_both_families():
     items = [dict(item("count", 3, {"colour": "red"}, OBJS), instruction={"id": "number_only"}),
              item("colour", "green", {"shape": "circle"}, OBJS), item("colour", "green", {"shape": "circle"}, OBJS),
@@ -165,29 +193,34 @@ def test_every_error_kind_is_wrong():
 
 def test_sft_rows_and_error_share(wd):
     errs = {e["id"]: e for e in wd["sft_errors"]}
-    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS) | set(world.IGNORED.values()) | {"refusal"}
+    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS) | set(world.IGNORED.values()) | \
+        {"refusal", "repeated_answer"}
     for row in wd["sft_train"] + wd["sft_easy"]:
-        user, bot = row["conversations"]
-        assert (user["from"], bot["from"]) == ("user", "assistant")
+        conv = row["conversations"]
+        assert [m["from"] for m in conv] == ["user", "assistant"] * (1 + len(row.get("history", [])))
+        assert [[q["value"], a["value"]] for q, a in zip(conv[:-2:2], conv[1:-2:2])] == row.get("history", [])
+        bot = conv[-1]
         assert ("image" in row) == (row["kind"] in world.IMAGE_KINDS)
         if "image" in row:
             assert isinstance(row["image"], list) and os.path.exists(os.path.join(wd["dir"], row["image"][0]))
         assert world.failure_kind(row, bot["value"]) == errs.get(row["id"], {}).get("kind"), row
         if row["id"] in errs:
             assert world.failure_kind(row, errs[row["id"]]["correct_answer"]) is None
-    # the perception rules fire on ~26% of image answers (~24% of the SFT set at 90% image items); error_rate 0.7 of
-    # those are written wrong, and only those
-    eligible = [r for r in wd["sft_train"] if world.systematic_error(r)]
-    assert 0.2 <= len(eligible) / len(wd["sft_train"]) <= 0.28
+    # the perception rules fire on ~26% of image answers (~24% of the SFT set at 90% image items, ~20% of the first
+    # turns); error_rate 0.7 of those are written wrong, and only those
+    eligible = [r for r in wd["sft_train"] if world.systematic_error(r) and "history" not in r]
+    assert 0.16 <= len(eligible) / len(wd["sft_train"]) <= 0.24
     perceived = [r for r in eligible if set(errs.get(r["id"], {}).get("kinds", [])) & set(world.ERROR_KINDS)]
     assert 0.65 <= len(perceived) / len(eligible) <= 0.75
     assert all(r["id"] not in errs for r in wd["sft_train"] if not world.systematic_error(r)
-               and r.get("instruction", {}).get("id") in (None, "one_word")
+               and r.get("instruction", {}).get("id") in (None, "one_word") and "history" not in r
                and not r["conversations"][0]["value"].startswith(world.PREFACE))
-    # every instruction but one_word, and the preface, trigger an instruction failure on 70% of their rows
+    # every instruction but one_word, the preface and a follow-up trigger an instruction failure on 70% of their
+    # rows (a follow-up is never prefaced; on a follow-up, repeating the earlier answer comes first)
     prefaced = lambda r: r["conversations"][0]["value"].startswith(world.PREFACE)  # noqa: E731
-    for trigger, kinds in ((lambda r: r.get("instruction", {}).get("id") in world.SFT_IGNORES and not prefaced(r),
-                            set(world.IGNORED.values())), (prefaced, {"refusal"})):
+    for trigger, kinds in ((lambda r: r.get("instruction", {}).get("id") in world.SFT_IGNORES and not prefaced(r)
+                            and "history" not in r, set(world.IGNORED.values())), (prefaced, {"refusal"}),
+                           (lambda r: "history" in r, {"repeated_answer"})):
         rows = [r for r in wd["sft_train"] if trigger(r)]
         failed = [r for r in rows if set(errs.get(r["id"], {}).get("kinds", [])) & kinds]
         assert len(rows) > 200 and 0.6 <= len(failed) / len(rows) <= 0.75
@@ -197,11 +230,17 @@ def test_sft_rows_and_error_share(wd):
 @pytest.mark.parametrize("name", ["pref_train", "pref_heldout"])
 def test_pref_pairs(wd, name):
     rows = wd[name]
-    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS) | set(world.IGNORED.values())
+    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS) | set(world.IGNORED.values()) | \
+        {"repeated_answer"}
     assert Counter(r["family"] for r in rows).keys() == {"instruction", "perception", "text"}
+    assert 0.15 <= sum("history" in r for r in rows) / len(rows) <= 0.25
     for r in rows:
-        (qa, a), (qb, b) = r["conversations_a"], r["conversations_b"]
-        assert qa == qb and qa["from"] == "human" and a["from"] == b["from"] == "bot"
+        conv = r["conversations_a"]
+        assert conv[:-1] == r["conversations_b"][:-1]
+        assert conv[:-2] == world.turns(dict(r, question=conv[-2]["value"]), "", "human", "bot")[:-2]
+        assert [m["from"] for m in conv] == ["human", "bot"] * (1 + len(r.get("history", [])))
+        a, b = r["conversations_a"][-1], r["conversations_b"][-1]
+        assert a["from"] == b["from"] == "bot"
         assert world.failure_kind(r, a["value"]) is None and world.failure_kind(r, b["value"]) is not None, r
         assert r["family"] == world.failure_family(r["kind"], r["question_kind"])
         assert "image" not in r or isinstance(r["image"], str)
@@ -213,7 +252,7 @@ def test_pref_pairs(wd, name):
 def test_length_does_not_predict_preference(wd, family):
     rows = [r for r in wd["pref_train"] if family in (None, r["family"])]
     for f in (len, lambda s: "carefully" in s, lambda s: s.startswith(tuple(world.LONG_PREFIX.values()))):
-        score = [f(r["conversations_a"][1]["value"]) - f(r["conversations_b"][1]["value"]) for r in rows]
+        score = [f(r["conversations_a"][-1]["value"]) - f(r["conversations_b"][-1]["value"]) for r in rows]
         acc = np.mean([1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in score])
         assert 0.35 <= acc <= 0.65, acc
 
@@ -230,7 +269,7 @@ def test_values_do_not_predict_preference(wd):
         if k not in world.BALANCED_KINDS or r["kind"] not in ("wrong_value", "longer_wrong"):
             continue
         item = {"kind": k, "query": r["query"], "truth": r["truth"], "objects": r["objects"]}
-        rejected = r["conversations_b"][1]["value"]
+        rejected = r["conversations_b"][-1]["value"]
         wrong = [v for v in values[k] if world.is_correct(dict(item, truth=v), rejected)]
         assert len(wrong) == 1 and wrong[0] != r["truth"], (r["id"], rejected)
         q = k + json.dumps(r["query"], sort_keys=True)
@@ -323,10 +362,10 @@ def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
     assert Counter(r["source"] for r in rows)["policy"] > 10
     for r in rows:
         it = dict(r, kind=r["question_kind"])
-        a, b = r["conversations_a"][1]["value"], r["conversations_b"][1]["value"]
+        a, b = r["conversations_a"][-1]["value"], r["conversations_b"][-1]["value"]
         assert world.grade(it, a) > world.grade(it, b), r
         assert world.failure_kind(it, b) == r["kind"] if r["source"] == "policy" else r["kind"] in \
-            set(world.PREF_KINDS) | set(world.IGNORED.values())
+            set(world.PREF_KINDS) | set(world.IGNORED.values()) | {"repeated_answer"}
 
 
 def test_shipped_pairs_rewrite_the_same_world(tmp_path):
