@@ -62,7 +62,8 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert not torch.equal(before["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
     assert not torch.equal(before["plora_glb_GN"], after["plora_glb_GN"])  # separators train, as upstream
     assert "score.weight" in after and "output.weight" not in after
-    assert set(summary["heldout_accuracy_by_kind"]) <= set(world_module.PREF_KINDS) | set(world_module.IGNORED.values())
+    assert set(summary["heldout_accuracy_by_kind"]) <= set(world_module.PREF_KINDS) | \
+        set(world_module.IGNORED.values()) | {"repeated_answer"}
     assert set(summary["heldout_accuracy_by_family"]) <= {"instruction", "perception", "text"}
     check = summary["image_check"]   # the perception pairs scored with their images and with blank ones
     assert check["pairs"] == sum(p["family"] == "perception" and bool(p["images"]) for p in
