@@ -37,10 +37,10 @@ from vision import sample_length, sincos_position_embedding
 # other values. Flags a stage does not read are refused for it (STAGE_FLAGS).
 RECIPE = {"sft": dict(lr=1e-5, steps=1000, batch=32, token_budget=4096, eval_every=0),
           "rm": dict(lr=1e-5, steps=1000, batch=16, token_budget=4096, eval_every=0),
-          "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, eval_every=0)}
+          "ppo": dict(lr=1e-6, steps=100, batch=16, token_budget=4096, eval_every=0, kl_coef=0.05)}
 WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024, eval_every=0),
          "rm": dict(lr=3e-4, steps=750, batch=32, token_budget=1024, eval_every=0),
-         "ppo": dict(lr=1e-4, steps=120, batch=48, token_budget=4096, eval_every=20)}
+         "ppo": dict(lr=1e-4, steps=120, batch=48, token_budget=4096, eval_every=20, kl_coef=0.1)}
 SHARED_FLAGS = {"stage", "out", "data", "init", "resume", "steps", "batch", "token_budget", "lr", "weight_decay",
                 "beta2", "warmup", "clip", "hd_num", "save_every", "stop_after", "seed", "world_dir"}
 STAGE_FLAGS = {

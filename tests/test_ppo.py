@@ -69,7 +69,7 @@ def args(**kw):
     p = argparse.ArgumentParser()
     ppo.add_args(p)
     a = p.parse_args([])
-    a.hd_num, a.token_budget, a.clip, a.max_new_tokens, a.rollout_chunk = 9, 4096, 1.0, 8, 4
+    a.hd_num, a.token_budget, a.clip, a.max_new_tokens, a.rollout_chunk, a.kl_coef = 9, 4096, 1.0, 8, 4, 0.05
     for k, v in kw.items():
         setattr(a, k, v)
     return a
