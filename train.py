@@ -44,12 +44,12 @@ WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024, eval_ever
 SHARED_FLAGS = {"stage", "out", "data", "init", "resume", "steps", "batch", "token_budget", "lr", "weight_decay",
                 "beta2", "warmup", "clip", "hd_num", "save_every", "stop_after", "seed", "world_dir"}
 STAGE_FLAGS = {
-    "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos",
+    "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos", "tokenizer", "truth",
             "eval_every", "fsdp", "grad_ckpt", "autocast"},
     "rm": {"heldout", "train_transform", "max_length", "freeze_vision", "head", "share_prefix", "max_len_ratio",
            "eval_every", "fsdp", "grad_ckpt", "autocast"},
 }
-SCRATCH_FLAGS = {"layers", "width", "ffn", "vit_pos"}  # sft without --init only
+SCRATCH_FLAGS = {"layers", "width", "ffn", "vit_pos", "tokenizer"}  # sft without --init only
 
 
 def parse_args(argv=None):
@@ -91,6 +91,10 @@ def parse_args(argv=None):
                    help="sft from scratch: decoder hidden size (4 heads, 2 KV heads)")
     p.add_argument("--ffn", type=int, default=world.WORLD_CONFIG["intermediate_size"],
                    help="sft from scratch: SwiGLU intermediate size")
+    p.add_argument("--tokenizer", help="sft from scratch: tokenizer.model (default: the world's); a judge that scores "
+                   "a policy's PPO rollouts needs the policy's, e.g. checkpoints/world-sft/tokenizer.model")
+    p.add_argument("--truth", action="store_true", help="sft on the world: every answer right (the weaker model's "
+                   "failures replaced by the correct answers; how checkpoints/world-judge was built)")
     p.add_argument("--vit-pos", type=float, default=4.0,
                    help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
     p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end); ppo: "
@@ -113,6 +117,8 @@ def parse_args(argv=None):
     unused = sorted(given - SHARED_FLAGS - stage_flags[a.stage] | (given & SCRATCH_FLAGS if a.init else set()))
     if unused:
         p.error(f"--stage {a.stage} does not use " + ", ".join("--" + u.replace("_", "-") for u in unused))
+    if a.truth and a.data is not None:
+        raise SystemExit("error: --truth rewrites the world's SFT answers; with --data, write the answers you want")
     if a.heldout and a.data is None:
         raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out set)")
     for k, v in (WORLD if a.data is None else RECIPE)[a.stage].items():
@@ -159,7 +165,7 @@ def sft_model(a, device):
     """--init, or the world's tiny policy from scratch (its ViT positions from a sin-cos table of --vit-pos)."""
     if a.init:
         return InternLMXComposer2.from_pretrained(a.init, device=device)
-    tok = data.Tokenizer(world.ensure_world(a.world_dir)["sft_train"].parent / "tokenizer.model")
+    tok = data.Tokenizer(a.tokenizer or world.ensure_world(a.world_dir)["sft_train"].parent / "tokenizer.model")
     shape = dict(num_hidden_layers=a.layers, hidden_size=a.width, intermediate_size=a.ffn)
     model = init_weights(InternLMXComposer2(Config(**{**world.WORLD_CONFIG, **shape}, vocab_size=tok.vocab_size)), a.seed)
     if a.vit_pos:
@@ -178,7 +184,10 @@ def sft_data(a):
         return rows, world.heldout_items(a.heldout) if a.heldout else []
     files = world.ensure_world(a.world_dir)
     easy = [dict(s, warmup=True) for s in data.read_sft(files["sft_easy"])]
-    return easy + data.read_sft(files["sft_train"]), world.heldout_items(files["heldout_prompts"])
+    rows = easy + data.read_sft(files["sft_train"])
+    if a.truth:
+        rows = world.truthful(rows, json.loads(Path(files["sft_errors"]).read_text()))
+    return rows, world.heldout_items(files["heldout_prompts"])
 
 
 def train_sft(a, rank, n_proc, device):

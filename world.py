@@ -32,6 +32,9 @@ import data
 ROOT = Path(__file__).resolve().parent
 WORLD_DIR = ROOT / "runs" / "world"  # generated on first use, deterministic by seed
 WORLD_SFT = ROOT / "checkpoints" / "world-sft"  # shipped: the world's pretrained policy (see its summary.json)
+# shipped: a deeper trunk trained on right answers only, for a reward model that judges perception better than the
+# policy produces it (train.py --stage rm --init WORLD_JUDGE; it shares WORLD_SFT's tokenizer, as PPO requires)
+WORLD_JUDGE = ROOT / "checkpoints" / "world-judge"
 # the tiny model of the built-in world: 112-px crops (4x4 merged tokens per view), a few narrow layers
 WORLD_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, plora_rank=16, max_position_embeddings=4096, max_length=512,
@@ -653,6 +656,14 @@ def weaker_answer(rng, item, error_rate):
     if inst and inst["id"] in SFT_IGNORES and rng.random() < error_rate:
         return ignored(item, value), kinds + [IGNORED[inst["id"]]]
     return answer(item, value), kinds
+
+
+def truthful(rows, errors):
+    """SFT samples (data.read_sft's) with every failure the weaker model wrote (sft_errors.json's rows) replaced by
+    the correct answer: the data of a judge that should know what the policy gets wrong."""
+    fix = {e["id"]: e["correct_answer"] for e in errors}
+    return [dict(r, conversation=r["conversation"][:-1] + [dict(r["conversation"][-1], content=fix[r["id"]])])
+            if r.get("id") in fix else r for r in rows]
 
 
 def _sft(rng, items, error_rate):

@@ -735,13 +735,14 @@ def test_ppo_fsdp_ranks_stopping_apart(world, ppo_rm, tmp_path):
 def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
     """Each stage's settings are its own: a flag it would ignore is an error naming the flag, not a silent no-op."""
     for stage, extra, flag in (("sft", ["--head", "mlp"], "--head"), ("ppo", ["--max-len-ratio", "3"], "--max-len-ratio"),
-                               ("rm", ["--kl-coef", "0.1"], "--kl-coef"),
-                               ("sft", ["--init", str(world / "sft"), "--layers", "3"], "--layers")):
+                               ("rm", ["--kl-coef", "0.1"], "--kl-coef"), ("rm", ["--truth"], "--truth"),
+                               ("sft", ["--init", str(world / "sft"), "--layers", "3"], "--layers"),
+                               ("sft", ["--init", str(world / "sft"), "--tokenizer", "t.model"], "--tokenizer")):
         r = subprocess.run([sys.executable, "train.py", "--stage", stage, "--out", str(tmp_path / stage), *extra],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and f"--stage {stage} does not use {flag}" in r.stderr, r.stderr
         assert not (tmp_path / stage).exists()
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r"])   # the world's settings for the stage
-    assert (a.lr, a.steps, a.batch, a.eval_every) == (1e-4, 120, 48, 20)
+    assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-4, 120, 48, 20, 0.1)
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r", "--data", "d.json"])   # the official recipe
-    assert (a.lr, a.steps, a.batch, a.eval_every) == (1e-6, 100, 16, 0)
+    assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-6, 100, 16, 0, 0.05)

@@ -280,6 +280,25 @@ def test_values_do_not_predict_preference(wd):
     assert 0.45 <= np.mean(larger_wrong) <= 0.55 and len(larger_wrong) > 500
 
 
+def test_shipped_trunks_share_one_tokenizer():
+    """PPO hands the policy's token ids to the reward model and the critic: the judge trunk must read them alike."""
+    assert (world.WORLD_JUDGE / "tokenizer.model").read_bytes() == (world.WORLD_SFT / "tokenizer.model").read_bytes()
+    judge, policy = (json.loads((d / "config.json").read_text()) for d in (world.WORLD_JUDGE, world.WORLD_SFT))
+    assert judge["num_hidden_layers"] > policy["num_hidden_layers"] and judge["vocab_size"] == policy["vocab_size"]
+
+
+def test_truthful_sft_answers_are_all_right(wd):
+    """--truth (the judge's data): exactly the rows the weaker model got wrong change, each to a right answer."""
+    import data
+    rows = data.read_sft(os.path.join(wd["dir"], "sft_train.json"))
+    fixed = world.truthful(rows, wd["sft_errors"])
+    gt = {r["id"]: r for r in wd["sft_train"]}
+    changed = [b["id"] for a, b in zip(rows, fixed) if a != b]
+    assert changed == [r["id"] for r in wd["sft_train"] if r["id"] in {e["id"] for e in wd["sft_errors"]}] != []
+    assert all(world.failure_kind(gt[r["id"]], r["conversation"][-1]["content"]) is None for r in fixed)
+    assert all(a["conversation"][:-1] == b["conversation"][:-1] for a, b in zip(rows, fixed))
+
+
 def test_heldout_disjoint_and_correct(wd):
     train = {json.dumps(r["objects"]) for k in ("sft_train", "sft_easy", "pref_train") for r in wd[k]
              if r.get("objects")}
