@@ -74,10 +74,10 @@ def world_eval(policy, rms, a):
         result["mean_length_by_n"][str(k)] = sum(len(c[p]) for c, p in zip(cands, picks)) / len(picks)
         result["accuracy_by_n_by_kind"][str(k)] = _means((it["kind"], o) for it, o in zip(items, ok))
         # by family: instruction following of the picks on prompts with an instruction, content accuracy of the
-        # picks on image prompts (perception) and on text prompts
+        # picks on first-turn image prompts (perception), first-turn text prompts and follow-ups
         result["accuracy_by_n_by_family"][str(k)] = _means(
             [("instruction", world.follows(it, c[p])) for it, c, p in zip(items, cands, picks) if it.get("instruction")]
-            + [("perception" if "objects" in it else "text", world.is_correct(it, c[p]))
+            + [(world.content_family(it), world.is_correct(it, c[p]))
                for it, c, p in zip(items, cands, picks)])
     # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones:
     # per failure kind of the wrong sample

@@ -1003,16 +1003,24 @@ def heldout_items(path):
     return [dict(it, _dir=str(path.parent)) for it in items]
 
 
+def content_family(item):
+    """Where an item's content accuracy is reported: followup (a second turn, whose commonest failure, repeating the
+    earlier answer, is wrong in content too, so it would pass for a perception or arithmetic error), else perception
+    (an image question) or text."""
+    return "followup" if item.get("history") else "perception" if item.get("objects") else "text"
+
+
 def judge(items, answers):
     """The world's checker over answers to `items`: content accuracy (is_correct) overall, per question kind and per
-    family (perception: the image questions; text), strict instruction following (follows) over the items that
+    content_family (perception: the first-turn image questions; text; followup), strict instruction following (follows) over the items that
     carry an instruction, overall and per instruction, the share of follow-ups (second turns) answered right, and
     the share of items with each failure kind
     (failure_kind, which names an instruction failure before a content one) and family."""
-    by_kind, by_inst, fails, families = {}, {}, collections.Counter(), collections.Counter()
+    by_kind, by_family, by_inst, fails, families = {}, {}, {}, collections.Counter(), collections.Counter()
     followups = []
     for it, ans in zip(items, answers):
         by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
+        by_family.setdefault(content_family(it), []).append(by_kind[it["kind"]][-1])
         if it.get("instruction"):
             by_inst.setdefault(it["instruction"]["id"], []).append(bool(follows(it, ans)))
         f = failure_kind(it, ans)
@@ -1023,11 +1031,9 @@ def judge(items, answers):
             families[failure_family(f, it["kind"])] += 1   # a wrong value: perception on an image, else text
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     followed = sum(by_inst.values(), [])
-    image = [ok for k, v in by_kind.items() if k in IMAGE_KINDS for ok in v]
-    text = [ok for k, v in by_kind.items() if k not in IMAGE_KINDS for ok in v]
     return {"accuracy": mean(sum(by_kind.values(), [])),
             "accuracy_by_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
-            "accuracy_by_family": {**({"perception": mean(image)} if image else {}), **({"text": mean(text)} if text else {})},
+            "accuracy_by_family": {k: mean(v) for k, v in sorted(by_family.items())},
             "instruction_following": mean(followed) if followed else None,
             "instruction_following_by_id": {k: mean(v) for k, v in sorted(by_inst.items())},
             "right": 1 - sum(fails.values()) / max(len(items), 1),
