@@ -61,7 +61,7 @@ SYSTEMATIC_SHARE = 0.5       # of the preference pairs' wrong values, where the 
 PREF_KINDS = {"wrong_value": 0.6, "refusal": 0.25, "longer_wrong": 0.15}
 CHOSEN_STYLE = {"plain": 0.15, "clause": 0.3, "long": 0.55}    # phrasing of right answers (see make_pair)
 REJECTED_STYLE = {"plain": 0.25, "clause": 0.5, "long": 0.25}  # of wrong values; longer_wrong is always long
-PAIR_MINUTES = 13            # sampling the preference pairs' answers: 11200 prompts x 4 (2 cores, 2026-12-02)
+PAIR_MINUTES = 13            # sampling the preference pairs' answers: 11200 prompts x 4, on 2 cores
 PAIRS_FILE = "pairs.json.gz"  # beside the SFT policy: the pairs its samples made (ship_pairs)
 MAX_LEN_RATIO = 2.5          # train.py's default --max-len-ratio (the paper's length constraint)
 GT_KEYS = ("kind", "query", "truth", "objects", "instruction", "history")   # ground truth kept in every row for is_correct
@@ -218,14 +218,14 @@ def render(item, value):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Instructions (world version 7). Real instruction data asks for a form or a scope as well as for content
+# Instructions. Real instruction data asks for a form or a scope as well as for content
 # (MIA-Bench, IFEval); RLHF gains where judging is easier than doing, and a reward model judges a form or a scope
 # from the text alone, while checking a stated colour needs the image. Each instruction has a strict programmatic
 # checker (`follows`, IFEval's strict mode), apart from content correctness (`is_correct`).
 
 INSTRUCTION_SHARE = 0.5      # of held-out and preference items whose kind takes an instruction (SFT: 0.4)
 SFT_INSTRUCTION_SHARE = 0.4
-PREFACE = "Look at the picture. "   # a harmless opening the weaker model answers by refusing (see sft_failures)
+PREFACE = "Look at the picture. "   # a harmless opening the weaker model answers by refusing (see weaker_answer)
 PREFACE_SHARE = 0.12         # of image questions
 MAX_WORDS, MIN_WORDS = 5, 10
 INSTRUCTIONS = {             # id -> question kinds it applies to
@@ -237,8 +237,9 @@ SCOPES = ("only_colour", "only_half", "left_to_right")
 # Chosen by weight among those that apply. Ignoring most instructions makes an answer longer; ignoring min_words,
 # one object per line or an order does not, and these weigh more, so that length predicts less of the preference.
 INSTRUCTION_WEIGHT = {"min_words": 3.0, "number_only": 0.5, "one_per_line": 1.0, "left_to_right": 3.0, "only_colour": 3.0, "only_half": 3.0}
-# What an ignored instruction looks like: its failure kind. The weaker model (sft_failures) ignores all but
-# one_word, which it follows: a control the policy gets right before RLHF.
+# What an ignored instruction looks like: its failure kind. The weaker model (weaker_answer) ignores all but
+# one_word, which it follows in a first turn: a control the policy gets right before RLHF (in a follow-up it repeats
+# its earlier answer, whatever the instruction).
 IGNORED = {"one_word": "ignored_format", "number_only": "ignored_format", "key_value": "ignored_format",
            "min_words": "ignored_format", "one_per_line": "ignored_format", "max_words": "extra_clause",
            "only_colour": "ignored_scope", "only_half": "ignored_scope", "left_to_right": "ignored_scope"}
@@ -246,6 +247,14 @@ SFT_IGNORES = tuple(i for i in INSTRUCTIONS if i != "one_word")
 FAMILY = {"ignored_format": "instruction", "extra_clause": "instruction", "ignored_scope": "instruction",
           "refusal": "instruction", "repeated_answer": "instruction", **{k: "perception" for k in ERROR_KINDS}}
 KEY = {"colour": "colour", "count": "count", "position": "position"}
+
+
+def pair_family(row):
+    """The family a preference pair is reported under: its failure's, except that a content failure on a follow-up
+    is "followup": the earlier turn may state the value ("The square is blue." before "Now answer in one word."),
+    so the text alone can tell, and the pair must not pass for one that needs the image."""
+    family = failure_family(row["kind"], row.get("question_kind"))
+    return "followup" if row.get("history") and family != "instruction" else family
 
 
 def failure_family(kind, question_kind=None):
@@ -440,7 +449,8 @@ def follows(item, answer_text):
 def failure_kind(item, answer_text):
     """What is wrong with an answer, by the world's checker: None when it is right (correct and following its
     instruction), else refusal, repeated_answer (a follow-up answered with the earlier turn's answer), the item's
-    ignored-instruction kind, the item's systematic error kind when the answer states that error, or wrong_value."""
+    ignored-instruction kind (not for a scoped description that names the scope's places with a wrong attribute),
+    the item's systematic error kind when the answer states that error, or wrong_value."""
     a = (answer_text or "").strip().lower()
     if not a or any(m in a for m in REFUSAL_MARKERS):
         return "refusal"
@@ -448,9 +458,13 @@ def failure_kind(item, answer_text):
     followed, correct = follows(item, answer_text) is not False, is_correct(item, answer_text)
     if followed and correct:
         return None
-    if item.get("history") and a == item["history"][-1][1].strip().lower():
+    if item.get("history") and WORD_RE.findall(a) == WORD_RE.findall(item["history"][-1][1].lower()):
         return "repeated_answer"
-    if not followed:
+    # A colour scope answered with exactly the scope's places but a wrong colour ("only the blue objects" -> "a green
+    # circle in the top left", where the blue circle is) fails `follows` strictly, yet what is wrong is perception
+    kept = item.get("instruction", {}).get("id") in ("only_colour", "only_half") and \
+        sorted(p for _, _, p in _mentioned(a)) == sorted(o[2] for o in item["truth"])
+    if not followed and not kept:
         return IGNORED[item["instruction"]["id"]]
     err = systematic_error(item)
     return err[0] if err and is_correct(dict(item, truth=err[1]), answer_text) else "wrong_value"
@@ -789,7 +803,8 @@ def _pref(rng, item_rng, n, out_dir, prefix, heldout=False, policy=None, k=4, bl
             row["conversations_b"] = turns(it, bad, "human", "bot")
             gt = {name: it[name] for name in GT_KEYS if name in it}
             gt["question_kind"] = gt.pop("kind")    # "kind" of a pair row is the rejected kind
-            rows.append(dict(row, **gt, kind=rkind, family=failure_family(rkind, k_), source=source))
+            row = dict(row, **gt, kind=rkind, source=source)
+            rows.append(dict(row, family=pair_family(row)))
     return rows
 
 
@@ -1004,9 +1019,9 @@ def heldout_items(path):
 
 
 def content_family(item):
-    """Where an item's content accuracy is reported: followup (a second turn, whose commonest failure, repeating the
-    earlier answer, is wrong in content too, so it would pass for a perception or arithmetic error), else perception
-    (an image question) or text."""
+    """Where an item's content accuracy is reported: followup (a second turn: the earlier turn may state its value,
+    and a new question answered by repeating the earlier answer is wrong in content, which would pass for a
+    perception or arithmetic error), else perception (an image question) or text."""
     return "followup" if item.get("history") else "perception" if item.get("objects") else "text"
 
 

@@ -70,10 +70,11 @@ def test_modelled_peak_is_within_20_percent_of_measured(world, rm_of_world_polic
     and its longest prompt. Responses are cut at 6 tokens, shorter than the policy's answers, so that they are as
     long as the model assumes."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    # the model pads every prompt to the longest: plain image questions (no instruction, no preface) are all about
-    # as long, as the model assumes; their images are the world's, read from --out's parent
+    # the model pads every prompt to the longest: plain image questions (no instruction, no preface, one turn) are
+    # all about as long, as the model assumes; their images are the world's, read from --out's parent
     rows = [r for r in json.loads((world / "world" / "sft_train.json").read_text()) if "image" in r
-            and "instruction" not in r and not r["conversations"][0]["value"].startswith(world_module.PREFACE)]
+            and "instruction" not in r and "history" not in r
+            and not r["conversations"][0]["value"].startswith(world_module.PREFACE)]
     prompts = world / "world" / "plain_prompts.json"
     if not prompts.exists():
         prompts.write_text(json.dumps(rows))

@@ -64,7 +64,7 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert "score.weight" in after and "output.weight" not in after
     assert set(summary["heldout_accuracy_by_kind"]) <= set(world_module.PREF_KINDS) | \
         set(world_module.IGNORED.values()) | {"repeated_answer"}
-    assert set(summary["heldout_accuracy_by_family"]) <= {"instruction", "perception", "text"}
+    assert set(summary["heldout_accuracy_by_family"]) <= {"instruction", "perception", "text", "followup"}
     check = summary["image_check"]   # the perception pairs scored with their images and with blank ones
     assert check["pairs"] == sum(p["family"] == "perception" and bool(p["images"]) for p in
                                  data.read_preference(world / "world" / "pref_heldout.json"))

@@ -131,6 +131,21 @@ def test_follows_is_strict_and_apart_from_content(kind, truth, query, inst, good
     assert world.follows(dict(it, instruction=None), good[0]) is None
 
 
+def test_a_scoped_description_with_a_wrong_colour_is_a_perception_failure():
+    """"Only the blue objects" answered with the blue object's place but another colour breaks the instruction's
+    strict check, yet names the scope: the failure is perception. Naming other places is ignoring the scope."""
+    objs = [["blue", "circle", 0, 0], ["red", "square", 3, 3]]
+    it = dict(item("describe", [["blue", "circle", "top left"]], {}, objs), instruction={"id": "only_colour",
+              "colour": "blue"})
+    swapped = "There is 1 object: a green circle in the top left."
+    assert world.follows(it, swapped) is False and world.failure_kind(it, swapped) == "wrong_value"
+    assert world.failure_family(world.failure_kind(it, swapped), "describe") == "perception"
+    assert world.failure_kind(it, "There is 1 object: a red square in the bottom right.") == "ignored_scope"
+    assert world.failure_kind(it, "There are 2 objects: a blue circle in the top left and a red square in the "
+                                  "bottom right.") == "ignored_scope"
+    assert world.failure_kind(it, "There is 1 object: a blue circle in the top left.") is None
+
+
 def test_failure_kind_names_the_systematic_error():
     it = item("colour", "green", {"shape": "circle"}, OBJS)
     assert world.failure_kind(it, "The circle is blue.") == "colour_confusion"
@@ -141,9 +156,9 @@ def test_failure_kind_names_the_systematic_error():
 
 
 def test_follow_ups():
-    """A second turn is judged on its own question: repeating the earlier answer is repeated_answer (an instruction
-    failure) when that answer is wrong here, right when it is right; a follow-up the earlier answer already answers
-    is never made; the prompt and the conversation carry the earlier turn."""
+    """A second turn is judged on its own question: repeating the earlier answer (up to punctuation and case) is
+    repeated_answer, an instruction failure; a follow-up the earlier answer already answers is never made; the
+    prompt and the conversation carry the earlier turn."""
     colour = item("colour", "green", {"shape": "circle"}, OBJS)
     first = "The circle is green."
     reform = dict(colour, instruction={"id": "one_word"}, question="Now answer in one word.", history=[["What colour "
@@ -154,7 +169,7 @@ def test_follow_ups():
     assert world.failure_kind(reform, "The circle is blue.") == "ignored_format"   # not a repeat: another answer
     new = dict(item("count", 3, {"colour": "red"}, OBJS), question="How many red objects are there?",
                history=[["What colour is the circle?", first]])
-    assert world.failure_kind(new, first) == "repeated_answer"
+    assert world.failure_kind(new, first) == world.failure_kind(new, "the circle is green") == "repeated_answer"
     assert world.failure_kind(new, "The number of red objects is 3.") is None
     r = world.judge([reform, new, colour], [first, "The number of red objects is 3.", first])
     assert r["followup_right"] == 0.5 and r["failures_by_kind"] == {"repeated_answer": 1 / 3}
@@ -178,6 +193,11 @@ def test_judge_reports_both_families():
     assert r["failures_by_kind"] == {"ignored_format": 0.25, "colour_confusion": 0.25, "wrong_value": 0.5}
     assert r["failures_by_family"] == {"instruction": 0.25, "perception": 0.5, "text": 0.25}
     assert world.tagged(r, "before")["accuracy_before_by_kind"] == r["accuracy_by_kind"]
+    # a second turn's content is reported apart from the first-turn image and text questions
+    again = dict(item("colour", "green", {"shape": "circle"}, OBJS), history=[["Is there a red square?", "No."]])
+    r = world.judge(items + [again], ["There are 3 red objects.", "The circle is blue.", "The circle is red.",
+                                      "4 + 7 = 12.", "The circle is green."])
+    assert r["accuracy_by_family"] == {"followup": 1.0, "perception": 1 / 3, "text": 0.0}
 
 def test_every_error_kind_is_wrong():
     rng = np.random.default_rng(0)
@@ -232,7 +252,7 @@ def test_pref_pairs(wd, name):
     rows = wd[name]
     assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS) | set(world.IGNORED.values()) | \
         {"repeated_answer"}
-    assert Counter(r["family"] for r in rows).keys() == {"instruction", "perception", "text"}
+    assert Counter(r["family"] for r in rows).keys() == {"instruction", "perception", "text", "followup"}
     assert 0.15 <= sum("history" in r for r in rows) / len(rows) <= 0.25
     for r in rows:
         conv = r["conversations_a"]
@@ -242,7 +262,9 @@ def test_pref_pairs(wd, name):
         a, b = r["conversations_a"][-1], r["conversations_b"][-1]
         assert a["from"] == b["from"] == "bot"
         assert world.failure_kind(r, a["value"]) is None and world.failure_kind(r, b["value"]) is not None, r
-        assert r["family"] == world.failure_family(r["kind"], r["question_kind"])
+        assert r["family"] == world.pair_family(r) == (world.failure_family(r["kind"], r["question_kind"])
+                                                       if "history" not in r or r["family"] == "instruction" else
+                                                       "followup")
         assert "image" not in r or isinstance(r["image"], str)
     img = sum("image" in r for r in rows) / len(rows)
     assert 0.6 < img < 0.73, img
