@@ -337,10 +337,10 @@ FOLLOWUP_SHARE = 0.2         # of held-out and preference items (SFT: the same)
 
 
 def _follow_up(rng, plain, item):
-    """`item` as the second turn after a question about the same image (a text item: after the other text kind): a form or scope
-    follow-up when `item` carries an instruction ("Now " + the instruction, the first turn the plain question), else
-    a new question after another question. None when the image supports no other question, or when the earlier
-    answer already answers the follow-up."""
+    """`item` as the second turn after a question about the same image (a text item: after the other text kind): a
+    form or scope follow-up when `item` carries an instruction ("Now " + the instruction, the first turn the plain
+    question), else a new question after another question. None when the image supports no other question, or when
+    the earlier answer already answers the follow-up."""
     inst = item.get("instruction")
     if inst:
         said = item["question"][len(plain["question"]):].strip() if item["question"].startswith(plain["question"]) \
@@ -462,7 +462,7 @@ def failure_kind(item, answer_text):
         return "repeated_answer"
     # A colour scope answered with exactly the scope's places but a wrong colour ("only the blue objects" -> "a green
     # circle in the top left", where the blue circle is) fails `follows` strictly, yet what is wrong is perception
-    kept = item.get("instruction", {}).get("id") in ("only_colour", "only_half") and \
+    kept = (item.get("instruction") or {}).get("id") in ("only_colour", "only_half") and \
         sorted(p for _, _, p in _mentioned(a)) == sorted(o[2] for o in item["truth"])
     if not followed and not kept:
         return IGNORED[item["instruction"]["id"]]
