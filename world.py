@@ -1034,8 +1034,9 @@ def judge(items, answers):
     by_kind, by_family, by_inst, fails, families = {}, {}, {}, collections.Counter(), collections.Counter()
     followups = []
     for it, ans in zip(items, answers):
-        by_kind.setdefault(it["kind"], []).append(is_correct(it, ans))
-        by_family.setdefault(content_family(it), []).append(by_kind[it["kind"]][-1])
+        ok = is_correct(it, ans)
+        by_kind.setdefault(it["kind"], []).append(ok)
+        by_family.setdefault(content_family(it), []).append(ok)
         if it.get("instruction"):
             by_inst.setdefault(it["instruction"]["id"], []).append(bool(follows(it, ans)))
         f = failure_kind(it, ans)
