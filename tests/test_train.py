@@ -744,5 +744,7 @@ def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
         assert not (tmp_path / stage).exists()
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r"])   # the world's settings for the stage
     assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-4, 120, 48, 20, 0.1)
+    with pytest.raises(SystemExit, match="--truth rewrites the world's SFT answers"):
+        train.parse_args(["--stage", "sft", "--out", "x", "--data", "d.json", "--truth"])
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r", "--data", "d.json"])   # the official recipe
     assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-6, 100, 16, 0, 0.05)
