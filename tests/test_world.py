@@ -309,6 +309,32 @@ def test_shipped_trunks_share_one_tokenizer():
     assert judge["num_hidden_layers"] > policy["num_hidden_layers"] and judge["vocab_size"] == policy["vocab_size"]
 
 
+@pytest.mark.parametrize("trunk", ["WORLD_SFT", "WORLD_JUDGE"])
+def test_shipped_trunks_image_tokens_barely_carry_their_cell(trunk):
+    """The README's account of why a stated position is hard: in the projected tokens the decoder reads, moving an
+    object to another cell changes its token by about 1% of what changing its colour or shape does (the patch
+    features outgrew the ViT's sin-cos position table). A rebuilt trunk that keeps its cells fails this test: then
+    the README's account is stale, and so is this test."""
+    import torch
+    import vision
+    from model import InternLMXComposer2
+    model = InternLMXComposer2.from_pretrained(getattr(world, trunk)).eval()
+
+    def token(colour, shape, row, col):
+        pixels = vision.to_pixels(vision.hd_transform(world.draw([[colour, shape, row, col]]), 1, crop=world.IMG))
+        local = model.encode_images([pixels])[0][-world.GRID * (world.GRID + 1):]   # rows of tokens + sub_GN
+        return local.reshape(world.GRID, world.GRID + 1, -1)[row, col]
+
+    def spread(tokens):
+        tokens = torch.stack(tokens)
+        return (tokens - tokens.mean(0)).norm(dim=1).mean().item()
+
+    with torch.no_grad():
+        across_cells = spread([token("red", "circle", r, c) for r in range(world.GRID) for c in range(world.GRID)])
+        across_contents = spread([token(colour, shape, 1, 1) for colour in world.COLOURS for shape in world.SHAPES])
+    assert across_cells < 0.05 * across_contents
+
+
 def test_truthful_sft_answers_are_all_right(wd):
     """--truth (the judge's data): exactly the rows the weaker model got wrong change, each to a right answer."""
     import data
