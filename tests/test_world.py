@@ -322,7 +322,8 @@ def test_shipped_trunks_image_tokens_barely_carry_their_cell(trunk):
 
     def token(colour, shape, row, col):
         pixels = vision.to_pixels(vision.hd_transform(world.draw([[colour, shape, row, col]]), 1, crop=world.IMG))
-        local = model.encode_images([pixels])[0][-world.GRID * (world.GRID + 1):]   # rows of tokens + sub_GN
+        # the local crop, last: one merged token per 28-px cell, each row closed by sub_GN
+        local = model.encode_images([pixels])[0][-world.GRID * (world.GRID + 1):]
         return local.reshape(world.GRID, world.GRID + 1, -1)[row, col]
 
     def spread(tokens):
