@@ -1027,10 +1027,11 @@ def content_family(item):
 
 def judge(items, answers):
     """The world's checker over answers to `items`: content accuracy (is_correct) overall, per question kind and per
-    content_family (perception: the first-turn image questions; text; followup), strict instruction following (follows) over the items that
-    carry an instruction, overall and per instruction, the share of follow-ups (second turns) answered right, and
-    the share of items with each failure kind
-    (failure_kind, which names an instruction failure before a content one) and family."""
+    content_family (perception: the first-turn image questions; text; followup), strict instruction following
+    (follows) over the items that carry an instruction, overall and per instruction, the share of follow-ups (second
+    turns) answered right, and the share of items with each failure kind (failure_kind, which names an instruction
+    failure before a content one) and family (pair_family's, so that a follow-up's wrong value is not counted as
+    perception here while its pairs and its content accuracy report it apart)."""
     by_kind, by_family, by_inst, fails, families = {}, {}, {}, collections.Counter(), collections.Counter()
     followups = []
     for it, ans in zip(items, answers):
@@ -1044,7 +1045,7 @@ def judge(items, answers):
             followups.append(f is None)
         if f is not None:
             fails[f] += 1
-            families[failure_family(f, it["kind"])] += 1   # a wrong value: perception on an image, else text
+            families[pair_family({"kind": f, "question_kind": it["kind"], "history": it.get("history")})] += 1
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     followed = sum(by_inst.values(), [])
     return {"accuracy": mean(sum(by_kind.values(), [])),

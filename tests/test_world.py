@@ -198,6 +198,9 @@ def test_judge_reports_both_families():
     r = world.judge(items + [again], ["There are 3 red objects.", "The circle is blue.", "The circle is red.",
                                       "4 + 7 = 12.", "The circle is green."])
     assert r["accuracy_by_family"] == {"followup": 1.0, "perception": 1 / 3, "text": 0.0}
+    wrong_again = world.judge([again], ["The circle is blue."])
+    assert wrong_again["failures_by_kind"] == {"colour_confusion": 1.0}
+    assert wrong_again["failures_by_family"] == {"followup": 1.0}
 
 def test_every_error_kind_is_wrong():
     rng = np.random.default_rng(0)
