@@ -123,6 +123,15 @@ def draw(objects):
     return im
 
 
+def cell_labels(objects):
+    """Per cell, row-major: the colour and the shape drawn there as 1-based indices into COLOURS and SHAPES, 0 where
+    the cell is empty (the targets of train.py's pretrain_vision)."""
+    colour, shape = [0] * GRID * GRID, [0] * GRID * GRID
+    for c, s, row, col in objects:
+        colour[row * GRID + col], shape[row * GRID + col] = 1 + list(COLOURS).index(c), 1 + SHAPES.index(s)
+    return colour, shape
+
+
 def _pick(rng, weights):
     return str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
 
