@@ -89,6 +89,9 @@ def world_eval(policy, rms, a):
     # a wrong value's family follows its question: perception on an image, text otherwise
     result["kind_family"] = {kd: sorted({fam for k, fam, _ in hits if k == kd}) for kd in result["sample_pairs_by_kind"]}
     result["rm_accuracy_on_samples_by_family"] = _means((fam, h) for _, fam, h in hits)
+    # a wrong value spans families: the same pairs per family, then per kind within it
+    result["rm_accuracy_on_samples_by_family_and_kind"] = {
+        fam: _means((kd, h) for kd, f, h in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
     result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
                   seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
