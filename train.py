@@ -127,6 +127,9 @@ def parse_args(argv=None):
         raise SystemExit("error: --truth rewrites the world's SFT answers; with --data, write the answers you want")
     if a.heldout and a.data is None:
         raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out set)")
+    if a.vision_steps and a.train_transform:
+        raise SystemExit("error: --vision-steps pretrains the tower on the inference HD transform's single crop; with "
+                         "--train-transform the frozen tower would read crops it never saw")
     for k, v in (WORLD if a.data is None else RECIPE)[a.stage].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -180,7 +183,7 @@ def sft_model(a, device):
             table.copy_(sincos_position_embedding(model.cfg.vision.grid, model.cfg.vision.hidden_size, a.vit_pos))
     model.tokenizer = tok
     model.to(device)
-    if a.vision_steps and not a.resume:  # every rank the same steps from one seed (a resumed run loads its tower)
+    if a.vision_steps and not a.resume:  # a resumed run loads its tower
         acc = pretrain_vision(model, a.vision_steps, a.seed)
         print(f"pretrained the vision tower {a.vision_steps} steps: per-cell accuracy on its last batch " +
               ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
@@ -192,17 +195,18 @@ def pretrain_vision(model, steps, seed, batch=32, lr=1e-3):
     cell's colour, shape and place from its merged token of the local view (linear heads, dropped after), on freshly
     drawn training layouts. Trained through the LM loss alone, a tower's tokens carry colour many times more
     strongly than shape and lose their cell, and the decoder then cannot find the object a question names (README:
-    the judge). Returns the heads' accuracy on the last batch (shape: on the cells that hold an object)."""
+    the judge). Under torch.distributed every rank runs it and takes rank 0's tower, which FSDP would not broadcast.
+    Returns the heads' accuracy on the last batch (colour and shape: on the cells that hold an object)."""
     g, d = world.GRID, model.cfg.hidden_size
     heads = init_weights(nn.ModuleDict({"colour": nn.Linear(d, 1 + len(world.COLOURS)),
                                         "shape": nn.Linear(d, 1 + len(world.SHAPES)),
                                         "cell": nn.Linear(d, g * g)}), seed).to(model.device)
-    tower = [*model.vit.parameters(), *model.vision_proj.parameters(), model.plora_glb_GN, model.plora_sub_GN]
+    tower = [*model.vit.parameters(), *model.vision_proj.parameters()]
     opt = torch.optim.AdamW([*tower, *heads.parameters()], lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 11])
     model.train()
     for step in range(steps):
-        for group in opt.param_groups:  # cosine to 0
+        for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         layouts = [world.sample_objects(rng) for _ in range(batch)]
         pixels = [to_pixels(hd_transform(world.draw(objs), 1, crop=world.IMG)) for objs in layouts]
@@ -216,10 +220,13 @@ def pretrain_vision(model, steps, seed, batch=32, lr=1e-3):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if torch.distributed.is_initialized():
+        for p in tower:
+            torch.distributed.broadcast(p.data, 0)
     with torch.no_grad():
         hit = {k: logits[k].argmax(-1) == target[k] for k in heads}
-        return {"colour": hit["colour"].float().mean().item(), "shape": hit["shape"][shape > 0].float().mean().item(),
-                "cell": hit["cell"].float().mean().item()}
+        return {"colour": hit["colour"][shape > 0].float().mean().item(),
+                "shape": hit["shape"][shape > 0].float().mean().item(), "cell": hit["cell"].float().mean().item()}
 
 
 def sft_data(a):

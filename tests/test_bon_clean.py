@@ -95,12 +95,12 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
 def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     """Two prompts, 8 candidates each (world_eval samples max(1, 2, 4, 8, n)); the statistics against a hand count."""
     items = [{"kind": "colour", "question": "q0", "_dir": ""}, {"kind": "arith", "question": "q1", "_dir": ""}]
+    # one failure kind in two families: a wrong colour is perception, a wrong sum text
     cands = [list("rwrwwwww"), list("wwwrwwww")]
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
-    monkeypatch.setattr(bon.world, "failure_kind", lambda it, c: None if c == "r" else
-                        {"q0": "colour_confusion", "q1": "wrong_value"}[it["question"]])
+    monkeypatch.setattr(bon.world, "failure_kind", lambda it, c: None if c == "r" else "wrong_value")
     monkeypatch.setattr(bon.world, "is_correct", lambda it, c: c == "r")
     monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
     monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
@@ -108,12 +108,12 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
     r = bon.world_eval(None, [], a)
     # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; arith: right 3 beats 3 of 7
-    assert r["rm_accuracy_on_samples_by_kind"] == {"colour_confusion": 0.75, "wrong_value": 3 / 7}
-    assert r["sample_pairs_by_kind"] == {"colour_confusion": 12, "wrong_value": 7}
-    assert r["rm_accuracy_on_samples_by_family"] == {"perception": 0.75, "text": 3 / 7}   # an arithmetic wrong value
-    assert r["rm_accuracy_on_samples_by_family_and_kind"] == {"perception": {"colour_confusion": 0.75},
+    assert r["rm_accuracy_on_samples_by_kind"] == {"wrong_value": 12 / 19}
+    assert r["sample_pairs_by_kind"] == {"wrong_value": 19}
+    assert r["rm_accuracy_on_samples_by_family"] == {"perception": 0.75, "text": 3 / 7}
+    assert r["rm_accuracy_on_samples_by_family_and_kind"] == {"perception": {"wrong_value": 0.75},
                                                               "text": {"wrong_value": 3 / 7}}
-    assert r["kind_family"] == {"colour_confusion": ["perception"], "wrong_value": ["text"]}
+    assert r["kind_family"] == {"wrong_value": ["perception", "text"]}
     assert r["accuracy_by_n"] == {"1": 0.5, "2": 0.5, "4": 0.5, "8": 0.0}
     assert r["oracle_by_n"] == {"1": 0.5, "2": 0.5, "4": 1.0, "8": 1.0}
 

@@ -577,11 +577,11 @@ def test_sft_from_scratch_model_shape_flags(world, tmp_path):
 
 
 def test_vision_pretraining_names_every_cell_and_sft_keeps_the_tower(world, tmp_path):
-    """--vision-steps: ViT and vision_proj learn each cell's colour, shape and place from that cell's own merged
-    token (were labels and tokens in different orders, the heads could not pass 0.9), then SFT keeps them frozen
-    while the decoder trains."""
-    assert world_module.cell_labels([["red", "circle", 0, 1], ["blue", "triangle", 3, 3]]) == (
-        [0, 1] + [0] * 13 + [3], [0, 1] + [0] * 13 + [3])
+    """--vision-steps: ViT and vision_proj learn each cell's colour and shape (scored where a cell holds an object,
+    so that "empty" everywhere scores 0) and its place from that cell's merged token; SFT then trains the decoder
+    around the pretrained tower, frozen."""
+    assert world_module.cell_labels([["green", "square", 1, 0], ["yellow", "circle", 3, 3]]) == (
+        [0] * 4 + [2] + [0] * 10 + [4], [0] * 4 + [2] + [0] * 10 + [1])
     flags = ["--stage", "sft", "--world-dir", str(world / "world"), "--batch", "8", "--steps", "2", "--save-every", "2"]
     model = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "a")]), torch.device("cpu"))
     acc = train.pretrain_vision(model, 150, seed=0)
@@ -589,12 +589,15 @@ def test_vision_pretraining_names_every_cell_and_sft_keeps_the_tower(world, tmp_
     train.main([*flags, "--out", str(tmp_path / "b"), "--vision-steps", "3"])
     built = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "c"), "--vision-steps", "3"]),
                             torch.device("cpu")).state_dict()
+    scratch = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "d")]), torch.device("cpu")).state_dict()
     after = load_file(str(tmp_path / "b" / "model.safetensors"))
     tower = [k for k in after if k.startswith(("vit.", "vision_proj."))]
-    assert tower and all(torch.equal(built[k], after[k]) for k in tower)
+    assert tower and all(torch.equal(built[k], after[k]) for k in tower)     # pretrained, then frozen
+    assert not all(torch.equal(built[k], scratch[k]) for k in tower)        # the flag did pretrain it
     assert not torch.equal(built["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
-    with pytest.raises(SystemExit):
-        train.parse_args([*flags, "--out", str(tmp_path / "d"), "--init", str(world / "sft"), "--vision-steps", "3"])
+    for bad in (["--init", str(world / "sft")], ["--train-transform"]):
+        with pytest.raises(SystemExit):
+            train.parse_args([*flags, "--out", str(tmp_path / "e"), "--vision-steps", "3", *bad])
 
 
 def test_stale_world_is_rewritten(tmp_path, monkeypatch):
