@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    "failures replaced by the correct answers; how checkpoints/world-judge was built)")
     p.add_argument("--vit-pos", type=float, default=4.0,
                    help="sft from scratch: amplitude of the ViT's 2-D sin-cos position table (0: CLIP's N(0, 0.02))")
-    p.add_argument("--vision-steps", type=int, default=0,
+    p.add_argument("--vision-steps", type=data.positive_int, default=0,
                    help="sft from scratch on the world: first pretrain the ViT and vision_proj this many steps to name "
                    "each cell's colour, shape and place (pretrain_vision; checkpoints/world-judge: 400), then freeze them")
     p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end); ppo: "
