@@ -211,9 +211,7 @@ def pretrain_vision(model, steps, seed, batch=32, lr=1e-3):
         layouts = [world.sample_objects(rng) for _ in range(batch)]
         pixels = [to_pixels(hd_transform(world.draw(objs), 1, crop=world.IMG)) for objs in layouts]
         colour, shape = (torch.tensor(x, device=model.device) for x in zip(*map(world.cell_labels, layouts)))
-        # the local crop comes last: g rows of g cell tokens, each row closed by sub_GN
-        tokens = torch.stack([t[-g * (g + 1):].reshape(g, g + 1, d)[:, :g].reshape(g * g, d)
-                              for t in model.encode_images(pixels)])
+        tokens = torch.stack([world.cell_tokens(t) for t in model.encode_images(pixels)])
         target = {"colour": colour, "shape": shape, "cell": torch.arange(g * g, device=model.device).expand(batch, -1)}
         logits = {k: heads[k](tokens) for k in heads}
         loss = sum(F.cross_entropy(logits[k].flatten(0, 1), target[k].flatten()) for k in heads)

@@ -132,6 +132,13 @@ def cell_labels(objects):
     return colour, shape
 
 
+def cell_tokens(tokens):
+    """One world image's projected tokens (InternLMXComposer2.encode_images, one crop) -> [GRID * GRID, D], one
+    merged token per cell, row-major as cell_labels: the local crop comes last, GRID rows of GRID cell tokens, each
+    row closed by sub_GN."""
+    return tokens[-GRID * (GRID + 1):].reshape(GRID, GRID + 1, -1)[:, :GRID].reshape(GRID * GRID, -1)
+
+
 def _pick(rng, weights):
     return str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
 

@@ -327,9 +327,7 @@ def test_shipped_trunks_image_tokens():
 
         def token(colour, shape, row, col):
             pixels = vision.to_pixels(vision.hd_transform(world.draw([[colour, shape, row, col]]), 1, crop=world.IMG))
-            # the local crop, last: one merged token per 28-px cell, each row closed by sub_GN
-            local = model.encode_images([pixels])[0][-world.GRID * (world.GRID + 1):]
-            return local.reshape(world.GRID, world.GRID + 1, -1)[row, col]
+            return world.cell_tokens(model.encode_images([pixels])[0])[row * world.GRID + col]
 
         def spread(tokens):
             tokens = torch.stack(tokens)
