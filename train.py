@@ -49,7 +49,7 @@ STAGE_FLAGS = {
     "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos", "vision_steps",
             "tokenizer", "truth", "eval_every", "fsdp", "grad_ckpt", "autocast"},
     "rm": {"heldout", "train_transform", "max_length", "freeze_vision", "head", "share_prefix", "max_len_ratio",
-           "eval_every", "fsdp", "grad_ckpt", "autocast"},
+           "center_coef", "eval_every", "fsdp", "grad_ckpt", "autocast"},
 }
 SCRATCH_FLAGS = {"layers", "width", "ffn", "vit_pos", "vision_steps", "tokenizer"}  # sft without --init only
 
@@ -83,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--share-prefix", type=int, default=1, choices=[0, 1],
                    help="rm: run a pair's common image + prompt once for both answers (1) or score each alone (0); "
                    "off under --fsdp and --grad-ckpt")
+    p.add_argument("--center-coef", type=float, default=0.0,
+                   help="rm: add coef * (r_chosen + r_rejected)^2 per pair (Eisenstein et al. 2023; TRL's "
+                        "center_rewards_coefficient, 0.01 there): pins each prompt's free reward offset near 0, so one "
+                        "threshold serves every prompt, as clean.py needs. 0: the paper's Eq. 1 alone")
     p.add_argument("--max-len-ratio", type=float, default=2.5,
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
@@ -296,9 +300,11 @@ def freeze_vision(model, frozen):
 # RM: the Bradley-Terry loss on (chosen, rejected) pairs
 
 
-def bt_loss(chosen, rejected):
-    """Paper Eq. 1: -log sigmoid(r(x, y_w) - r(x, y_l)), summed over pairs (the caller divides by the batch)."""
-    return -F.logsigmoid(chosen - rejected).sum()
+def bt_loss(chosen, rejected, center_coef=0.0):
+    """Paper Eq. 1: -log sigmoid(r(x, y_w) - r(x, y_l)), summed over pairs (the caller divides by the batch).
+    Eq. 1 sees only differences, so each prompt keeps a free offset that pairs never fix but an absolute score (a
+    cleaning threshold) reads; `center_coef` adds the centering term (r(x, y_w) + r(x, y_l))^2 that pulls it to 0."""
+    return -F.logsigmoid(chosen - rejected).sum() + center_coef * ((chosen + rejected) ** 2).sum()
 
 
 class PairRewards(nn.Module):
@@ -419,7 +425,7 @@ def train_rm(a, rank, n_proc, device):
         for k, mb in enumerate(micro):
             with common.no_sync_unless(k == len(micro) - 1, fwd), amp():
                 chosen, rejected = fwd([pairs[mine[i]] for i in mb])
-                loss = bt_loss(chosen, rejected)  # Eq. 1
+                loss = bt_loss(chosen, rejected, a.center_coef)  # Eq. 1
                 (loss * n_proc / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss.item()
             n_correct += (chosen > rejected).sum().item()

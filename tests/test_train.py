@@ -52,6 +52,15 @@ def test_bt_loss_is_eq1():
     c, r = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 1.0, -1.0])
     want = sum(-math.log(1 / (1 + math.exp(-(x - y)))) for x, y in zip(c.tolist(), r.tolist()))
     assert train.bt_loss(c, r).item() == pytest.approx(want, rel=1e-6)
+    centred = want + 0.1 * sum((x + y) ** 2 for x, y in zip(c.tolist(), r.tolist()))   # 0.9 + 0.1 + 0.4
+    assert train.bt_loss(c, r, center_coef=0.1).item() == pytest.approx(centred, rel=1e-6)
+
+
+def test_centering_pulls_each_pairs_mean_reward_to_zero(world, tmp_path):
+    """The same 4 steps with and without --center-coef: only the centred run's rewards move toward 0 on average
+    (Eq. 1 alone never sees the sum of a pair's rewards)."""
+    plain, centred = run(world, tmp_path / "plain"), run(world, tmp_path / "centred", "--center-coef", "10")
+    assert abs(centred["reward_mean"]) < 0.5 * abs(plain["reward_mean"])
 
 
 def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
