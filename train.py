@@ -85,8 +85,8 @@ def parse_args(argv=None):
                    "off under --fsdp and --grad-ckpt")
     p.add_argument("--center-coef", type=float, default=0.0,
                    help="rm: add coef * (r_chosen + r_rejected)^2 per pair (Eisenstein et al. 2023; TRL's "
-                        "center_rewards_coefficient, 0.01 there): pins each prompt's free reward offset near 0, so one "
-                        "threshold serves every prompt, as clean.py needs. 0: the paper's Eq. 1 alone")
+                        "center_rewards_coefficient, 0.01 recommended there): pins each prompt's free reward offset "
+                        "near 0, so one threshold serves every prompt, as clean.py needs. 0: the paper's Eq. 1 alone")
     p.add_argument("--max-len-ratio", type=float, default=2.5,
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
@@ -131,6 +131,8 @@ def parse_args(argv=None):
         raise SystemExit("error: --truth rewrites the world's SFT answers; with --data, write the answers you want")
     if a.heldout and a.data is None:
         raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out set)")
+    if a.center_coef < 0:
+        raise SystemExit(f"error: --center-coef must be >= 0 (it penalises a pair's summed reward), got {a.center_coef}")
     if a.vision_steps and a.train_transform:
         raise SystemExit("error: --vision-steps pretrains the tower on the inference HD transform's single crop; with "
                          "--train-transform the frozen tower would read crops it never saw")
@@ -425,7 +427,7 @@ def train_rm(a, rank, n_proc, device):
         for k, mb in enumerate(micro):
             with common.no_sync_unless(k == len(micro) - 1, fwd), amp():
                 chosen, rejected = fwd([pairs[mine[i]] for i in mb])
-                loss = bt_loss(chosen, rejected, a.center_coef)  # Eq. 1
+                loss = bt_loss(chosen, rejected, a.center_coef)  # Eq. 1 (+ centring: the logged loss too)
                 (loss * n_proc / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss.item()
             n_correct += (chosen > rejected).sum().item()

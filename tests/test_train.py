@@ -56,7 +56,7 @@ def test_bt_loss_is_eq1():
     assert train.bt_loss(c, r, center_coef=0.1).item() == pytest.approx(centred, rel=1e-6)
 
 
-def test_centering_pulls_each_pairs_mean_reward_to_zero(world, tmp_path):
+def test_centering_pulls_the_mean_reward_to_zero(world, tmp_path):
     """The same 4 steps with and without --center-coef: only the centred run's rewards move toward 0 on average
     (Eq. 1 alone never sees the sum of a pair's rewards)."""
     plain, centred = run(world, tmp_path / "plain"), run(world, tmp_path / "centred", "--center-coef", "10")
@@ -460,8 +460,8 @@ def test_nan_loss_stops_without_saving_nan(world, tmp_path, monkeypatch):
         last["step"] = max(last["step"], step)
         return real_lr_at(step, *a)
 
-    def flaky(c, r):  # every micro-batch of the 4th step (index 3) and after
-        return real_bt_loss(c, r) * (float("nan") if last["step"] >= 2 else 1.0)
+    def flaky(c, r, center_coef=0.0):  # every micro-batch of the 4th step (index 3) and after
+        return real_bt_loss(c, r, center_coef) * (float("nan") if last["step"] >= 2 else 1.0)
     monkeypatch.setattr(common, "lr_at", lr_at)
     monkeypatch.setattr(train, "bt_loss", flaky)
     with pytest.raises(SystemExit, match=r"loss is nan at step 4.*last good checkpoint is .* \(step 2\)"):
@@ -769,6 +769,7 @@ def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
     """Each stage's settings are its own: a flag it would ignore is an error naming the flag, not a silent no-op."""
     for stage, extra, flag in (("sft", ["--head", "mlp"], "--head"), ("ppo", ["--max-len-ratio", "3"], "--max-len-ratio"),
                                ("rm", ["--kl-coef", "0.1"], "--kl-coef"), ("rm", ["--truth"], "--truth"),
+                               ("ppo", ["--center-coef", "0.01"], "--center-coef"),
                                ("sft", ["--init", str(world / "sft"), "--layers", "3"], "--layers"),
                                ("sft", ["--init", str(world / "sft"), "--tokenizer", "t.model"], "--tokenizer")):
         r = subprocess.run([sys.executable, "train.py", "--stage", stage, "--out", str(tmp_path / stage), *extra],
@@ -777,6 +778,8 @@ def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
         assert not (tmp_path / stage).exists()
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r"])   # the world's settings for the stage
     assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-4, 120, 48, 20, 0.1)
+    with pytest.raises(SystemExit, match="--center-coef must be >= 0"):
+        train.parse_args(["--stage", "rm", "--out", "x", "--center-coef", "-0.1"])
     with pytest.raises(SystemExit, match="--truth rewrites the world's SFT answers"):
         train.parse_args(["--stage", "sft", "--out", "x", "--data", "d.json", "--truth"])
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r", "--data", "d.json"])   # the official recipe
