@@ -81,17 +81,20 @@ def world_eval(policy, rms, a):
                for it, c, p in zip(items, cands, picks)])
     # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones:
     # per failure kind of the wrong sample
-    hits = [(fs[j], world.failure_family(fs[j], it["kind"]), sc[i] > sc[j])
-            for it, fs, r, sc in zip(items, fails, right, scores)
+    hits = [(fs[j], world.failure_family(fs[j], it["kind"]), sc[i] > sc[j], q)
+            for q, (it, fs, r, sc) in enumerate(zip(items, fails, right, scores))
             for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
-    result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h in hits)
-    result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, _, _ in hits).items())}
+    result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h, _ in hits)
+    result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, *_ in hits).items())}
+    # a prompt with r right and w wrong samples gives r * w pairs: a kind's prompts are its real sample size
+    result["sample_prompts_by_kind"] = {kd: len({q for k, *_, q in hits if k == kd})
+                                        for kd in result["sample_pairs_by_kind"]}
     # a wrong value's family follows its question: perception on an image, text otherwise
-    result["kind_family"] = {kd: sorted({fam for k, fam, _ in hits if k == kd}) for kd in result["sample_pairs_by_kind"]}
-    result["rm_accuracy_on_samples_by_family"] = _means((fam, h) for _, fam, h in hits)
+    result["kind_family"] = {kd: sorted({fam for k, fam, *_ in hits if k == kd}) for kd in result["sample_pairs_by_kind"]}
+    result["rm_accuracy_on_samples_by_family"] = _means((fam, h) for _, fam, h, _ in hits)
     # a wrong value spans families: the same pairs per family, then per kind within it
     result["rm_accuracy_on_samples_by_family_and_kind"] = {
-        fam: _means((kd, h) for kd, f, h in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
+        fam: _means((kd, h) for kd, f, h, _ in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
     result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
                   seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
@@ -142,7 +145,7 @@ def main(argv=None):
         print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
               f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
     print("reward model on the policy's samples, right over wrong: " + ", ".join(
-        f"{kd} {v:.2f} ({result['sample_pairs_by_kind'][kd]} pairs)"
+        f"{kd} {v:.2f} ({result['sample_pairs_by_kind'][kd]} pairs, {result['sample_prompts_by_kind'][kd]} prompts)"
         for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

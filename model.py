@@ -652,3 +652,21 @@ def init_weights(module, seed=0, std=0.02):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def add_layers(model, k, seed=0):
+    """Stack `k` fresh decoder layers on top of `model`'s whose residual branches start at zero (`wo` and `w2`,
+    PLoRA included), so each is the identity at first and the model scores exactly as before; training then has k
+    more layers after the trunk's last. For a reward model whose trunk knows a value only in its last layers,
+    leaving none for the reward token to compare it with the stated one (depth up-scaling; zero-initialised
+    residual branches as in Goyal et al. 2017 and ReZero)."""
+    p = next(model.parameters())
+    for i in range(k):
+        layer = init_weights(DecoderLayer(model.cfg), seed + i).to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            for name, w in layer.named_parameters():
+                if name.startswith(("attention.wo.", "feed_forward.w2.")):
+                    w.zero_()
+        model.model.layers.append(layer)
+    model.cfg.num_hidden_layers += k
+    return model

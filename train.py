@@ -30,7 +30,7 @@ import common
 import data
 import ppo
 import world
-from model import Config, InternLMXComposer2, init_weights
+from model import Config, InternLMXComposer2, add_layers, init_weights
 from reward import RewardModel
 from vision import hd_transform, sample_length, sincos_position_embedding, to_pixels
 
@@ -49,7 +49,7 @@ STAGE_FLAGS = {
     "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos", "vision_steps",
             "tokenizer", "truth", "eval_every", "fsdp", "grad_ckpt", "autocast"},
     "rm": {"heldout", "train_transform", "max_length", "freeze_vision", "head", "share_prefix", "max_len_ratio",
-           "center_coef", "eval_every", "fsdp", "grad_ckpt", "autocast"},
+           "center_coef", "add_layers", "eval_every", "fsdp", "grad_ckpt", "autocast"},
 }
 SCRATCH_FLAGS = {"layers", "width", "ffn", "vit_pos", "vision_steps", "tokenizer"}  # sft without --init only
 
@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    help="rm: add coef * (r_chosen + r_rejected)^2 per pair (Eisenstein et al. 2023; TRL's "
                         "center_rewards_coefficient, 0.01 recommended there): pins each prompt's free reward offset "
                         "near 0, so one threshold serves every prompt, as clean.py needs. 0: the paper's Eq. 1 alone")
+    p.add_argument("--add-layers", type=int, default=0,
+                   help="rm: stack this many decoder layers, identity at init (model.add_layers), on the trunk: "
+                        "depth after the trunk's own lookups, where checking a value needs it (the world's judge)")
     p.add_argument("--max-len-ratio", type=float, default=2.5,
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
@@ -131,6 +134,8 @@ def parse_args(argv=None):
         raise SystemExit("error: --truth rewrites the world's SFT answers; with --data, write the answers you want")
     if a.heldout and a.data is None:
         raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out set)")
+    if a.add_layers < 0:
+        raise SystemExit(f"error: --add-layers must be >= 0, got {a.add_layers}")
     if a.center_coef < 0:
         raise SystemExit(f"error: --center-coef must be >= 0 (it penalises a pair's summed reward), got {a.center_coef}")
     if a.vision_steps and a.train_transform:
@@ -395,6 +400,7 @@ def train_rm(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
     rm = RewardModel.from_pretrained(a.init or world.WORLD_SFT, device=device, seed=a.seed,
                                      head={"linear": "score", "mlp": "score_mlp"}[a.head])
+    add_layers(rm, a.add_layers, a.seed)   # before resume, which loads them
     rm.model.gradient_checkpointing = a.grad_ckpt
     freeze_vision(rm, a.freeze_vision != "no")
     pairs, held = rm_data(a, rank)

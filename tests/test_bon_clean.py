@@ -110,6 +110,7 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; arith: right 3 beats 3 of 7
     assert r["rm_accuracy_on_samples_by_kind"] == {"wrong_value": 12 / 19}
     assert r["sample_pairs_by_kind"] == {"wrong_value": 19}
+    assert r["sample_prompts_by_kind"] == {"wrong_value": 2}   # 19 pairs, but from two prompts
     assert r["rm_accuracy_on_samples_by_family"] == {"perception": 0.75, "text": 3 / 7}
     assert r["rm_accuracy_on_samples_by_family_and_kind"] == {"perception": {"wrong_value": 0.75},
                                                               "text": {"wrong_value": 3 / 7}}

@@ -17,7 +17,7 @@ import common
 import data
 import train
 import world as world_module  # the module; `world` is the fixture below
-from model import Config, InternLMXComposer2, init_weights
+from model import Config, InternLMXComposer2, add_layers, init_weights
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              plora_rank=4, max_position_embeddings=1024, max_length=512,
@@ -84,6 +84,25 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert json.loads(lines[-1])["step"] == 4
     with pytest.raises(SystemExit, match="--resume"):
         run(world, tmp_path / "rm")
+
+
+def test_added_layers_start_as_the_identity_then_train(world, tmp_path):
+    """--add-layers: the deepened trunk computes what the trunk did (its new residual branches start at zero), and
+    the rm stage trains and saves the new layers."""
+    model = InternLMXComposer2.from_pretrained(world / "sft")
+    x = torch.randn(2, 9, model.cfg.hidden_size)
+    before = model.model(x)
+    n = model.cfg.num_hidden_layers
+    add_layers(model, 2, seed=1)
+    assert len(model.model.layers) == model.cfg.num_hidden_layers == n + 2
+    torch.testing.assert_close(model.model(x), before, rtol=0, atol=1e-6)
+    run(world, tmp_path / "rm", "--add-layers", "2")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    after = load_file(str(tmp_path / "rm" / "model.safetensors"))
+    assert cfg["num_hidden_layers"] == n + 2
+    assert after[f"model.layers.{n + 1}.feed_forward.w2.weight"].abs().sum() > 0   # trained off its zero start
+    with pytest.raises(SystemExit, match="--add-layers must be >= 0"):
+        train.parse_args(["--stage", "rm", "--out", "x", "--add-layers", "-1"])
 
 
 def test_shared_prefix_equals_scoring_each_alone(world):
