@@ -2,6 +2,7 @@
 N rows, N responses sampled in one batch, all N scored by the reward model in one batch, the best returned.
 
     python bon.py --n 4 --rm runs/rm                     # built-in world: held-out accuracy for N = 1, 2, 4, 8
+    python bon.py --n 4 --rm runs/rm --fresh 1200 --seed 1 --out runs/bon-1200   # on 1200 new held-out prompts
     python bon.py --n 4 --policy CHAT_DIR --rm RM_DIR --image photo.jpg --prompt "What is in the image?" --show
 """
 import argparse
@@ -44,8 +45,12 @@ def best_of_n(policy, rms, query, images=(), n=4, hd_num=24, temperature=1.0, to
 
 def world_eval(policy, rms, a):
     """Held-out world prompts: sample max(N) candidates once; best-of-k uses the first k (nested, so the curve is
-    monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k."""
-    items = world.heldout_items(world.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
+    monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k. With --fresh,
+    the prompts are new held-out ones drawn from --seed, so that each seed is an independent replicate."""
+    if a.fresh:
+        items = world.heldout_items(world.write_heldout(Path(a.out) / "prompts", a.fresh, a.seed))
+    else:
+        items = world.heldout_items(world.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
     ks = sorted({1, 2, 4, 8, a.n})
     prompts = [world.prompt(it, it["_dir"]) for it in items]
     t0 = time.time()
@@ -85,6 +90,8 @@ def world_eval(policy, rms, a):
             for q, (it, fs, r, sc) in enumerate(zip(items, fails, right, scores))
             for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
     result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h, _ in hits)
+    result["rm_accuracy_on_samples_se_by_kind"] = {
+        kd: clustered_se([(q, h) for k, _, h, q in hits if k == kd]) for kd in result["rm_accuracy_on_samples_by_kind"]}
     result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, *_ in hits).items())}
     # a prompt with r right and w wrong samples gives r * w pairs: a kind's prompts are its real sample size
     result["sample_prompts_by_kind"] = {kd: len({q for k, *_, q in hits if k == kd})
@@ -98,6 +105,21 @@ def world_eval(policy, rms, a):
     result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
                   seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
+
+
+def clustered_se(hits):
+    """Standard error of a pooled right-over-wrong rate from (prompt, hit) pairs. A prompt's pairs share its samples,
+    so prompts are the independent draws: the ratio estimator's cluster-robust variance, G/(G-1) sum_q (h_q - p n_q)^2
+    / (sum_q n_q)^2 over G prompts with n_q pairs and h_q hits (None for one prompt: no spread to measure)."""
+    per = collections.defaultdict(lambda: [0, 0])
+    for q, h in hits:
+        per[q][0] += h
+        per[q][1] += 1
+    g, total = len(per), sum(n for _, n in per.values())
+    if g < 2:
+        return None
+    p = sum(h for h, _ in per.values()) / total
+    return (g / (g - 1) * sum((h - p * n) ** 2 for h, n in per.values())) ** 0.5 / total
 
 
 def _means(pairs):
@@ -122,12 +144,16 @@ def main(argv=None):
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
     p.add_argument("--show", action="store_true", help="print every candidate with its score")
     p.add_argument("--limit", type=data.positive_int, default=300, help="world: held-out prompts to evaluate")
+    p.add_argument("--fresh", type=data.positive_int, help="world: draw this many new held-out prompts from --seed "
+                   "(written under OUT/prompts) instead of the world's 300")
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="world: write summary.json here")
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
+    if a.fresh and not a.out:
+        p.error("--fresh writes its prompts under --out: give --out")
     if a.out:
         data.refuse_existing([Path(a.out) / "summary.json"])
     policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))
@@ -144,9 +170,10 @@ def main(argv=None):
     for k, acc in result["accuracy_by_n"].items():
         print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
               f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
+    se = {kd: "" if v is None else f" ± {v:.2f}" for kd, v in result["rm_accuracy_on_samples_se_by_kind"].items()}
     print("reward model on the policy's samples, right over wrong: " + ", ".join(
-        f"{kd} {v:.2f} ({result['sample_pairs_by_kind'][kd]} pairs, {result['sample_prompts_by_kind'][kd]} prompts)"
-        for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
+        f"{kd} {v:.2f}{se[kd]} ({result['sample_pairs_by_kind'][kd]} pairs, {result['sample_prompts_by_kind'][kd]} "
+        f"prompts)" for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         data.atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))

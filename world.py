@@ -1022,6 +1022,18 @@ def ensure_world(world_dir=WORLD_DIR, policy_dir=WORLD_SFT):
     return {k: world_dir / name for k, name in json.loads(done.read_text())["files"].items()}
 
 
+def write_heldout(out_dir, n, seed):
+    """n more held-out prompts (held-out layouts), from a stream no world file draws from ([0, 10, seed]; the world's
+    files use [0, 0..9]), written with their images to out_dir/heldout_prompts.json; returns that path. The world's
+    300 held-out prompts hold a failure kind the policy makes rarely on a handful of prompts: more prompts, not more
+    samples of the same ones, make its figures trustworthy."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    held = _items(np.random.default_rng([0, 10, seed]), n, out_dir, "fresh", heldout=True)
+    path = Path(out_dir) / "heldout_prompts.json"
+    data.atomic_write_text(path, json.dumps([dict(it, answer=answer(it, it["truth"])) for it in held], indent=1))
+    return path
+
+
 def heldout_items(path):
     """World held-out prompts (question, image, ground truth), images relative to the file."""
     path = Path(path)

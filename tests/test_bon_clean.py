@@ -88,6 +88,11 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
     for k, acc in r["accuracy_by_n"].items():  # the oracle picks any right sample: never below the RM's pick
         assert acc <= r["oracle_by_n"][k]
     assert r["oracle_by_n"]["1"] == r["accuracy_by_n"]["1"]  # one candidate: nothing to choose
+    fresh = bon.main(["--n", "2", "--rm", str(rm_dir), "--policy", str(world / "sft"), "--fresh", "3", "--seed", "1",
+                      "--max-new-tokens", "6", "--out", str(tmp_path / "fresh")])
+    assert fresh["prompts"] == 3 and (tmp_path / "fresh" / "prompts" / "heldout_prompts.json").is_file()
+    with pytest.raises(SystemExit):   # --fresh writes its prompts under --out
+        bon.main(["--rm", str(rm_dir), "--fresh", "3"])
     with pytest.raises(ValueError, match="refusing to overwrite .*summary.json"):  # before any model is loaded
         bon.main(["--rm", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
 
@@ -105,18 +110,29 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
     monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
-                           max_new_tokens=4, seed=0, normalize=False, rm=[], policy="")
+                           max_new_tokens=4, seed=0, normalize=False, rm=[], policy="", fresh=None)
     r = bon.world_eval(None, [], a)
     # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; arith: right 3 beats 3 of 7
     assert r["rm_accuracy_on_samples_by_kind"] == {"wrong_value": 12 / 19}
     assert r["sample_pairs_by_kind"] == {"wrong_value": 19}
     assert r["sample_prompts_by_kind"] == {"wrong_value": 2}   # 19 pairs, but from two prompts
+    # p = 12/19; the prompts' residuals 9 - 12p and 3 - 7p are +-27/19: sqrt(2/1 * 2 * (27/19)^2) / 19
+    assert r["rm_accuracy_on_samples_se_by_kind"]["wrong_value"] == pytest.approx(54 / 361)
     assert r["rm_accuracy_on_samples_by_family"] == {"perception": 0.75, "text": 3 / 7}
     assert r["rm_accuracy_on_samples_by_family_and_kind"] == {"perception": {"wrong_value": 0.75},
                                                               "text": {"wrong_value": 3 / 7}}
     assert r["kind_family"] == {"wrong_value": ["perception", "text"]}
     assert r["accuracy_by_n"] == {"1": 0.5, "2": 0.5, "4": 0.5, "8": 0.0}
     assert r["oracle_by_n"] == {"1": 0.5, "2": 0.5, "4": 1.0, "8": 1.0}
+
+
+def test_clustered_se_counts_prompts_not_pairs():
+    hits = [(q, q % 3 == 0) for q in range(30)]            # one pair per prompt: the binomial standard error
+    p = 10 / 30
+    assert bon.clustered_se(hits) == pytest.approx((p * (1 - p) / 29) ** 0.5)
+    # each prompt's pair repeated 7 times: 7x the pairs, no more information
+    assert bon.clustered_se([h for h in hits for _ in range(7)]) == pytest.approx(bon.clustered_se(hits))
+    assert bon.clustered_se([(0, True), (0, False)]) is None   # one prompt: no spread to measure
 
 
 def test_auroc_matches_pairwise_count():

@@ -367,6 +367,22 @@ def test_heldout_disjoint_and_correct(wd):
         assert world.failure_kind(r, r["answer"]) is None
 
 
+def test_fresh_heldout_prompts(wd, tmp_path):
+    """bon.py --fresh: new prompts on held-out layouts, deterministic by seed."""
+    a, b = world.write_heldout(tmp_path / "a", 40, seed=1), world.write_heldout(tmp_path / "b", 40, seed=1)
+    assert a.read_text() == b.read_text()
+    assert world.write_heldout(tmp_path / "c", 40, seed=2).read_text() != a.read_text()
+    items = world.heldout_items(a)
+    assert len(items) == 40 and sum("image" in it for it in items) > 10
+    train = {json.dumps(r["objects"]) for k in ("sft_train", "sft_easy", "pref_train") for r in wd[k]
+             if r.get("objects")}
+    for it in items:
+        assert world.failure_kind(it, it["answer"]) is None
+        if "image" in it:
+            assert world.layout_is_heldout(it["objects"]) and json.dumps(it["objects"]) not in train
+            assert (tmp_path / "a" / it["image"]).is_file()
+
+
 def test_images_on_grid(wd):
     for r in wd["sft_train"][:300]:
         if "image" not in r:
