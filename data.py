@@ -332,8 +332,8 @@ def _check_placeholders(conversation, n_images, where):
 
 
 def read_preference(path):
-    """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind", "question_kind", "family"}]
-    (role/content messages; the last three are the built-in world's labels, empty for other data)."""
+    """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind", "question_kind", "family",
+    "source"}] (role/content messages; the last four are the built-in world's labels, empty for other data)."""
     path = Path(path)
     out = []
     for i, row in enumerate(read_rows(path)):
@@ -349,7 +349,7 @@ def read_preference(path):
             _check_placeholders(conv, len(images), where)
         out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected, "images": images,
                     "kind": row.get("kind", ""), "question_kind": row.get("question_kind", ""),
-                    "family": row.get("family", "")})
+                    "family": row.get("family", ""), "source": row.get("source", "")})
     return out
 
 

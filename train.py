@@ -49,7 +49,7 @@ STAGE_FLAGS = {
     "sft": {"heldout", "train_transform", "freeze_vision", "layers", "width", "ffn", "vit_pos", "vision_steps",
             "tokenizer", "truth", "eval_every", "fsdp", "grad_ckpt", "autocast"},
     "rm": {"heldout", "train_transform", "max_length", "freeze_vision", "head", "share_prefix", "max_len_ratio",
-           "center_coef", "add_layers", "eval_every", "fsdp", "grad_ckpt", "autocast"},
+           "center_coef", "add_layers", "perception_repeat", "eval_every", "fsdp", "grad_ckpt", "autocast"},
 }
 SCRATCH_FLAGS = {"layers", "width", "ffn", "vit_pos", "vision_steps", "tokenizer"}  # sft without --init only
 
@@ -90,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--add-layers", type=int, default=0,
                    help="rm: stack this many decoder layers, identity at init (model.add_layers), on the trunk: "
                         "depth after the trunk's own lookups, where checking a value needs it (the world's judge)")
+    p.add_argument("--perception-repeat", type=data.positive_int, default=1,
+                   help="rm: show each pair whose rejected answer is the policy's own perception error (the world's "
+                        "labels: family perception, source policy) this many times per epoch; the errors best-of-N "
+                        "and PPO meet are the rarest in the pairs (the world's judge)")
     p.add_argument("--max-len-ratio", type=float, default=2.5,
                    help="rm: drop pairs whose chosen answer is more than this many times longer than the rejected")
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
@@ -345,6 +349,14 @@ def rm_data(a, rank):
     pairs_kept = [p for p in kept if data.length_ok(p, a.max_len_ratio)]
     common.log(rank, f"data: {len(pairs_kept)} pairs kept; check_data dropped {len(pairs) - len(kept)}, length "
                      f"constraint (chosen <= {a.max_len_ratio} x rejected) dropped {len(kept) - len(pairs_kept)}")
+    if a.perception_repeat > 1:
+        own = [p for p in pairs_kept if p["family"] == "perception" and p["source"] == "policy"]
+        if not own:
+            raise SystemExit(f"error: --perception-repeat: no pair of {a.data or files['pref_train']} has family "
+                             f"'perception' and source 'policy' (the world's labels of the policy's own errors)")
+        pairs_kept += own * (a.perception_repeat - 1)   # spread through each epoch by its shuffle
+        common.log(rank, f"data: the policy's {len(own)} perception errors shown {a.perception_repeat} times: "
+                         f"{len(pairs_kept)} pairs per epoch")
     return pairs_kept, held
 
 

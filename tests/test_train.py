@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from pathlib import Path
@@ -103,6 +104,26 @@ def test_added_layers_start_as_the_identity_then_train(world, tmp_path):
     assert after[f"model.layers.{n + 1}.feed_forward.w2.weight"].abs().sum() > 0   # trained off its zero start
     with pytest.raises(SystemExit, match="--add-layers must be >= 0"):
         train.parse_args(["--stage", "rm", "--out", "x", "--add-layers", "-1"])
+
+
+def test_perception_repeat_shows_the_policys_perception_errors_k_times(world, tmp_path):
+    rows = json.loads((world / "world" / "pref_train.json").read_text())
+    for i, r in enumerate(rows):   # the tiny world's pairs are synthetic: label a few as the policy's own errors
+        r["source"], r["family"] = ("policy", "perception") if i % 5 == 0 else ("synthetic", r["family"])
+        r["image"] = [str(world / "world" / im) for im in ([r["image"]] if isinstance(r.get("image"), str) else
+                                                             r.get("image", []))]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    args = ["--stage", "rm", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "pairs.json")]
+    once, _ = train.rm_data(train.parse_args(args), 0)
+    thrice, _ = train.rm_data(train.parse_args(args + ["--perception-repeat", "3"]), 0)
+    count = Counter(p["id"] for p in thrice)
+    assert count == Counter({p["id"]: 3 if p["source"] == "policy" else 1 for p in once})
+    assert 3 in count.values() and len(thrice) > len(once)
+    for r in rows:
+        r["source"] = "synthetic"
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match="pairs.json has family 'perception' and source 'policy'"):
+        train.rm_data(train.parse_args(args + ["--perception-repeat", "3"]), 0)
 
 
 def test_shared_prefix_equals_scoring_each_alone(world):
