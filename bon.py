@@ -102,15 +102,16 @@ def world_eval(policy, rms, a):
     # a wrong value spans families: the same pairs per family, then per kind within it
     result["rm_accuracy_on_samples_by_family_and_kind"] = {
         fam: _means((kd, h) for kd, f, h, _ in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
-    result.update(n=a.n, prompts=len(items), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
+    result.update(n=a.n, prompts=len(items), fresh=bool(a.fresh), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
                   seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
 
 
 def clustered_se(hits):
     """Standard error of a pooled right-over-wrong rate from (prompt, hit) pairs. A prompt's pairs share its samples,
-    so prompts are the independent draws: the ratio estimator's cluster-robust variance, G/(G-1) sum_q (h_q - p n_q)^2
-    / (sum_q n_q)^2 over G prompts with n_q pairs and h_q hits (None for one prompt: no spread to measure)."""
+    so prompts are the independent draws: the ratio estimator's cluster-robust standard error, sqrt(G/(G-1) sum_q
+    (h_q - p n_q)^2) / sum_q n_q over G prompts with n_q pairs and h_q hits (None for one prompt: no spread to
+    measure; 0 when every pair agrees, and low with few prompts)."""
     per = collections.defaultdict(lambda: [0, 0])
     for q, h in hits:
         per[q][0] += h
@@ -143,7 +144,7 @@ def main(argv=None):
     p.add_argument("--hd-num", type=data.positive_int, default=9)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
     p.add_argument("--show", action="store_true", help="print every candidate with its score")
-    p.add_argument("--limit", type=data.positive_int, default=300, help="world: held-out prompts to evaluate")
+    p.add_argument("--limit", type=data.positive_int, help="world: the first N held-out prompts (default: all 300)")
     p.add_argument("--fresh", type=data.positive_int, help="world: draw this many new held-out prompts from --seed "
                    "(written under OUT/prompts) instead of the world's 300")
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
@@ -154,6 +155,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.fresh and not a.out:
         p.error("--fresh writes its prompts under --out: give --out")
+    if a.fresh and a.limit:
+        p.error("--fresh N draws N prompts: --limit applies to the world's own")
     if a.out:
         data.refuse_existing([Path(a.out) / "summary.json"])
     policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))

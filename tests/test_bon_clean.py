@@ -80,7 +80,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(world):  # noqa: F811
         policy.answer(prompts[:1], 9, 4, temperature=1.0, n=3, generator=[torch.Generator()])
 
 
-def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
+def test_world_bon_summary(world, rm_dir, tmp_path, capsys):  # noqa: F811
     r = bon.main(["--n", "2", "--rm", str(rm_dir), "--policy", str(world / "sft"), "--world-dir",
                   str(world / "world"), "--limit", "6", "--max-new-tokens", "6", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -91,8 +91,11 @@ def test_world_bon_summary(world, rm_dir, tmp_path):  # noqa: F811
     fresh = bon.main(["--n", "2", "--rm", str(rm_dir), "--policy", str(world / "sft"), "--fresh", "3", "--seed", "1",
                       "--max-new-tokens", "6", "--out", str(tmp_path / "fresh")])
     assert fresh["prompts"] == 3 and (tmp_path / "fresh" / "prompts" / "heldout_prompts.json").is_file()
-    with pytest.raises(SystemExit):   # --fresh writes its prompts under --out
-        bon.main(["--rm", str(rm_dir), "--fresh", "3"])
+    assert fresh["fresh"] and not r["fresh"]
+    for argv, says in ((["--fresh", "3"], "give --out"), (["--fresh", "3", "--limit", "2", "--out", "x"], "--limit")):
+        with pytest.raises(SystemExit):
+            bon.main(["--rm", str(rm_dir), *argv])
+        assert says in capsys.readouterr().err
     with pytest.raises(ValueError, match="refusing to overwrite .*summary.json"):  # before any model is loaded
         bon.main(["--rm", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
 

@@ -109,7 +109,8 @@ def test_added_layers_start_as_the_identity_then_train(world, tmp_path):
 def test_perception_repeat_shows_the_policys_perception_errors_k_times(world, tmp_path):
     rows = json.loads((world / "world" / "pref_train.json").read_text())
     for i, r in enumerate(rows):   # the tiny world's pairs are synthetic: label a few as the policy's own errors
-        r["source"], r["family"] = ("policy", "perception") if i % 5 == 0 else ("synthetic", r["family"])
+        r["source"], r["family"] = [("policy", "perception"), ("policy", "instruction")][i % 5] if i % 5 < 2 else \
+            ("synthetic", "perception")
         r["image"] = [str(world / "world" / im) for im in ([r["image"]] if isinstance(r.get("image"), str) else
                                                              r.get("image", []))]
     (tmp_path / "pairs.json").write_text(json.dumps(rows))
@@ -117,7 +118,7 @@ def test_perception_repeat_shows_the_policys_perception_errors_k_times(world, tm
     once, _ = train.rm_data(train.parse_args(args), 0)
     thrice, _ = train.rm_data(train.parse_args(args + ["--perception-repeat", "3"]), 0)
     count = Counter(p["id"] for p in thrice)
-    assert count == Counter({p["id"]: 3 if p["source"] == "policy" else 1 for p in once})
+    assert count == Counter({p["id"]: 3 if (p["source"], p["family"]) == ("policy", "perception") else 1 for p in once})
     assert 3 in count.values() and len(thrice) > len(once)
     for r in rows:
         r["source"] = "synthetic"
