@@ -90,8 +90,8 @@ def world_eval(policy, rms, a):
             for q, (it, fs, r, sc) in enumerate(zip(items, fails, right, scores))
             for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
     result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h, _ in hits)
-    result["rm_accuracy_on_samples_se_by_kind"] = {
-        kd: clustered_se([(q, h) for k, _, h, q in hits if k == kd]) for kd in result["rm_accuracy_on_samples_by_kind"]}
+    result["rm_accuracy_on_samples_se_by_kind"] = {kd: clustered_se([(q, h) for k, _, h, q in hits if k == kd])
+                                                   for kd in result["rm_accuracy_on_samples_by_kind"]}
     result["sample_pairs_by_kind"] = {kd: n for kd, n in sorted(collections.Counter(kd for kd, *_ in hits).items())}
     # a prompt with r right and w wrong samples gives r * w pairs: a kind's prompts are its real sample size
     result["sample_prompts_by_kind"] = {kd: len({q for k, *_, q in hits if k == kd})
@@ -102,8 +102,8 @@ def world_eval(policy, rms, a):
     # a wrong value spans families: the same pairs per family, then per kind within it
     result["rm_accuracy_on_samples_by_family_and_kind"] = {
         fam: _means((kd, h) for kd, f, h, _ in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
-    result.update(n=a.n, prompts=len(items), fresh=bool(a.fresh), seconds=round(time.time() - t0, 1), rm=a.rm, policy=str(a.policy),
-                  seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
+    result.update(n=a.n, prompts=len(items), fresh=bool(a.fresh), seconds=round(time.time() - t0, 1), rm=a.rm,
+                  policy=str(a.policy), seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
     return result
 
 
