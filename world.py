@@ -890,7 +890,7 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
     easy, easy_errs = _sft(rng[5], _items(rng[1], n_sft_easy, out_dir, "easy", max_objects=1,
                                           image_share=SFT_IMAGE_SHARE, instruction_share=0.0, followup_share=0.0),
                             error_rate)
-    held = _items(rng[4], n_heldout, out_dir, "heldout", heldout=True)
+    held = _heldout_prompts(rng[4], n_heldout, out_dir, "heldout")
     clean = _clean_set(np.random.default_rng([seed, 9]), _items(np.random.default_rng([seed, 8]), n_clean, out_dir,
                                                                  "clean", heldout=True))
     files = {"sft_train": sft, "sft_easy": easy, "sft_errors": errs + easy_errs,
@@ -898,7 +898,7 @@ def write_world(out_dir, seed=0, n_sft=40000, n_pref=10000, n_heldout=300, n_sft
                                                                    policy=policy),
              "pref_heldout": pairs["pref_heldout"] if pairs else _pref(rng[7], rng[3], n_pref_heldout or 4 * n_heldout,
                                                                        out_dir, "prefheld", heldout=True, policy=policy),
-             "heldout_prompts": [dict(it, answer=answer(it, it["truth"])) for it in held],
+             "heldout_prompts": held,
              "clean_set": clean}
     for row in (pairs["pref_train"] + pairs["pref_heldout"] if pairs else []):
         if "image" in row:
@@ -1028,10 +1028,15 @@ def write_heldout(out_dir, n, seed):
     300 held-out prompts hold a failure kind the policy makes rarely on a handful of prompts: more prompts, not more
     samples of the same ones, make its figures trustworthy."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    held = _items(np.random.default_rng([0, 10, seed]), n, out_dir, "fresh", heldout=True)
     path = Path(out_dir) / "heldout_prompts.json"
-    data.atomic_write_text(path, json.dumps([dict(it, answer=answer(it, it["truth"])) for it in held], indent=1))
+    held = _heldout_prompts(np.random.default_rng([0, 10, seed]), n, out_dir, "fresh")
+    data.atomic_write_text(path, json.dumps(held, indent=1))
     return path
+
+
+def _heldout_prompts(rng, n, out_dir, prefix):
+    """n questions on held-out layouts, each with its reference answer."""
+    return [dict(it, answer=answer(it, it["truth"])) for it in _items(rng, n, out_dir, prefix, heldout=True)]
 
 
 def heldout_items(path):
