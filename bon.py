@@ -18,7 +18,7 @@ import common
 import data
 import world
 from model import InternLMXComposer2, add_device_args, device_kwargs
-from reward import RewardModel, ensemble_scores
+from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
 
 
 
@@ -134,7 +134,7 @@ def _means(pairs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
-    p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
+    p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
     p.add_argument("--policy", default=str(world.WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
     p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt")
@@ -149,18 +149,18 @@ def main(argv=None):
                    "(written under OUT/prompts) instead of the world's 300")
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="world: write summary.json here")
+    p.add_argument("--out", help="world: write summary.json here (default: runs/bon)")
     p.add_argument("--world-dir", default=str(world.WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
-    if a.fresh and not a.out:
-        p.error("--fresh writes its prompts under --out: give --out")
+    if a.prompt is None and a.out is None:
+        a.out = "runs/bon"
     if a.fresh and a.limit:
         p.error("--fresh N draws N prompts: --limit applies to the world's own")
     if a.out:
         data.refuse_existing([Path(a.out) / "summary.json"])
     policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))
-    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
+    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in reward_dirs(a.rm)]
     if a.prompt is not None:
         best, cands, scores = best_of_n(policy, rms, a.prompt, a.image, a.n, a.hd_num, a.temperature, a.top_p,
                                         a.max_new_tokens, a.seed, a.normalize)

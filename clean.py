@@ -3,12 +3,20 @@
 
     python clean.py --rm runs/rm --out runs/clean          # the built-in world's cleaning set, its noise labelled
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
+    python clean.py --data runs/world/sft_train.json --labels runs/world/sft_errors.json --flag-fraction auto \
+        --out runs/clean-sft                                # the world's 40000-row SFT set, its failures labelled
 
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
 but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on
 them), scores.jsonl, report.html (lowest scores first, with thumbnails, and a histogram) and summary.json. Rows
-that carry a "noise" label (the world's cleaning set) are scored against it: AUROC overall and per noise kind, and
-the report marks each flagged or noisy row a hit, a miss or a false alarm.
+that carry a "noise" label (the world's cleaning set), or are named by `--labels` (a JSON list of {"id", "kind",
+"family"}, as the world's sft_errors.json), are scored against it: AUROC overall, per family and per kind, precision
+and recall of the rows flagged, and the report marks each flagged or noisy row a hit, a miss or a false alarm.
+
+How many rows to flag, without labels: `--flag-fraction auto` cuts the score histogram at Otsu's threshold, the
+cut that best separates it into two groups (largest between-group variance). Where noise is scored far below clean
+rows, the histogram has two modes and the cut falls in the valley between them; `report.html` draws the histogram
+and the cut, so a reader can check that it does.
 
 A fine-tuning row is flagged by its answer's reward. A preference row (reward format) is flagged by its margin,
 reward(chosen) - reward(rejected): a low or negative margin is a pair the reward model reads as mislabelled, while
@@ -33,7 +41,7 @@ import data
 import world
 from data import atomic_write_text
 from model import add_device_args, device_kwargs
-from reward import RewardModel, ensemble_scores
+from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
 from vision import sample_length
 
 
@@ -149,6 +157,8 @@ def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, t
     order = sorted(range(len(scores)), key=lambda r: lowest_first(scores[r]))
     rank_of = {r: i for i, r in enumerate(order)}
     misses = [r for r in order[show:] if noise and noise[r] and r not in flagged]   # noisy, scored too high to show
+    hidden = len(misses) - show
+    misses = misses[:show]
     rows = []
     for r in order[:show] + misses:
         rank = rank_of[r]
@@ -170,15 +180,16 @@ def write_report(path, samples, sample_scores, scores, flagged, rule, flag_at, t
                     f'<td>{question}</td><td>{answers}</td></tr>')
     known = "" if noise is None else (
         f" The rows' known noise is marked: <b>hit</b> (noisy and flagged, green), <b>false alarm</b> (clean and "
-        f"flagged), <b>miss</b> (noisy, not flagged, orange); the {len(misses)} misses scored above the first {show} "
-        f"rows follow them.")
+        f"flagged), <b>miss</b> (noisy, not flagged, orange); the {len(misses)} lowest-scored misses below the first "
+        f"{show} rows follow them" + (f" ({hidden} more misses not shown: scores.jsonl has every row)." if hidden > 0
+                                      else "."))
     doc = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px 8px;vertical-align:top}} tr.flag td{{background:#fdecea}} img{{margin:2px}}
 td.hit{{background:#c8e6c9!important}} td.miss{{background:#ffe0b2!important}} td.false-alarm{{background:#eee!important}}</style>
 <h1>{html.escape(title)}</h1>
 <p>{len(scores)} rows scored; {len(flagged)} flagged ({html.escape(rule)}, red). Lowest {min(show, len(scores))}
-shown first: check whether the answer matches the image and the question.{known}</p>
+shown first ({max(len(scores) - show, 0)} rows above them not shown): check whether the answer matches the image and the question.{known}</p>
 {histogram_svg(scores, flag_at)}
 <table><tr><th>#</th><th>score</th><th>id</th>{"<th>known noise</th>" if noise is not None else ""}<th>image</th>
 <th>question</th><th>answer</th></tr>{"".join(rows)}</table>
@@ -195,11 +206,37 @@ def lowest_first(score):
     return (0, 0.0) if broken(score) else (1, score)
 
 
+def otsu_threshold(scores, bins=256):
+    """The cut between two groups of scores that maximises w_low * w_high * (mean_low - mean_high)^2 over the
+    histogram's bin edges (Otsu 1979): rows below it are flagged."""
+    x = sorted(v for v in scores if math.isfinite(v))
+    if len(x) < 2 or x[0] == x[-1]:
+        return -math.inf
+    lo, width = x[0], (x[-1] - x[0]) / bins
+    counts, sums = [0] * bins, [0.0] * bins
+    for v in x:
+        b = min(int((v - lo) / width), bins - 1)
+        counts[b] += 1
+        sums[b] += v
+    n, total = len(x), sum(x)
+    best, cut, n_low, s_low = -1.0, -math.inf, 0, 0.0
+    for b in range(bins - 1):
+        n_low, s_low = n_low + counts[b], s_low + sums[b]
+        if 0 < n_low < n:
+            between = n_low * (n - n_low) * (s_low / n_low - (total - s_low) / (n - n_low)) ** 2
+            if between > best:
+                best, cut = between, lo + (b + 1) * width
+    return cut
+
+
 def flag_rows(scores, flag_fraction, threshold=None):
     """Rows to flag, the rule in words, and the threshold that `--threshold` would need to flag the same rows
     (`score < threshold`). A fraction flags the k lowest rows and every row tied with the k-th, so that identical
     answers share one fate."""
     bad = {r for r, x in enumerate(scores) if broken(x)}
+    if flag_fraction == "auto" and threshold is None:
+        cut = otsu_threshold(scores)
+        return bad | {r for r, x in enumerate(scores) if x < cut}, f"score < {cut:.4f} (Otsu's threshold)", cut
     if threshold is not None:
         return bad | {r for r, x in enumerate(scores) if x < threshold}, f"score < {threshold:.4f}", threshold
     k = int(flag_fraction * len(scores))
@@ -211,14 +248,59 @@ def flag_rows(scores, flag_fraction, threshold=None):
     return bad | {r for r, x in enumerate(scores) if x <= cut}, f"score <= {cut:.4f}", above[0] if above else math.inf
 
 
+def fraction_or_auto(text):
+    return text if text == "auto" else data.fraction(text)
+
+
+def row_labels(rows, labels_path):
+    """Each row's known noise kind ("" when clean) and family, or (None, None) when nothing labels the rows. The
+    world's cleaning set carries a "noise" field on every row; `labels_path` names noisy rows by id."""
+    if labels_path:
+        rows_of = {}
+        for i, r in enumerate(data.read_rows(labels_path)):
+            if not isinstance(r, dict) or "id" not in r or "kind" not in r:
+                raise ValueError(f"{labels_path}: row {i + 1}: expected an object with 'id' and 'kind'")
+            rows_of[str(r["id"])] = r
+        ids = [str(row.get("id")) for row in rows]
+        if not set(rows_of) & set(ids):
+            raise ValueError(f"{labels_path}: names none of the {len(rows)} rows' ids")
+        return ([rows_of[i]["kind"] if i in rows_of else "" for i in ids],
+                [rows_of[i].get("family", rows_of[i]["kind"]) if i in rows_of else "" for i in ids])
+    if all(isinstance(r, dict) and "noise" in r for r in rows):
+        noise = [r["noise"] or "" for r in rows]
+        return noise, noise
+    return None, None
+
+
+def label_metrics(scores, flagged, noise, family):
+    """How well the scores find the labelled rows: AUROC (a noisy row below a clean one) overall, by family and by
+    kind, and precision and recall of the flagged rows, overall and per family and kind."""
+    bad = [r for r, n in enumerate(noise) if n]
+    good = [scores[r] for r, n in enumerate(noise) if not n]
+    out = {"noisy_in_data": len(bad), "auroc": auroc([scores[r] for r in bad], good)}
+    hit = sum(r in flagged for r in bad)
+    out["precision_at_flagged"] = hit / max(len(flagged), 1)
+    out["recall_at_flagged"] = hit / max(len(bad), 1)
+    for name, label in (("family", family), ("kind", noise)):
+        groups = sorted(set(label) - {""})
+        out[f"rows_by_{name}"] = {g: sum(x == g for x in label) for g in groups}
+        out[f"auroc_by_{name}"] = {g: auroc([scores[r] for r in bad if label[r] == g], good) for g in groups}
+        out[f"recall_at_flagged_by_{name}"] = {g: sum(r in flagged for r in bad if label[r] == g) /
+                                               out[f"rows_by_{name}"][g] for g in groups}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rm", nargs="+", required=True, help="reward model dir(s); several are averaged (ensemble)")
+    p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
     p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's cleaning set")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--labels", help="JSON list of {id, kind[, family]}: the rows known to be noisy (the world's "
+                   "sft_errors.json); AUROC, precision and recall are reported against them")
+    p.add_argument("--out", default="runs/clean", help="output directory (default: runs/clean)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--flag-fraction", type=data.fraction, default=0.15,
-                   help="flag this lowest-scored fraction of the rows (rows tied with the last one flagged too)")
+    g.add_argument("--flag-fraction", type=fraction_or_auto, default=0.15,
+                   help="flag this lowest-scored fraction of the rows (rows tied with the last one flagged too); "
+                        "auto: below Otsu's threshold on the score histogram")
     g.add_argument("--threshold", type=float, help="flag every row scored below this (the reward; a preference row: its margin)")
     p.add_argument("--hd-num", type=data.positive_int, default=9)
     p.add_argument("--token-budget", type=data.positive_int, default=8192)
@@ -227,22 +309,21 @@ def main(argv=None):
     add_device_args(p)
     a = p.parse_args(argv)
     t0 = time.time()
+    a.rm = reward_dirs(a.rm)
     if a.data is None:
         a.data = str(world.ensure_world(a.world_dir)["clean_set"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
     data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
-                                            "summary.json")], inputs=[src])
+                                            "summary.json")], inputs=[src] + ([a.labels] if a.labels else []))
     rows, samples = load_samples(src)
     if not rows:
         raise ValueError(f"{src}: no rows to score")
-    # a "noise" field on every row labels the noise it carries ("" for a clean row), as in the world's set
-    noise = [row.get("noise") or "" for row in rows] if all(isinstance(r, dict) and "noise" in r for r in rows) \
-        else None
+    noise, family = row_labels(rows, a.labels)
     rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
     scores = row_scores(samples, sample_scores)
     flagged, rule, flag_at = flag_rows(scores, a.flag_fraction, a.threshold)
-    if a.threshold is None and len(flagged) > 1.5 * a.flag_fraction * len(scores) + 1:
+    if a.threshold is None and a.flag_fraction != "auto" and len(flagged) > 1.5 * a.flag_fraction * len(scores) + 1:
         print(f"note: {len(flagged)} rows flagged for the {a.flag_fraction:.0%} asked: rows tied at the cut "
               f"({rule}) are flagged together", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,18 +342,8 @@ def main(argv=None):
                "threshold": flag_at if math.isfinite(flag_at) else None,
                "broken_scores": sum(map(broken, scores)),
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
-    if noise is not None:  # rows labelled with the noise they carry (the world's cleaning set): how well it found them
-        bad = [r for r, n in enumerate(noise) if n]
-        good = [scores[r] for r, n in enumerate(noise) if not n]
-        summary["auroc"] = auroc([scores[r] for r in bad], good)
-        summary["auroc_by_kind"] = {k: auroc([scores[r] for r in bad if noise[r] == k], good)
-                                    for k in sorted(set(noise) - {""})}
-        hit = len([r for r in bad if r in flagged])
-        summary["precision_at_flagged"] = hit / max(len(flagged), 1)
-        summary["recall_at_flagged"] = hit / max(len(bad), 1)
-        summary["recall_at_flagged_by_kind"] = {k: sum(r in flagged for r in bad if noise[r] == k) /
-                                                sum(noise[r] == k for r in bad) for k in summary["auroc_by_kind"]}
-        summary["noisy_in_data"] = len(bad)
+    if noise is not None:
+        summary.update(label_metrics(scores, flagged, noise, family), labels=a.labels or "the rows' noise field")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary

@@ -167,6 +167,20 @@ def ensemble_scores(rms, convs, images, hd_num, normalize=False):
     return (total / len(rms)).tolist()
 
 
+DEFAULT_RM = "runs/rm"   # where `train.py --stage rm` writes by default
+
+
+def reward_dirs(paths):
+    """--rm as given, or the reward model the README's first command trains; a missing directory is named together
+    with the command that makes it."""
+    paths = paths or [DEFAULT_RM]
+    for p in paths:
+        if not Path(p, "config.json").is_file():
+            make = ("train it first: torchrun --standalone --nproc_per_node 2 train.py --stage rm" if p == DEFAULT_RM
+                    else "name a reward model directory (a train.py --stage rm output, or the released checkpoint)")
+            raise FileNotFoundError(f"no reward model in {p}: {make}")
+    return paths
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark metrics, as the benchmarks define them (spec rlhf_anchors.md C.7); fractions in [0, 1], ties are wrong

@@ -92,10 +92,9 @@ def test_world_bon_summary(world, rm_dir, tmp_path, capsys):  # noqa: F811
                       "--max-new-tokens", "6", "--out", str(tmp_path / "fresh")])
     assert fresh["prompts"] == 3 and (tmp_path / "fresh" / "prompts" / "heldout_prompts.json").is_file()
     assert fresh["fresh"] and not r["fresh"]
-    for argv, says in ((["--fresh", "3"], "give --out"), (["--fresh", "3", "--limit", "2", "--out", "x"], "--limit")):
-        with pytest.raises(SystemExit):
-            bon.main(["--rm", str(rm_dir), *argv])
-        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bon.main(["--rm", str(rm_dir), "--fresh", "3", "--limit", "2", "--out", "x"])
+    assert "--limit" in capsys.readouterr().err
     with pytest.raises(ValueError, match="refusing to overwrite .*summary.json"):  # before any model is loaded
         bon.main(["--rm", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
 
@@ -276,3 +275,54 @@ def test_cli_device_and_dtype_reach_the_model(world, rm_dir, tmp_path, capsys): 
     model.add_device_args(p)
     assert model.device_kwargs(p.parse_args(["--device", "cuda:1"])) == {"dtype": torch.bfloat16, "device": "cuda:1"}
     assert model.device_kwargs(p.parse_args(["--device", "cpu"]))["dtype"] == torch.float32
+
+
+def test_default_reward_model_is_runs_rm_and_its_absence_names_the_command(world, rm_dir, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)   # no runs/rm here
+    for main in (bon.main, clean.main):
+        with pytest.raises(FileNotFoundError, match=r"no reward model in runs/rm: .*train\.py --stage rm"):
+            main([])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "rm").symlink_to(rm_dir)
+    s = clean.main(["--world-dir", str(world / "world"), "--flag-fraction", "0.2"])   # --out: runs/clean
+    assert (tmp_path / "runs" / "clean" / "summary.json").is_file() and s["rm"] == ["runs/rm"]
+
+
+def test_otsu_threshold_cuts_between_two_modes():
+    rng = random.Random(0)
+    low, high = [rng.gauss(-3, 0.5) for _ in range(300)], [rng.gauss(2, 0.5) for _ in range(700)]
+    cut = clean.otsu_threshold(low + high)
+    assert max(low) < cut < min(high)
+    flagged, rule, at = clean.flag_rows(low + high + [float("nan")], "auto")
+    assert flagged == set(range(300)) | {1000} and "Otsu" in rule and at == cut
+    assert clean.otsu_threshold([1.0, 1.0, 1.0]) == float("-inf")   # one value: nothing to separate
+
+
+def test_clean_with_labels_reports_families_and_the_rule_it_printed(world, rm_dir, tmp_path):  # noqa: F811
+    """The world's SFT rows scored against its labelled failures (sft_errors.json, by id): every figure recounted
+    from scores.jsonl and the labels."""
+    src, labels = world / "world" / "sft_train.json", world / "world" / "sft_errors.json"
+    out = tmp_path / "c"
+    s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--labels", str(labels), "--flag-fraction", "auto",
+                    "--out", str(out)])
+    rows, errors = json.loads(src.read_text()), {e["id"]: e for e in json.loads(labels.read_text())}
+    scores = {r["id"]: r["score"] for r in map(json.loads, (out / "scores.jsonl").read_text().splitlines())}
+    flagged = {r["id"] for r in json.loads((out / "flagged.json").read_text())}
+    assert flagged == {i for i, x in scores.items() if x < s["threshold"]}     # the rule printed is the rule applied
+    assert s["rule"].startswith(f"score < {s['threshold']:.4f}")
+    noisy = {r["id"] for r in rows if r["id"] in errors}
+    assert s["noisy_in_data"] == len(noisy) > 0
+    assert sum(s["rows_by_family"].values()) == sum(s["rows_by_kind"].values()) == len(noisy)
+    for fam, n in s["rows_by_family"].items():
+        ids = {i for i in noisy if errors[i]["family"] == fam}
+        assert n == len(ids) and s["recall_at_flagged_by_family"][fam] == pytest.approx(len(ids & flagged) / len(ids))
+        want = clean.auroc([scores[i] for i in ids], [scores[r["id"]] for r in rows if r["id"] not in errors])
+        assert s["auroc_by_family"][fam] == pytest.approx(want)
+    assert s["precision_at_flagged"] == pytest.approx(len(noisy & flagged) / max(len(flagged), 1))
+    bad = tmp_path / "labels.json"
+    bad.write_text(json.dumps([{"id": "nobody", "kind": "x"}]))
+    with pytest.raises(ValueError, match="labels.json: names none of"):
+        clean.main(["--rm", str(rm_dir), "--data", str(src), "--labels", str(bad), "--out", str(tmp_path / "d")])
+    bad.write_text(json.dumps([{"id": rows[0]["id"]}]))
+    with pytest.raises(ValueError, match="labels.json: row 1: expected an object with 'id' and 'kind'"):
+        clean.main(["--rm", str(rm_dir), "--data", str(src), "--labels", str(bad), "--out", str(tmp_path / "d")])
