@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import common
 import data
-import world
+from world import WORLD_SFT, checker, store
 from model import InternLMXComposer2
 from reward import RewardModel
 
@@ -461,7 +461,7 @@ def load_roles(a, policy, n_proc, device, frozen_dtype=torch.float32):
     load = lambda cls, path, **kw: cls.from_pretrained(path, device=device, **kw)  # noqa: E731
     frozen = lambda cls, path: load(cls, path, dtype=frozen_dtype).requires_grad_(False)  # noqa: E731
     pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp)
-    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or world.WORLD_SFT), a.temperature,
+    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or WORLD_SFT), a.temperature,
                                              device), n_proc, a.fsdp)
     rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d), f"rm{i}", a.normalize_reward, device), n_proc,
                                a.fsdp) for i, d in enumerate(a.rm)]
@@ -488,8 +488,8 @@ def ppo_prompts(a):
     if a.data:
         rows, held = data.read_sft(a.data), []
     else:
-        files = world.ensure_world(a.world_dir)
-        rows, held = data.read_sft(files["sft_train"]), world.heldout_items(files["heldout_prompts"])
+        files = store.ensure_world(a.world_dir)
+        rows, held = data.read_sft(files["sft_train"]), store.heldout_items(files["heldout_prompts"])
     return [(data.sft_prompt(r), r["images"], r) for r in rows], held
 
 
@@ -499,11 +499,11 @@ def train(a, rank, n_proc, device):
     amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
     if not a.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    policy = trained(InternLMXComposer2.from_pretrained(a.init or world.WORLD_SFT, device=device), a)
+    policy = trained(InternLMXComposer2.from_pretrained(a.init or WORLD_SFT, device=device), a)
     prompts, held = ppo_prompts(a)
     summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed, "kl_coef": a.kl_coef}
     if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole, and no other model
-        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "before"))
+        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "before"))
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
     roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
@@ -531,7 +531,7 @@ def train(a, rank, n_proc, device):
         checked = None
         if held and a.eval_every and step % a.eval_every == 0:
             judged = common.unsharded_copy(policy) if fsdp else policy
-            checked = world.eval_policy(judged, held, a.hd_num) if rank == 0 else None
+            checked = checker.eval_policy(judged, held, a.hd_num) if rank == 0 else None
             del judged
         mine, index = step_prompts(prompts, a, step, rank, n_proc)
         # one generator per response, seeded by its place in the global batch: resume and process count change
@@ -561,7 +561,7 @@ def train(a, rank, n_proc, device):
                      rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
         if held:
             answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
-            stats["train_accuracy"] = sum(map(world.is_correct, ro.items, answers)) / len(ro)
+            stats["train_accuracy"] = sum(map(checker.is_correct, ro.items, answers)) / len(ro)
         if n_proc > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
             keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
             mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
@@ -606,7 +606,7 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
-        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "after"))
+        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
             summary.update({k: v for k, v in before.items() if "_before" in k})
