@@ -142,7 +142,8 @@ def test_follow_ups():
                   "is the circle?", first]])
     assert checker.failure_kind(reform, first) == "repeated_answer" and checker.failure_family("repeated_answer") == \
         "instruction"
-    assert checker.failure_kind(reform, "Green.") is None and checker.failure_kind(reform, "Blue.") == "colour_confusion"
+    assert checker.failure_kind(reform, "Green.") is None
+    assert checker.failure_kind(reform, "Blue.") == "colour_confusion"
     assert checker.failure_kind(reform, "The circle is blue.") == "ignored_format"   # not a repeat: another answer
     new = dict(item("count", 3, {"colour": "red"}, OBJS), question="How many red objects are there?",
                history=[["What colour is the circle?", first]])

@@ -41,7 +41,8 @@ INSTRUCTIONS = {             # id -> question kinds it applies to
 SCOPES = ("only_colour", "only_half", "left_to_right")
 # Chosen by weight among those that apply. Ignoring most instructions makes an answer longer; ignoring min_words,
 # one object per line or an order does not, and these weigh more, so that length predicts less of the preference.
-INSTRUCTION_WEIGHT = {"min_words": 3.0, "number_only": 0.5, "one_per_line": 1.0, "left_to_right": 3.0, "only_colour": 3.0, "only_half": 3.0}
+INSTRUCTION_WEIGHT = {"min_words": 3.0, "number_only": 0.5, "one_per_line": 1.0, "left_to_right": 3.0,
+                      "only_colour": 3.0, "only_half": 3.0}
 KEY = {"colour": "colour", "count": "count", "position": "position"}
 CLAUSE = {"image": "I checked the whole image carefully.", "text": "I checked this carefully."}
 
@@ -159,7 +160,8 @@ def make_item(rng, max_objects=4, heldout=False, kind=None, image_share=IMAGE_SH
         objs = sample_objects(rng, max_objects, heldout) if image else None
         qa = _question(rng, k, objs)
         if qa:
-            plain = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2], **({"objects": objs} if image else {})}
+            plain = {"kind": k, "question": qa[0], "query": qa[1], "truth": qa[2],
+                     **({"objects": objs} if image else {})}
             item = _instruct(rng, plain, instruction_share)
             if followup_share and rng.random() < followup_share and (out := _follow_up(rng, plain, item)):
                 return out
