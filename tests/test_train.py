@@ -17,8 +17,8 @@ from conftest import ASSETS, REAL_TOKENIZER, ROOT, RTOL32, SCORE_ATOL, assert_cl
 import common
 import data
 import train
-from world import WORLD_SFT, WORLD_VERSION, checker, scene, store, weaker
-from model import Config, InternLMXComposer2, add_layers, init_weights
+from world import WORLD_VERSION, checker, store, weaker
+from model import Config, InternLMXComposer2, init_weights
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              plora_rank=4, max_position_embeddings=1024, max_length=512,
@@ -85,25 +85,6 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert json.loads(lines[-1])["step"] == 4
     with pytest.raises(SystemExit, match="--resume"):
         run(world, tmp_path / "rm")
-
-
-def test_added_layers_start_as_the_identity_then_train(world, tmp_path):
-    """--add-layers: the deepened trunk computes what the trunk did (its new residual branches start at zero), and
-    the rm stage trains and saves the new layers."""
-    model = InternLMXComposer2.from_pretrained(world / "sft")
-    x = torch.randn(2, 9, model.cfg.hidden_size)
-    before = model.model(x)
-    n = model.cfg.num_hidden_layers
-    add_layers(model, 2, seed=1)
-    assert len(model.model.layers) == model.cfg.num_hidden_layers == n + 2
-    torch.testing.assert_close(model.model(x), before, rtol=0, atol=1e-6)
-    run(world, tmp_path / "rm", "--add-layers", "2")
-    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
-    after = load_file(str(tmp_path / "rm" / "model.safetensors"))
-    assert cfg["num_hidden_layers"] == n + 2
-    assert after[f"model.layers.{n + 1}.feed_forward.w2.weight"].abs().sum() > 0   # trained off its zero start
-    with pytest.raises(SystemExit, match="--add-layers must be >= 0"):
-        train.parse_args(["--stage", "rm", "--out", "x", "--add-layers", "-1"])
 
 
 def test_perception_repeat_shows_the_policys_perception_errors_k_times(world, tmp_path):
@@ -589,65 +570,6 @@ def test_one_failing_rank_ends_the_job_promptly(world, tmp_path):
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and time.time() - t0 < 120
     assert "cannot read image" in r.stderr and Path(bad["image"]).name in r.stderr
-
-
-
-def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
-    """The table is MAE's 2-D sin-cos (dot products depend only on the offset along each axis); a from-scratch SFT
-    model starts with it at --vit-pos amplitude, and --vit-pos 0 keeps CLIP's N(0, 0.02) init."""
-    from vision import sincos_position_embedding
-    t = sincos_position_embedding(4, 16).double()
-    assert t.shape == (17, 16) and not t[0].any()
-    g = t[1:].reshape(4, 4, 16)
-    assert torch.allclose(g[0, 0] @ g[1, 0], g[2, 3] @ g[3, 3]) and torch.allclose(g[1, 1] @ g[1, 3], g[3, 0] @ g[3, 2])
-    assert (torch.cdist(t[1:], t[1:]) + torch.eye(16)).min() > 0.1          # every patch position distinct
-    for amp in (3.0, 0.0):
-        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"),
-                              "--vit-pos", str(amp)])
-        model = train.sft_model(a, torch.device("cpu"))
-        table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
-        if amp:
-            assert torch.equal(table, sincos_position_embedding(model.cfg.vision.grid, table.shape[1], amp))
-        else:
-            assert table.std() < 0.05
-
-
-def test_sft_from_scratch_model_shape_flags(world, tmp_path):
-    """--layers / --width / --ffn shape the from-scratch world model; the defaults are the shipped policy's."""
-    shipped = json.loads((WORLD_SFT / "config.json").read_text())
-    judge = json.loads((ROOT / "checkpoints" / "world-sft6" / "config.json").read_text())  # the RM trunk for BoN
-    for flags, want in [([], (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["intermediate_size"])),
-                        (["--layers", "6", "--width", "96", "--ffn", "256"],
-                         (judge["num_hidden_layers"], judge["hidden_size"], judge["intermediate_size"])),
-                        (["--layers", "3", "--width", "48", "--ffn", "96"], (3, 48, 96))]:
-        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"), *flags])
-        model = train.sft_model(a, torch.device("cpu"))
-        assert (len(model.model.layers), model.cfg.hidden_size, model.cfg.intermediate_size) == want
-        assert model.model.layers[0].feed_forward.w1.weight.shape == (want[2], want[1])
-
-
-def test_vision_pretraining_names_every_cell_and_sft_keeps_the_tower(world, tmp_path):
-    """--vision-steps: ViT and vision_proj learn each cell's colour and shape (scored where a cell holds an object,
-    so that "empty" everywhere scores 0) and its place from that cell's merged token; SFT then trains the decoder
-    around the pretrained tower, frozen."""
-    assert scene.cell_labels([["green", "square", 1, 0], ["yellow", "circle", 3, 3]]) == (
-        [0] * 4 + [2] + [0] * 10 + [4], [0] * 4 + [2] + [0] * 10 + [1])
-    flags = ["--stage", "sft", "--world-dir", str(world / "world"), "--batch", "8", "--steps", "2", "--save-every", "2"]
-    model = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "a")]), torch.device("cpu"))
-    acc = train.pretrain_vision(model, 150, seed=0)
-    assert min(acc.values()) > 0.9, acc
-    train.main([*flags, "--out", str(tmp_path / "b"), "--vision-steps", "3"])
-    built = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "c"), "--vision-steps", "3"]),
-                            torch.device("cpu")).state_dict()
-    scratch = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "d")]), torch.device("cpu")).state_dict()
-    after = load_file(str(tmp_path / "b" / "model.safetensors"))
-    tower = [k for k in after if k.startswith(("vit.", "vision_proj."))]
-    assert tower and all(torch.equal(built[k], after[k]) for k in tower)     # pretrained, then frozen
-    assert not all(torch.equal(built[k], scratch[k]) for k in tower)        # the flag did pretrain it
-    assert not torch.equal(built["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
-    for bad in (["--init", str(world / "sft")], ["--train-transform"]):
-        with pytest.raises(SystemExit):
-            train.parse_args([*flags, "--out", str(tmp_path / "e"), "--vision-steps", "3", *bad])
 
 
 def test_stale_world_is_rewritten(tmp_path, monkeypatch):
