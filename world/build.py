@@ -106,9 +106,10 @@ def write_sft_data(path, files, truth=False):
 
 
 def sft_command(a, init, data_file, heldout):
-    """train.py's SFT stage on the build's init checkpoint and data, writing the finished model to --out."""
+    """train.py's SFT stage on the build's init checkpoint and data, writing the finished model to --out (run from
+    the repository's root, as build does)."""
     freeze = "yes" if a.vision_steps else "no"   # a pretrained tower stays; an untrained one learns with the rest
-    return ["torchrun", "--standalone", "--nproc_per_node", str(a.nproc), str(ROOT / "train.py"), "--stage", "sft",
+    return ["torchrun", "--standalone", "--nproc_per_node", str(a.nproc), "train.py", "--stage", "sft",
             "--init", str(init), "--data", str(data_file), "--heldout", str(heldout), "--steps", str(a.steps),
             "--batch", str(SFT["batch"]), "--lr", str(SFT["lr"]), "--token-budget", str(SFT["token_budget"]),
             "--seed", str(a.seed), "--out", str(a.out), "--freeze-vision", freeze, "--eval-every",
