@@ -108,10 +108,10 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
-    monkeypatch.setattr(bon.world, "failure_kind", lambda it, c: None if c == "r" else "wrong_value")
-    monkeypatch.setattr(bon.world, "is_correct", lambda it, c: c == "r")
-    monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
-    monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
+    monkeypatch.setattr(bon.checker, "failure_kind", lambda it, c: None if c == "r" else "wrong_value")
+    monkeypatch.setattr(bon.checker, "is_correct", lambda it, c: c == "r")
+    monkeypatch.setattr(bon.store, "ensure_world", lambda d: {"heldout_prompts": ""})
+    monkeypatch.setattr(bon.store, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="", fresh=None)
     r = bon.world_eval(None, [], a)
