@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import bon  # noqa: E402
 import data  # noqa: E402
-import world  # noqa: E402
+from world import WORLD_CONFIG, WORLD_SFT, store  # noqa: E402
 from model import Config, InternLM2Model, InternLMXComposer2, KVCache, init_weights  # noqa: E402
 from reward import RewardModel  # noqa: E402
 from vision import CLIPVisionTower, VisionConfig  # noqa: E402
@@ -313,7 +313,7 @@ def write_checkpoint(s, out):
     if TOKENIZER.is_file():
         (out / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
     else:  # any tokenizer with the InternLM2 special pieces will do
-        world.train_world_tokenizer(["a tiny corpus for the load benchmark's tokenizer"], out / "tokenizer.model")
+        store.train_world_tokenizer(["a tiny corpus for the load benchmark's tokenizer"], out / "tokenizer.model")
     return sum(f.stat().st_size for f in out.iterdir())
 
 
@@ -389,7 +389,7 @@ def rollout_fsdp(quick, dev):
     import common
     import ppo
     import torch.distributed as dist
-    shapes = {"world": dict(world.WORLD_CONFIG, vocab_size=640),  # the shipped policy's shape
+    shapes = {"world": dict(WORLD_CONFIG, vocab_size=640),  # the shipped policy's shape
               "mid": dict(FULL["decoder"], vision_config=TINY_VISION)}
     C, P, T = (4, 32, 8) if quick else (8, 64, 32)   # prompts, prompt tokens, new tokens
     results = {}
@@ -606,7 +606,7 @@ def ppo_settings(a, n_proc, device):
     from model import checkpoint_files, tensor_shapes, tokenize_segments
     from PIL import Image
     from vision import hd_grid, n_image_tokens
-    init = Path(a.init or world.WORLD_SFT)
+    init = Path(a.init or WORLD_SFT)
     cfg, tok = Config.from_json(init / "config.json"), data.Tokenizer(init / "tokenizer.model")
     plora = [s[0] for k, s in tensor_shapes(checkpoint_files(init)).items() if k.endswith("Plora_A.weight")]
     prompts, _ = ppo.ppo_prompts(a)

@@ -16,7 +16,7 @@ import torch
 
 import common
 import data
-import world
+from world import WORLD_DIR, WORLD_SFT, checker, scene, store
 from model import InternLMXComposer2, add_device_args, device_kwargs
 from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
 
@@ -48,18 +48,18 @@ def world_eval(policy, rms, a):
     monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k. With --fresh,
     the prompts are new held-out ones drawn from --seed, so that each seed is an independent replicate."""
     if a.fresh:
-        items = world.heldout_items(world.write_heldout(Path(a.out) / "prompts", a.fresh, a.seed))
+        items = store.heldout_items(store.write_heldout(Path(a.out) / "prompts", a.fresh, a.seed))
     else:
-        items = world.heldout_items(world.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
+        items = store.heldout_items(store.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
     ks = sorted({1, 2, 4, 8, a.n})
-    prompts = [world.prompt(it, it["_dir"]) for it in items]
+    prompts = [checker.prompt(it, it["_dir"]) for it in items]
     t0 = time.time()
     cands, scores = [], []
     for s in range(0, len(prompts), a.batch):
         chunk = prompts[s:s + a.batch]
         cs = sample_candidates(policy, chunk, max(ks), a.hd_num, a.temperature, a.top_p, a.max_new_tokens,
                                a.seed, first=s)
-        convs = [data.from_official(world.turns(it, c)) for it, row in zip(items[s:s + a.batch], cs) for c in row]
+        convs = [data.from_official(scene.turns(it, c)) for it, row in zip(items[s:s + a.batch], cs) for c in row]
         imgs = [ims for (_, ims, _), row in zip(chunk, cs) for _ in row]
         flat = ensemble_scores(rms, convs, imgs, a.hd_num, a.normalize)
         cands += cs
@@ -67,7 +67,7 @@ def world_eval(policy, rms, a):
         print(f"\rbest-of-{max(ks)}: {min(s + a.batch, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr)
     print(file=sys.stderr)
     # right: correct content and following the instruction; a wrong sample's failure kind names what is wrong
-    fails = [[world.failure_kind(it, c) for c in cs] for it, cs in zip(items, cands)]
+    fails = [[checker.failure_kind(it, c) for c in cs] for it, cs in zip(items, cands)]
     right = [[f is None for f in fs] for fs in fails]
     result = {"accuracy_by_n": {}, "oracle_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {},
               "accuracy_by_n_by_family": {}}
@@ -81,12 +81,13 @@ def world_eval(policy, rms, a):
         # by family: instruction following of the picks on prompts with an instruction, content accuracy of the
         # picks on first-turn image prompts (perception), first-turn text prompts and follow-ups
         result["accuracy_by_n_by_family"][str(k)] = _means(
-            [("instruction", world.follows(it, c[p])) for it, c, p in zip(items, cands, picks) if it.get("instruction")]
-            + [(world.content_family(it), world.is_correct(it, c[p]))
+            [("instruction", checker.follows(it, c[p])) for it, c, p in zip(items, cands, picks)
+             if it.get("instruction")]
+            + [(checker.content_family(it), checker.is_correct(it, c[p]))
                for it, c, p in zip(items, cands, picks)])
     # Best-of-N can only gain where the reward model ranks the policy's own right samples over its wrong ones:
     # per failure kind of the wrong sample
-    hits = [(fs[j], world.failure_family(fs[j], it["kind"]), sc[i] > sc[j], q)
+    hits = [(fs[j], checker.failure_family(fs[j], it["kind"]), sc[i] > sc[j], q)
             for q, (it, fs, r, sc) in enumerate(zip(items, fails, right, scores))
             for i in range(len(r)) if r[i] for j in range(len(r)) if not r[j]]
     result["rm_accuracy_on_samples_by_kind"] = _means((kd, h) for kd, _, h, _ in hits)
@@ -135,7 +136,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
     p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
-    p.add_argument("--policy", default=str(world.WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
+    p.add_argument("--policy", default=str(WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
     p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -150,7 +151,7 @@ def main(argv=None):
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="world: write summary.json here (default: runs/bon)")
-    p.add_argument("--world-dir", default=str(world.WORLD_DIR))
+    p.add_argument("--world-dir", default=str(WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
     if a.prompt is None and a.out is None:

@@ -38,7 +38,7 @@ from PIL import Image
 
 import common
 import data
-import world
+from world import WORLD_DIR, store
 from data import atomic_write_text
 from model import add_device_args, device_kwargs
 from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
@@ -305,13 +305,13 @@ def main(argv=None):
     p.add_argument("--hd-num", type=data.positive_int, default=9)
     p.add_argument("--token-budget", type=data.positive_int, default=8192)
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
-    p.add_argument("--world-dir", default=str(world.WORLD_DIR))
+    p.add_argument("--world-dir", default=str(WORLD_DIR))
     add_device_args(p)
     a = p.parse_args(argv)
     t0 = time.time()
     a.rm = reward_dirs(a.rm)
     if a.data is None:
-        a.data = str(world.ensure_world(a.world_dir)["clean_set"])
+        a.data = str(store.ensure_world(a.world_dir)["clean_set"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
     data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
                                             "summary.json")], inputs=[src] + ([a.labels] if a.labels else []))

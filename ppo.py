@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import common
 import data
-import world
+from world import WORLD_SFT, checker, store
 from model import InternLMXComposer2
 from reward import RewardModel
 
@@ -202,12 +202,12 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask, shift_mean=True, world=1):
+def whiten(x, mask, shift_mean=True, n_proc=1):
     """Normalise over valid tokens only (padding must not move the statistics), pooled over every rank's rollouts
     (one batch, as in a 1-process run)."""
-    total = common.sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), world)
+    total = common.sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), n_proc)
     mean = total[0] / total[1].clamp(min=1)
-    var = common.sum_over_ranks(((x - mean) ** 2 * mask).sum(), world) / total[1].clamp(min=1)
+    var = common.sum_over_ranks(((x - mean) ** 2 * mask).sum(), n_proc) / total[1].clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -280,7 +280,7 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
     for m in (policy, critic.model if critic is not None else None):
         if m is not None:
             m.eval()
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    n_proc = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     sampler = common.unsharded_copy(policy, amp) if fsdp else policy
     prompt_index = list(range(len(prompts))) if prompt_index is None else prompt_index
@@ -319,7 +319,7 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
         common.release(objective)
         return out[0] if isinstance(out, tuple) else out
 
-    for mi in common.micro_batches(lengths, a.token_budget, world, fsdp, device):
+    for mi in common.micro_batches(lengths, a.token_budget, n_proc, fsdp, device):
         part = ro.rows(mi or [0])  # an empty micro-batch (FSDP: the ranks' counts match) runs on a stand-in row
         t = part.response.shape[1]
         out = (sum(run(rm, part) for rm in roles.rms) / len(roles.rms), run(pi, part), run(ref, part),
@@ -334,7 +334,7 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
     return ro
 
 
-def compute_advantages(ro, a, world=1):
+def compute_advantages(ro, a, n_proc=1):
     """PPO: per-token -beta*KL, the score on the last real token, GAE (Eq. 2), whitened advantages. RLOO: the
     sequence reward minus the mean of the other samples of the same prompt, on every token."""
     kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
@@ -347,17 +347,17 @@ def compute_advantages(ro, a, world=1):
         same = (ro.group[:, None] == ro.group[None, :]).float()
         baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
         adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
-    ro.adv = whiten(adv, ro.mask, world=world)
-    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), world)
+    ro.adv = whiten(adv, ro.mask, n_proc=n_proc)
+    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), n_proc)
     return {"kl": mean[0].item(), "score": mean[1].item(), "score_std": std[1].item()}
 
 
-def pooled_moments(x, world, mask=None):
+def pooled_moments(x, n_proc, mask=None):
     """Mean and (unbiased) standard deviation of each row of x [K, N] over its valid entries on every rank: the
     numbers one process holding the whole batch would log."""
     mask = torch.ones_like(x) if mask is None else mask.expand_as(x)
     x = x.double() * mask
-    n, s, s2 = common.sum_over_ranks(torch.stack([mask.double().sum(1), x.sum(1), (x * x).sum(1)]), world)
+    n, s, s2 = common.sum_over_ranks(torch.stack([mask.double().sum(1), x.sum(1), (x * x).sum(1)]), n_proc)
     mean = s / n.clamp(min=1)
     return mean, ((s2 - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
@@ -366,7 +366,7 @@ def pooled_moments(x, world, mask=None):
 # Update
 
 
-def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextlib.nullcontext):
+def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp=contextlib.nullcontext):
     """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
     micro-batches that fit --token-budget. Mini-batches are drawn from the step's global batch (the same shuffle on
     every rank), so that they hold the rows one process would put in them; losses are token means over the whole
@@ -380,9 +380,9 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
         total[1] += mask.sum().item()
 
     # each local row's place in the global batch (one process: the rows as they are, repeats included)
-    rows = ro.index.tolist() if world > 1 else list(range(len(ro)))
+    rows = ro.index.tolist() if n_proc > 1 else list(range(len(ro)))
     local = {g: i for i, g in enumerate(rows)}
-    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), world))))
+    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), n_proc))))
     n_mb = min(a.mini_batches, len(order))
     cuts = [round(i * len(order) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
     fsdp = common.sharded(fwd_pi)
@@ -390,9 +390,9 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
         random.shuffle(order)  # every rank's Python RNG is seeded alike and drawn alike
         for m0, m1 in zip(cuts, cuts[1:]):
             mb = [local[g] for g in order[m0:m1] if g in local]  # this rank's share, possibly empty
-            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), world).item()
+            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), n_proc).item()
             lengths = (ro.lengths()[mb] + torch.tensor([ro.prompt_len[i] for i in mb], dtype=torch.long)).tolist()
-            micro = common.micro_batches(lengths, a.token_budget, world, fsdp, device)
+            micro = common.micro_batches(lengths, a.token_budget, n_proc, fsdp, device)
             for k, mi in enumerate(micro):
                 # an empty micro-batch runs a stand-in row with a zero mask: the forwards and reductions pair up
                 # across ranks, and nothing of it reaches a gradient or a statistic
@@ -407,7 +407,7 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
                     ratio = log_ratio.exp()
                     # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
                     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
-                    ((pg * mask).sum() * world / n_tok).backward()
+                    ((pg * mask).sum() * n_proc / n_tok).backward()
                 if fwd_v is not None:
                     with common.no_sync_unless(last, fwd_v), amp():
                         old_v, ret = part.values.to(device), part.returns.to(device)
@@ -415,7 +415,7 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
                         # paper Eq. 4: the value loss, clipped around the rollout's values
                         v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
                         vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        ((vf * mask).sum() * world / n_tok).backward()
+                        ((vf * mask).sum() * n_proc / n_tok).backward()
                     log_mean("value_loss", vf.detach(), mask)
                     log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
                 with torch.no_grad():
@@ -428,13 +428,13 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, world, amp=contextli
                 if fwd is not None:
                     common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, a.clip)
     names = sorted(stats)
-    totals = common.sum_over_ranks(torch.tensor([stats[k] for k in names], dtype=torch.float64), world)
+    totals = common.sum_over_ranks(torch.tensor([stats[k] for k in names], dtype=torch.float64), n_proc)
     return {k: total / max(n, 1.0) for k, (total, n) in zip(names, totals.tolist())}
 
 
-def explained_variance(ro, world=1):
+def explained_variance(ro, n_proc=1):
     """1 - Var(returns - V) / Var(returns) over every rank's valid tokens."""
-    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), world,
+    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), n_proc,
                                            ro.mask.flatten()[None])
     return (1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)).item()
 
@@ -461,7 +461,7 @@ def load_roles(a, policy, n_proc, device, frozen_dtype=torch.float32):
     load = lambda cls, path, **kw: cls.from_pretrained(path, device=device, **kw)  # noqa: E731
     frozen = lambda cls, path: load(cls, path, dtype=frozen_dtype).requires_grad_(False)  # noqa: E731
     pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp)
-    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or world.WORLD_SFT), a.temperature,
+    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or WORLD_SFT), a.temperature,
                                              device), n_proc, a.fsdp)
     rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d), f"rm{i}", a.normalize_reward, device), n_proc,
                                a.fsdp) for i, d in enumerate(a.rm)]
@@ -488,8 +488,8 @@ def ppo_prompts(a):
     if a.data:
         rows, held = data.read_sft(a.data), []
     else:
-        files = world.ensure_world(a.world_dir)
-        rows, held = data.read_sft(files["sft_train"]), world.heldout_items(files["heldout_prompts"])
+        files = store.ensure_world(a.world_dir)
+        rows, held = data.read_sft(files["sft_train"]), store.heldout_items(files["heldout_prompts"])
     return [(data.sft_prompt(r), r["images"], r) for r in rows], held
 
 
@@ -499,11 +499,11 @@ def train(a, rank, n_proc, device):
     amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
     if not a.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    policy = trained(InternLMXComposer2.from_pretrained(a.init or world.WORLD_SFT, device=device), a)
+    policy = trained(InternLMXComposer2.from_pretrained(a.init or WORLD_SFT, device=device), a)
     prompts, held = ppo_prompts(a)
     summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed, "kl_coef": a.kl_coef}
     if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole, and no other model
-        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "before"))
+        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "before"))
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
     roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
@@ -531,7 +531,7 @@ def train(a, rank, n_proc, device):
         checked = None
         if held and a.eval_every and step % a.eval_every == 0:
             judged = common.unsharded_copy(policy) if fsdp else policy
-            checked = world.eval_policy(judged, held, a.hd_num) if rank == 0 else None
+            checked = checker.eval_policy(judged, held, a.hd_num) if rank == 0 else None
             del judged
         mine, index = step_prompts(prompts, a, step, rank, n_proc)
         # one generator per response, seeded by its place in the global batch: resume and process count change
@@ -561,7 +561,7 @@ def train(a, rank, n_proc, device):
                      rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
         if held:
             answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
-            stats["train_accuracy"] = sum(map(world.is_correct, ro.items, answers)) / len(ro)
+            stats["train_accuracy"] = sum(map(checker.is_correct, ro.items, answers)) / len(ro)
         if n_proc > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
             keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
             mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
@@ -606,7 +606,7 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
-        summary.update(world.tagged(world.eval_policy(policy, held, a.hd_num), "after"))
+        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
             summary.update({k: v for k, v in before.items() if "_before" in k})

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b-reward \\
         --data data.txt --fsdp --grad-ckpt --out runs/rm7b                          # the official recipe, on GPUs
 
-Without --data every stage uses the built-in world (world.py) and starts from the world's SFT policy shipped in
+Without --data every stage uses the built-in world (world/) and starts from the world's SFT policy shipped in
 checkpoints/world-sft, as the paper starts from IXC-2.5. Outputs in --out: config.json + model.safetensors
 (+ tokenizer.model) loadable by from_pretrained, resume.safetensors (model, optimizer, RNG, step) for --resume,
 metrics.jsonl, curves.svg and summary.json. Every file is written to a temporary name and renamed.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import common
 import data
 import ppo
-import world
+from world import COLOURS, GRID, IMG, SHAPES, WORLD_CONFIG, WORLD_DIR, WORLD_SFT, checker, scene, store, weaker
 from model import Config, InternLMXComposer2, add_layers, init_weights
 from reward import RewardModel
 from vision import hd_transform, sample_length, sincos_position_embedding, to_pixels
@@ -99,11 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
                    help="auto: frozen (ViT + vision_proj) except when sft builds a model from scratch without "
                    "--vision-steps")
-    p.add_argument("--layers", type=int, default=world.WORLD_CONFIG["num_hidden_layers"],
+    p.add_argument("--layers", type=int, default=WORLD_CONFIG["num_hidden_layers"],
                    help="sft from scratch: decoder layers of the world's tiny model")
-    p.add_argument("--width", type=int, default=world.WORLD_CONFIG["hidden_size"],
+    p.add_argument("--width", type=int, default=WORLD_CONFIG["hidden_size"],
                    help="sft from scratch: decoder hidden size (4 heads, 2 KV heads)")
-    p.add_argument("--ffn", type=int, default=world.WORLD_CONFIG["intermediate_size"],
+    p.add_argument("--ffn", type=int, default=WORLD_CONFIG["intermediate_size"],
                    help="sft from scratch: SwiGLU intermediate size")
     p.add_argument("--tokenizer", help="sft from scratch: tokenizer.model (default: the world's); a judge that scores "
                    "a policy's PPO rollouts needs the policy's, e.g. checkpoints/world-sft/tokenizer.model")
@@ -127,7 +127,7 @@ def parse_args(argv=None):
                    help="bf16 autocast of the forward passes over fp32 weights (ppo: the frozen models held in "
                    "bf16 too); auto: on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-dir", default=str(world.WORLD_DIR))
+    p.add_argument("--world-dir", default=str(WORLD_DIR))
     stage_flags = dict(STAGE_FLAGS, ppo={"rm", "eval_every", "fsdp", "grad_ckpt", "autocast"} | ppo.add_args(p))
     a = p.parse_args(argv)
     given = {t[2:].split("=")[0].replace("-", "_") for t in argv if t.startswith("--")}
@@ -189,9 +189,9 @@ def sft_model(a, device):
     """--init, or the world's tiny policy from scratch (its ViT positions from a sin-cos table of --vit-pos)."""
     if a.init:
         return InternLMXComposer2.from_pretrained(a.init, device=device)
-    tok = data.Tokenizer(a.tokenizer or world.ensure_world(a.world_dir)["sft_train"].parent / "tokenizer.model")
+    tok = data.Tokenizer(a.tokenizer or store.ensure_world(a.world_dir)["sft_train"].parent / "tokenizer.model")
     shape = dict(num_hidden_layers=a.layers, hidden_size=a.width, intermediate_size=a.ffn)
-    model = init_weights(InternLMXComposer2(Config(**{**world.WORLD_CONFIG, **shape}, vocab_size=tok.vocab_size)), a.seed)
+    model = init_weights(InternLMXComposer2(Config(**{**WORLD_CONFIG, **shape}, vocab_size=tok.vocab_size)), a.seed)
     if a.vit_pos:
         table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
         with torch.no_grad():
@@ -212,9 +212,9 @@ def pretrain_vision(model, steps, seed, batch=32, lr=1e-3):
     strongly than shape and lose their cell, and the decoder then cannot find the object a question names (README:
     the judge). Under torch.distributed every rank runs it and takes rank 0's tower, which FSDP would not broadcast.
     Returns the heads' accuracy on the last batch (colour and shape: on the cells that hold an object)."""
-    g, d = world.GRID, model.cfg.hidden_size
-    heads = init_weights(nn.ModuleDict({"colour": nn.Linear(d, 1 + len(world.COLOURS)),
-                                        "shape": nn.Linear(d, 1 + len(world.SHAPES)),
+    g, d = GRID, model.cfg.hidden_size
+    heads = init_weights(nn.ModuleDict({"colour": nn.Linear(d, 1 + len(COLOURS)),
+                                        "shape": nn.Linear(d, 1 + len(SHAPES)),
                                         "cell": nn.Linear(d, g * g)}), seed).to(model.device)
     tower = [*model.vit.parameters(), *model.vision_proj.parameters()]
     opt = torch.optim.AdamW([*tower, *heads.parameters()], lr=lr, weight_decay=0.01)
@@ -223,10 +223,10 @@ def pretrain_vision(model, steps, seed, batch=32, lr=1e-3):
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        layouts = [world.sample_objects(rng) for _ in range(batch)]
-        pixels = [to_pixels(hd_transform(world.draw(objs), 1, crop=world.IMG)) for objs in layouts]
-        colour, shape = (torch.tensor(x, device=model.device) for x in zip(*map(world.cell_labels, layouts)))
-        tokens = torch.stack([world.cell_tokens(t) for t in model.encode_images(pixels)])
+        layouts = [scene.sample_objects(rng) for _ in range(batch)]
+        pixels = [to_pixels(hd_transform(scene.draw(objs), 1, crop=IMG)) for objs in layouts]
+        colour, shape = (torch.tensor(x, device=model.device) for x in zip(*map(scene.cell_labels, layouts)))
+        tokens = torch.stack([scene.cell_tokens(t) for t in model.encode_images(pixels)])
         target = {"colour": colour, "shape": shape, "cell": torch.arange(g * g, device=model.device).expand(batch, -1)}
         logits = {k: heads[k](tokens) for k in heads}
         loss = sum(F.cross_entropy(logits[k].flatten(0, 1), target[k].flatten()) for k in heads)
@@ -247,13 +247,13 @@ def sft_data(a):
     if a.data:
         path = Path(a.data)
         rows = data.read_mixture(path, a.seed, data.read_sft) if path.suffix == ".txt" else data.read_sft(path)
-        return rows, world.heldout_items(a.heldout) if a.heldout else []
-    files = world.ensure_world(a.world_dir)
+        return rows, store.heldout_items(a.heldout) if a.heldout else []
+    files = store.ensure_world(a.world_dir)
     easy = [dict(s, warmup=True) for s in data.read_sft(files["sft_easy"])]
     rows = easy + data.read_sft(files["sft_train"])
     if a.truth:
-        rows = world.truthful(rows, json.loads(Path(files["sft_errors"]).read_text()))
-    return rows, world.heldout_items(files["heldout_prompts"])
+        rows = weaker.truthful(rows, json.loads(Path(files["sft_errors"]).read_text()))
+    return rows, store.heldout_items(files["heldout_prompts"])
 
 
 def train_sft(a, rank, n_proc, device):
@@ -273,7 +273,7 @@ def train_sft(a, rank, n_proc, device):
         if not held or not (rank == 0 or a.fsdp):
             return {}
         with common.root_gathered(fwd), amp():
-            result = world.eval_policy(model, held, a.hd_num)
+            result = checker.eval_policy(model, held, a.hd_num)
         return {"heldout_" + k: v for k, v in result.items()}
 
     per_epoch = max(1, len(samples) // a.batch)
@@ -343,7 +343,7 @@ def rm_data(a, rank):
         pairs = data.read_mixture(path, a.seed) if path.suffix == ".txt" else data.read_preference(path)
         held = data.read_preference(a.heldout) if a.heldout else []
     else:
-        files = world.ensure_world(a.world_dir)
+        files = store.ensure_world(a.world_dir)
         pairs, held = data.read_preference(files["pref_train"]), data.read_preference(files["pref_heldout"])
     kept = [p for p in pairs if data.check_data(p["chosen"]) and data.check_data(p["rejected"])]
     pairs_kept = [p for p in kept if data.length_ok(p, a.max_len_ratio)]
@@ -410,7 +410,7 @@ def blank_image_check(objective, held):
 
 def train_rm(a, rank, n_proc, device):
     out = common.prepare_out(a.out, a.resume, rank)
-    rm = RewardModel.from_pretrained(a.init or world.WORLD_SFT, device=device, seed=a.seed,
+    rm = RewardModel.from_pretrained(a.init or WORLD_SFT, device=device, seed=a.seed,
                                      head={"linear": "score", "mlp": "score_mlp"}[a.head])
     add_layers(rm, a.add_layers, a.seed)   # before resume, which loads them
     rm.model.gradient_checkpointing = a.grad_ckpt

@@ -9,7 +9,7 @@ import torch
 
 import bon
 import data
-import world as world_module  # the module; `world` is the fixture
+from world import weaker
 import clean
 from conftest import RTOL32, assert_close, randomize
 from model import InternLMXComposer2, KVCache
@@ -107,10 +107,10 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     scores = [[1.0, 0.0, -1.0, 2.0, -5, -5, -5, -5], [0.0, 1.0, 2.0, 3.0, 4, 4, 4, 4]]
     monkeypatch.setattr(bon, "sample_candidates", lambda policy, chunk, n, *args, **kw: cands[:len(chunk)])
     monkeypatch.setattr(bon, "ensemble_scores", lambda rms, convs, *args: [x for row in scores for x in row])
-    monkeypatch.setattr(bon.world, "failure_kind", lambda it, c: None if c == "r" else "wrong_value")
-    monkeypatch.setattr(bon.world, "is_correct", lambda it, c: c == "r")
-    monkeypatch.setattr(bon.world, "ensure_world", lambda d: {"heldout_prompts": ""})
-    monkeypatch.setattr(bon.world, "heldout_items", lambda w: items)
+    monkeypatch.setattr(bon.checker, "failure_kind", lambda it, c: None if c == "r" else "wrong_value")
+    monkeypatch.setattr(bon.checker, "is_correct", lambda it, c: c == "r")
+    monkeypatch.setattr(bon.store, "ensure_world", lambda d: {"heldout_prompts": ""})
+    monkeypatch.setattr(bon.store, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
                            max_new_tokens=4, seed=0, normalize=False, rm=[], policy="", fresh=None)
     r = bon.world_eval(None, [], a)
@@ -160,7 +160,7 @@ def test_clean_world_outputs_and_refuses_to_overwrite(world, rm_dir, tmp_path): 
     for r in kept_samples:
         want = by_id[r["id"]]["images"]
         assert len(r["images"]) == len(want) and all(os.path.samefile(a, b) for a, b in zip(r["images"], want))
-    assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= set(world_module.NOISE_KINDS)
+    assert 0.0 <= s["auroc"] <= 1.0 and set(s["auroc_by_kind"]) <= set(weaker.NOISE_KINDS)
     noisy = {r["id"] for r in src if r["noise"]}
     assert s["noisy_in_data"] == len(noisy) > 0
     assert s["recall_at_flagged"] == pytest.approx(len(noisy & {r["id"] for r in flagged}) / len(noisy))

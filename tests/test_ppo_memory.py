@@ -11,7 +11,7 @@ import torch
 
 import bench
 import train
-import world as world_module
+from world import WORLD_SFT, scene
 from conftest import ROOT
 from model import Config, InternLM2Model, init_weights
 from test_train import world  # noqa: F401  (the small-world fixture)
@@ -58,7 +58,7 @@ def test_layer_activations_are_what_autograd_saves(shape):
 def rm_of_world_policy(world, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("rm6") / "rm"
     train.main(["--stage", "rm", "--out", str(out), "--world-dir", str(world / "world"), "--init",
-                str(world_module.WORLD_SFT), "--batch", "8", "--steps", "1", "--save-every", "1"])
+                str(WORLD_SFT), "--batch", "8", "--steps", "1", "--save-every", "1"])
     return out
 
 
@@ -74,12 +74,12 @@ def test_modelled_peak_is_within_20_percent_of_measured(world, rm_of_world_polic
     # all about as long, as the model assumes; their images are the world's, read from --out's parent
     rows = [r for r in json.loads((world / "world" / "sft_train.json").read_text()) if "image" in r
             and "instruction" not in r and "history" not in r
-            and not r["conversations"][0]["value"].startswith(world_module.PREFACE)]
+            and not r["conversations"][0]["value"].startswith(scene.PREFACE)]
     prompts = world / "world" / "plain_prompts.json"
     if not prompts.exists():
         prompts.write_text(json.dumps(rows))
     r = subprocess.run([sys.executable, *torchrun, "bench.py", "--ppo-memory-check", "--stage", "ppo",
-                        "--data", str(prompts), "--init", str(world_module.WORLD_SFT),
+                        "--data", str(prompts), "--init", str(WORLD_SFT),
                         "--rm", str(rm_of_world_policy), "--steps", "2", "--batch", "8", "--max-new-tokens", "6",
                         "--token-budget", "4096", "--mini-batches", "1", "--save-every", "2",
                         "--out", str(tmp_path / "out"), *extra],

@@ -17,8 +17,8 @@ from conftest import ASSETS, REAL_TOKENIZER, ROOT, RTOL32, SCORE_ATOL, assert_cl
 import common
 import data
 import train
-import world as world_module  # the module; `world` is the fixture below
-from model import Config, InternLMXComposer2, add_layers, init_weights
+from world import WORLD_VERSION, checker, store, weaker
+from model import Config, InternLMXComposer2, init_weights
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              plora_rank=4, max_position_embeddings=1024, max_length=512,
@@ -32,10 +32,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("w")
     wd = root / "world"
     wd.mkdir()
-    paths = world_module.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
+    paths = store.write_world(str(wd), seed=0, n_sft=64, n_pref=96, n_heldout=16, n_sft_easy=16)
     rows = sum((json.loads(open(p).read()) for p in paths.values()), [])
-    world_module.train_world_tokenizer(world_module.template_texts(rows), str(wd / "tokenizer.model"))
-    (wd / "world.json").write_text(json.dumps({"version": world_module.WORLD_VERSION,
+    store.train_world_tokenizer(store.template_texts(rows), str(wd / "tokenizer.model"))
+    (wd / "world.json").write_text(json.dumps({"version": WORLD_VERSION,
                                                "files": {k: os.path.basename(p) for k, p in paths.items()}}))
     tok = data.Tokenizer(wd / "tokenizer.model")
     policy = init_weights(InternLMXComposer2(Config(**SMALL, vocab_size=tok.vocab_size)), seed=0)
@@ -72,8 +72,8 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert not torch.equal(before["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
     assert not torch.equal(before["plora_glb_GN"], after["plora_glb_GN"])  # separators train, as upstream
     assert "score.weight" in after and "output.weight" not in after
-    assert set(summary["heldout_accuracy_by_kind"]) <= set(world_module.PREF_KINDS) | \
-        set(world_module.IGNORED.values()) | {"repeated_answer"}
+    assert set(summary["heldout_accuracy_by_kind"]) <= set(weaker.PREF_KINDS) | \
+        set(checker.IGNORED.values()) | {"repeated_answer"}
     assert set(summary["heldout_accuracy_by_family"]) <= {"instruction", "perception", "text", "followup"}
     check = summary["image_check"]   # the perception pairs scored with their images and with blank ones
     assert check["pairs"] == sum(p["family"] == "perception" and bool(p["images"]) for p in
@@ -85,25 +85,6 @@ def test_rm_stage_freezes_vision_and_writes_outputs(world, tmp_path):
     assert json.loads(lines[-1])["step"] == 4
     with pytest.raises(SystemExit, match="--resume"):
         run(world, tmp_path / "rm")
-
-
-def test_added_layers_start_as_the_identity_then_train(world, tmp_path):
-    """--add-layers: the deepened trunk computes what the trunk did (its new residual branches start at zero), and
-    the rm stage trains and saves the new layers."""
-    model = InternLMXComposer2.from_pretrained(world / "sft")
-    x = torch.randn(2, 9, model.cfg.hidden_size)
-    before = model.model(x)
-    n = model.cfg.num_hidden_layers
-    add_layers(model, 2, seed=1)
-    assert len(model.model.layers) == model.cfg.num_hidden_layers == n + 2
-    torch.testing.assert_close(model.model(x), before, rtol=0, atol=1e-6)
-    run(world, tmp_path / "rm", "--add-layers", "2")
-    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
-    after = load_file(str(tmp_path / "rm" / "model.safetensors"))
-    assert cfg["num_hidden_layers"] == n + 2
-    assert after[f"model.layers.{n + 1}.feed_forward.w2.weight"].abs().sum() > 0   # trained off its zero start
-    with pytest.raises(SystemExit, match="--add-layers must be >= 0"):
-        train.parse_args(["--stage", "rm", "--out", "x", "--add-layers", "-1"])
 
 
 def test_perception_repeat_shows_the_policys_perception_errors_k_times(world, tmp_path):
@@ -210,7 +191,7 @@ def test_heldout_file_with_data(world, tmp_path):
     summary = run(world, tmp_path / "sft", "--data", str(w / "sft_train.json"), "--heldout",
                   str(w / "heldout_prompts.json"), "--steps", "2", stage="sft")
     model = InternLMXComposer2.from_pretrained(tmp_path / "sft")
-    result = world_module.eval_policy(model, world_module.heldout_items(w / "heldout_prompts.json"))
+    result = checker.eval_policy(model, store.heldout_items(w / "heldout_prompts.json"))
     assert summary["heldout_accuracy"] == result["accuracy"] and \
         summary["heldout_accuracy_by_kind"] == result["accuracy_by_kind"]
     summary = run(world, tmp_path / "rm", "--data", str(w / "pref_train.json"), "--heldout",
@@ -222,7 +203,7 @@ def test_heldout_file_with_data(world, tmp_path):
     rows = json.loads((w / "heldout_prompts.json").read_text())
     (tmp_path / "h.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "query"} for r in rows]))
     with pytest.raises(ValueError, match="h.json row 1: .*'query'"):   # the checker reads it: refused up front
-        world_module.heldout_items(tmp_path / "h.json")
+        store.heldout_items(tmp_path / "h.json")
     with pytest.raises(SystemExit, match="--heldout goes with --data"):
         run(world, tmp_path / "rm2", "--heldout", str(w / "pref_heldout.json"))
 
@@ -591,79 +572,20 @@ def test_one_failing_rank_ends_the_job_promptly(world, tmp_path):
     assert "cannot read image" in r.stderr and Path(bad["image"]).name in r.stderr
 
 
-
-def test_sft_from_scratch_starts_vit_with_sincos_positions(world, tmp_path):
-    """The table is MAE's 2-D sin-cos (dot products depend only on the offset along each axis); a from-scratch SFT
-    model starts with it at --vit-pos amplitude, and --vit-pos 0 keeps CLIP's N(0, 0.02) init."""
-    from vision import sincos_position_embedding
-    t = sincos_position_embedding(4, 16).double()
-    assert t.shape == (17, 16) and not t[0].any()
-    g = t[1:].reshape(4, 4, 16)
-    assert torch.allclose(g[0, 0] @ g[1, 0], g[2, 3] @ g[3, 3]) and torch.allclose(g[1, 1] @ g[1, 3], g[3, 0] @ g[3, 2])
-    assert (torch.cdist(t[1:], t[1:]) + torch.eye(16)).min() > 0.1          # every patch position distinct
-    for amp in (3.0, 0.0):
-        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"),
-                              "--vit-pos", str(amp)])
-        model = train.sft_model(a, torch.device("cpu"))
-        table = model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
-        if amp:
-            assert torch.equal(table, sincos_position_embedding(model.cfg.vision.grid, table.shape[1], amp))
-        else:
-            assert table.std() < 0.05
-
-
-def test_sft_from_scratch_model_shape_flags(world, tmp_path):
-    """--layers / --width / --ffn shape the from-scratch world model; the defaults are the shipped policy's."""
-    shipped = json.loads((world_module.WORLD_SFT / "config.json").read_text())
-    judge = json.loads((ROOT / "checkpoints" / "world-sft6" / "config.json").read_text())  # the RM trunk for BoN
-    for flags, want in [([], (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["intermediate_size"])),
-                        (["--layers", "6", "--width", "96", "--ffn", "256"],
-                         (judge["num_hidden_layers"], judge["hidden_size"], judge["intermediate_size"])),
-                        (["--layers", "3", "--width", "48", "--ffn", "96"], (3, 48, 96))]:
-        a = train.parse_args(["--stage", "sft", "--out", str(tmp_path), "--world-dir", str(world / "world"), *flags])
-        model = train.sft_model(a, torch.device("cpu"))
-        assert (len(model.model.layers), model.cfg.hidden_size, model.cfg.intermediate_size) == want
-        assert model.model.layers[0].feed_forward.w1.weight.shape == (want[2], want[1])
-
-
-def test_vision_pretraining_names_every_cell_and_sft_keeps_the_tower(world, tmp_path):
-    """--vision-steps: ViT and vision_proj learn each cell's colour and shape (scored where a cell holds an object,
-    so that "empty" everywhere scores 0) and its place from that cell's merged token; SFT then trains the decoder
-    around the pretrained tower, frozen."""
-    assert world_module.cell_labels([["green", "square", 1, 0], ["yellow", "circle", 3, 3]]) == (
-        [0] * 4 + [2] + [0] * 10 + [4], [0] * 4 + [2] + [0] * 10 + [1])
-    flags = ["--stage", "sft", "--world-dir", str(world / "world"), "--batch", "8", "--steps", "2", "--save-every", "2"]
-    model = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "a")]), torch.device("cpu"))
-    acc = train.pretrain_vision(model, 150, seed=0)
-    assert min(acc.values()) > 0.9, acc
-    train.main([*flags, "--out", str(tmp_path / "b"), "--vision-steps", "3"])
-    built = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "c"), "--vision-steps", "3"]),
-                            torch.device("cpu")).state_dict()
-    scratch = train.sft_model(train.parse_args([*flags, "--out", str(tmp_path / "d")]), torch.device("cpu")).state_dict()
-    after = load_file(str(tmp_path / "b" / "model.safetensors"))
-    tower = [k for k in after if k.startswith(("vit.", "vision_proj."))]
-    assert tower and all(torch.equal(built[k], after[k]) for k in tower)     # pretrained, then frozen
-    assert not all(torch.equal(built[k], scratch[k]) for k in tower)        # the flag did pretrain it
-    assert not torch.equal(built["model.layers.0.attention.wqkv.weight"], after["model.layers.0.attention.wqkv.weight"])
-    for bad in (["--init", str(world / "sft")], ["--train-transform"]):
-        with pytest.raises(SystemExit):
-            train.parse_args([*flags, "--out", str(tmp_path / "e"), "--vision-steps", "3", *bad])
-
-
 def test_stale_world_is_rewritten(tmp_path, monkeypatch):
     """A cached world written by another world version (here: the version-1 world.json layout) is regenerated."""
-    real = world_module.write_world
-    monkeypatch.setattr(world_module, "write_world",
+    real = store.write_world
+    monkeypatch.setattr(store, "write_world",
                         lambda out, seed, **kw: real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8))
     wd = tmp_path / "world"
     wd.mkdir()
     (wd / "world.json").write_text(json.dumps({"sft_train": "sft_train.json"}))
-    files = world_module.ensure_world(wd)
-    assert json.loads((wd / "world.json").read_text())["version"] == world_module.WORLD_VERSION
+    files = store.ensure_world(wd)
+    assert json.loads((wd / "world.json").read_text())["version"] == WORLD_VERSION
     assert all(p.is_file() for p in files.values()) and len(json.loads(files["sft_train"].read_text())) == 16
     (wd / ".lock").unlink()
-    monkeypatch.setattr(world_module, "write_world", lambda *a: pytest.fail("a current world is rewritten"))
-    assert world_module.ensure_world(wd) == files and not (wd / ".lock").exists()  # only read: a read-only cache works
+    monkeypatch.setattr(store, "write_world", lambda *a: pytest.fail("a current world is rewritten"))
+    assert store.ensure_world(wd) == files and not (wd / ".lock").exists()  # only read: a read-only cache works
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a POSIX file lock")
@@ -671,15 +593,15 @@ def test_world_is_written_once_when_ranks_race(tmp_path, monkeypatch):
     """Two callers at once (as torchrun's ranks): one writes the world, the other waits for it and reads it."""
     import threading
     import time
-    real, calls = world_module.write_world, []
+    real, calls = store.write_world, []
 
     def slow_small(out, seed, **kw):
         calls.append(out)
         time.sleep(0.5)  # long enough for the other caller to arrive while this one writes
         return real(out, seed, n_sft=16, n_pref=16, n_heldout=8, n_sft_easy=8)
-    monkeypatch.setattr(world_module, "write_world", slow_small)
+    monkeypatch.setattr(store, "write_world", slow_small)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(world_module.ensure_world(tmp_path / "world")))
+    threads = [threading.Thread(target=lambda: results.append(store.ensure_world(tmp_path / "world")))
                for _ in range(2)]
     for t in threads:
         t.start()

@@ -1,4 +1,5 @@
-"""The built-in world: deterministic, its checker is right, its errors are systematic, length predicts nothing."""
+"""The built-in world: deterministic by seed, the weaker model fails as designed, length and values predict nothing
+in the pairs, the cache and held-out files are what the commands read."""
 import json
 import os
 import sys
@@ -10,18 +11,19 @@ from PIL import Image
 
 import conftest  # noqa: F401  (puts the repo root on sys.path)
 import world
+from world import checker, scene, store, weaker
 
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory):
     """The default-sized world, written once."""
     out = tmp_path_factory.mktemp("world")
-    paths = world.write_world(str(out), seed=0, n_sft=4000, n_sft_easy=1000)
+    paths = store.write_world(str(out), seed=0, n_sft=4000, n_sft_easy=1000)
     return {k: json.load(open(p)) for k, p in paths.items()} | {"dir": str(out), "paths": paths}
 
 
 def small(out, seed=0):
-    return world.write_world(str(out), seed=seed, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30)
+    return store.write_world(str(out), seed=seed, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30)
 
 
 def test_deterministic_by_seed(tmp_path):
@@ -33,216 +35,35 @@ def test_deterministic_by_seed(tmp_path):
         assert (tmp_path / "a" / "images" / f).read_bytes() == (tmp_path / "b" / "images" / f).read_bytes()
 
 
-def item(kind, truth, query, objects=None):
-    it = {"kind": kind, "truth": truth, "query": query}
-    return dict(it, objects=objects) if objects is not None else it
-
-
-OBJS = [["green", "circle", 0, 0], ["red", "triangle", 0, 3], ["red", "square", 3, 0], ["red", "square", 3, 3]]
-CASES = [  # (item, answers judged right, answers judged wrong)
-    (item("colour", "green", {"shape": "circle"}, OBJS),
-     ["The circle is green.", "green", "It's Green."],
-     ["The circle is blue.", "The circle is green or blue.", "The square is green."]),
-    (item("count", 3, {"colour": "red"}, OBJS),
-     ["There are 3 red objects.", "three", "3"],
-     ["There are 4 red objects.", "There are 3 or 4.", "There are 3 blue objects.", "many"]),
-    (item("presence", "no", {"colour": "blue", "shape": "circle"}, OBJS),
-     ["No, there is no blue circle.", "No.", "There isn't a blue circle."],
-     ["Yes, there is a blue circle.", "There is a blue circle.", "Yes. No.", "No, there is no red circle."]),
-    (item("presence", "yes", {"colour": "green", "shape": "circle"}, OBJS),
-     ["Yes, there is a green circle.", "yes", "There is a green circle."], ["No.", "Not at all."]),
-    (item("position", "top right", {"colour": "red", "shape": "triangle"}, OBJS),
-     ["The red triangle is in the top right.", "Upper right.", "top-right corner"],
-     ["The red triangle is in the top left.", "top right or bottom right", "The red square is in the top right."]),
-    (item("describe", [["green", "circle", "top left"], ["red", "triangle", "top right"],
-                       ["red", "square", "bottom left"], ["red", "square", "bottom right"]], {}, OBJS),
-     [world.render(item("describe", None, {}), [["green", "circle", "top left"], ["red", "triangle", "top right"],
-                                               ["red", "square", "bottom left"], ["red", "square", "bottom right"]])],
-     ["There are 3 objects: a green circle in the top left, a red triangle in the top right and "
-      "a red square in the bottom left.", "There are 4 objects: a green circle in the top left, a red triangle "
-      "in the top right, a red square in the bottom left and a blue square in the bottom right."]),
-    (item("arith", 11, {"a": 4, "b": 7}), ["4 + 7 = 11.", "11", "The answer is eleven.", "4+7=11"],
-     ["4 + 7 = 12.", "4 + 7 = 1.", "11 or 12"]),
-    (item("compare", 13, {"a": 12, "b": 13}), ["13 is larger.", "13 is larger than 12.", "13"],
-     ["12 is larger.", "12", "13 is smaller.", "12 or 13"]),
-]
-
-
-@pytest.mark.parametrize("it,good,bad", CASES, ids=[c[0]["kind"] for c in CASES])
-def test_is_correct(it, good, bad):
-    assert world.is_correct(it, world.render(it, it["truth"]))
-    for a in good:
-        assert world.is_correct(it, a), a
-    for a in bad + ["", "   "] + sum(world.REFUSALS.values(), []):
-        assert not world.is_correct(it, a), a
-
-
-
-INSTRUCTED = [  # (question kind, truth, query, instruction, answers that follow it, answers that do not)
-    ("colour", "green", {"shape": "circle"}, {"id": "one_word"}, ["Green.", "green"],
-     ["The circle is green.", "Green circle."]),
-    ("count", 3, {"colour": "red"}, {"id": "number_only"}, ["3", "3."], ["three", "There are 3.", "3 objects"]),
-    ("count", 3, {"colour": "red"}, {"id": "key_value", "key": "count"}, ["count: 3", "Count: 3"],
-     ["3", "The count is 3.", "count 3", "count: 3\ncount: 3"]),
-    ("presence", "no", {"colour": "blue", "shape": "circle"}, {"id": "max_words", "n": 5},
-     ["No.", "No, there is none."], ["A blue circle? No, there is none. I checked the whole image carefully."]),
-    ("position", "top right", {"colour": "red", "shape": "triangle"}, {"id": "min_words", "n": 10},
-     ["The red triangle: top right. I checked the whole image carefully."], ["The red triangle: top right."]),
-    ("describe", None, {}, {"id": "one_per_line"},
-     ["A green circle in the top left.\nA red triangle in the top right.\nA red square in the bottom left.\n"
-      "A red square in the bottom right."],
-     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
-      "bottom left and a red square in the bottom right.", "A green circle in the top left and a red triangle in "
-      "the top right.\nA red square in the bottom left.\nA red square in the bottom right."]),
-    ("describe", None, {}, {"id": "only_colour", "colour": "red"},
-     ["There are 3 objects: a red triangle in the top right, a red square in the bottom left and a red square in "
-      "the bottom right."],
-     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
-      "bottom left and a red square in the bottom right."]),
-    ("describe", None, {}, {"id": "only_half", "half": "top"},
-     ["There are 2 objects: a green circle in the top left and a red triangle in the top right."],
-     ["There are 3 objects: a green circle in the top left, a red triangle in the top right and a red square in "
-      "the bottom left."]),
-    ("describe", None, {}, {"id": "left_to_right"},
-     ["There are 4 objects: a green circle in the top left, a red square in the bottom left, a red triangle in "
-      "the top right and a red square in the bottom right."],
-     ["There are 4 objects: a green circle in the top left, a red triangle in the top right, a red square in the "
-      "bottom left and a red square in the bottom right."]),
-]
-
-
-@pytest.mark.parametrize("kind,truth,query,inst,good,bad", INSTRUCTED, ids=[c[3]["id"] for c in INSTRUCTED])
-def test_follows_is_strict_and_apart_from_content(kind, truth, query, inst, good, bad):
-    """Each instruction's checker on hand-written answers; ignoring an instruction is an instruction failure, not a
-    content one, and a refusal follows nothing. The world's own renderings follow (answer) and do not (ignored)."""
-    objs = [[c, s, world.quadrant(r, col)] for c, s, r, col in OBJS]
-    it = item(kind, truth, query, OBJS)
-    if kind == "describe":
-        it["truth"] = world._scoped(inst, objs)
-    it["instruction"] = inst
-    for a in good:
-        assert world.follows(it, a) is True, a
-    for a in bad + ["", world.REFUSALS["image"][0]]:
-        assert world.follows(it, a) is False, a
-    assert world.failure_kind(it, world.answer(it, it["truth"])) is None
-    assert world.failure_kind(it, world.ignored(it, it["truth"])) == world.IGNORED[inst["id"]]
-    assert world.is_correct(it, world.ignored(it, it["truth"]))   # the content is right; the form is not
-    assert world.failure_kind(it, world.REFUSALS["image"][2]) == "refusal"
-    assert world.follows(dict(it, instruction=None), good[0]) is None
-
-
-def test_a_scoped_description_with_a_wrong_colour_is_a_perception_failure():
-    """"Only the blue objects" answered with the blue object's place but another colour breaks the instruction's
-    strict check, yet names the scope: the failure is perception. Naming other places is ignoring the scope."""
-    objs = [["blue", "circle", 0, 0], ["red", "square", 3, 3]]
-    it = dict(item("describe", [["blue", "circle", "top left"]], {}, objs), instruction={"id": "only_colour",
-              "colour": "blue"})
-    swapped = "There is 1 object: a green circle in the top left."
-    assert world.follows(it, swapped) is False and world.failure_kind(it, swapped) == "wrong_value"
-    assert world.failure_family(world.failure_kind(it, swapped), "describe") == "perception"
-    assert world.failure_kind(it, "There is 1 object: a red square in the bottom right.") == "ignored_scope"
-    assert world.failure_kind(it, "There are 2 objects: a blue circle in the top left and a red square in the "
-                                  "bottom right.") == "ignored_scope"
-    assert world.failure_kind(it, "There is 1 object: a blue circle in the top left.") is None
-
-
-def test_failure_kind_names_the_systematic_error():
-    it = item("colour", "green", {"shape": "circle"}, OBJS)
-    assert world.failure_kind(it, "The circle is blue.") == "colour_confusion"
-    assert world.failure_kind(it, "The circle is red.") == "wrong_value"
-    assert world.failure_kind(it, "The circle is green.") is None
-    assert world.failure_family("colour_confusion") == "perception" and world.failure_family("extra_clause") == \
-        "instruction" and world.failure_family("wrong_value", "arith") == "text"
-
-
-def test_follow_ups():
-    """A second turn is judged on its own question: repeating the earlier answer (up to punctuation and case) is
-    repeated_answer, an instruction failure; a follow-up the earlier answer already answers is never made; the
-    prompt and the conversation carry the earlier turn."""
-    colour = item("colour", "green", {"shape": "circle"}, OBJS)
-    first = "The circle is green."
-    reform = dict(colour, instruction={"id": "one_word"}, question="Now answer in one word.", history=[["What colour "
-                  "is the circle?", first]])
-    assert world.failure_kind(reform, first) == "repeated_answer" and world.failure_family("repeated_answer") == \
-        "instruction"
-    assert world.failure_kind(reform, "Green.") is None and world.failure_kind(reform, "Blue.") == "colour_confusion"
-    assert world.failure_kind(reform, "The circle is blue.") == "ignored_format"   # not a repeat: another answer
-    new = dict(item("count", 3, {"colour": "red"}, OBJS), question="How many red objects are there?",
-               history=[["What colour is the circle?", first]])
-    assert world.failure_kind(new, first) == world.failure_kind(new, "the circle is green") == "repeated_answer"
-    assert world.failure_kind(new, "The number of red objects is 3.") is None
-    r = world.judge([reform, new, colour], [first, "The number of red objects is 3.", first])
-    assert r["followup_right"] == 0.5 and r["failures_by_kind"] == {"repeated_answer": 1 / 3}
-    assert world.prompt(new, "d")[2] == new["history"] and world.turns(new, "x")[:2] == [
-        {"from": "user", "value": "What colour is the circle?"}, {"from": "assistant", "value": first}]
-    rng = np.random.default_rng(0)
-    made = [it for it in (world.make_item(rng, instruction_share=0.5, followup_share=1.0) for _ in range(400))
-            if "history" in it]
-    assert len(made) > 300 and {"instruction" in it for it in made} == {True, False}
-    assert all(world.failure_kind(it, it["history"][0][1]) == "repeated_answer" for it in made)
-    assert all(it["question"].startswith("Now ") for it in made if "instruction" in it)
-
-
-def test_judge_reports_both_families():
-    items = [dict(item("count", 3, {"colour": "red"}, OBJS), instruction={"id": "number_only"}),
-             item("colour", "green", {"shape": "circle"}, OBJS), item("colour", "green", {"shape": "circle"}, OBJS),
-             item("arith", 11, {"a": 4, "b": 7})]
-    r = world.judge(items, ["There are 3 red objects.", "The circle is blue.", "The circle is red.", "4 + 7 = 12."])
-    assert r["accuracy"] == 0.25 and r["instruction_following"] == 0.0 and r["right"] == 0.0
-    assert r["accuracy_by_family"] == {"perception": 1 / 3, "text": 0.0}
-    assert r["failures_by_kind"] == {"ignored_format": 0.25, "colour_confusion": 0.25, "wrong_value": 0.5}
-    assert r["failures_by_family"] == {"instruction": 0.25, "perception": 0.5, "text": 0.25}
-    assert world.tagged(r, "before")["accuracy_before_by_kind"] == r["accuracy_by_kind"]
-    # a second turn's content is reported apart from the first-turn image and text questions
-    again = dict(item("colour", "green", {"shape": "circle"}, OBJS), history=[["Is there a red square?", "No."]])
-    r = world.judge(items + [again], ["There are 3 red objects.", "The circle is blue.", "The circle is red.",
-                                      "4 + 7 = 12.", "The circle is green."])
-    assert r["accuracy_by_family"] == {"followup": 1.0, "perception": 1 / 3, "text": 0.0}
-    wrong_again = world.judge([again], ["The circle is blue."])
-    assert wrong_again["failures_by_kind"] == {"colour_confusion": 1.0}
-    assert wrong_again["failures_by_family"] == {"followup": 1.0}
-
-def test_every_error_kind_is_wrong():
-    rng = np.random.default_rng(0)
-    seen = set()
-    for _ in range(3000):
-        it = world.make_item(rng)
-        err = world.systematic_error(it)
-        if err:
-            seen.add(err[0])
-            assert not world.is_correct(it, world.render(it, err[1])), (it, err)
-    assert seen == set(world.ERROR_KINDS)
-
-
 def test_sft_rows_and_error_share(wd):
     errs = {e["id"]: e for e in wd["sft_errors"]}
-    assert {e["kind"] for e in errs.values()} == set(world.ERROR_KINDS) | set(world.IGNORED.values()) | \
+    assert {e["kind"] for e in errs.values()} == set(checker.ERROR_KINDS) | set(checker.IGNORED.values()) | \
         {"refusal", "repeated_answer"}
     for row in wd["sft_train"] + wd["sft_easy"]:
         conv = row["conversations"]
         assert [m["from"] for m in conv] == ["user", "assistant"] * (1 + len(row.get("history", [])))
         assert [[q["value"], a["value"]] for q, a in zip(conv[:-2:2], conv[1:-2:2])] == row.get("history", [])
         bot = conv[-1]
-        assert ("image" in row) == (row["kind"] in world.IMAGE_KINDS)
+        assert ("image" in row) == (row["kind"] in scene.IMAGE_KINDS)
         if "image" in row:
             assert isinstance(row["image"], list) and os.path.exists(os.path.join(wd["dir"], row["image"][0]))
-        assert world.failure_kind(row, bot["value"]) == errs.get(row["id"], {}).get("kind"), row
+        assert checker.failure_kind(row, bot["value"]) == errs.get(row["id"], {}).get("kind"), row
         if row["id"] in errs:
-            assert world.failure_kind(row, errs[row["id"]]["correct_answer"]) is None
+            assert checker.failure_kind(row, errs[row["id"]]["correct_answer"]) is None
     # the perception rules fire on ~26% of image answers (~24% of the SFT set at 90% image items, ~20% of the first
     # turns); error_rate 0.7 of those are written wrong, and only those
-    eligible = [r for r in wd["sft_train"] if world.systematic_error(r) and "history" not in r]
+    eligible = [r for r in wd["sft_train"] if checker.perception_slip(r) and "history" not in r]
     assert 0.16 <= len(eligible) / len(wd["sft_train"]) <= 0.24
-    perceived = [r for r in eligible if set(errs.get(r["id"], {}).get("kinds", [])) & set(world.ERROR_KINDS)]
+    perceived = [r for r in eligible if set(errs.get(r["id"], {}).get("kinds", [])) & set(checker.ERROR_KINDS)]
     assert 0.65 <= len(perceived) / len(eligible) <= 0.75
-    assert all(r["id"] not in errs for r in wd["sft_train"] if not world.systematic_error(r)
+    assert all(r["id"] not in errs for r in wd["sft_train"] if not checker.perception_slip(r)
                and r.get("instruction", {}).get("id") in (None, "one_word") and "history" not in r
-               and not r["conversations"][0]["value"].startswith(world.PREFACE))
+               and not r["conversations"][0]["value"].startswith(scene.PREFACE))
     # every instruction but one_word, the preface and a follow-up trigger an instruction failure on 70% of their
     # rows (a follow-up is never prefaced; on a follow-up, repeating the earlier answer comes first)
-    prefaced = lambda r: r["conversations"][0]["value"].startswith(world.PREFACE)  # noqa: E731
-    for trigger, kinds in ((lambda r: r.get("instruction", {}).get("id") in world.SFT_IGNORES and not prefaced(r)
-                            and "history" not in r, set(world.IGNORED.values())), (prefaced, {"refusal"}),
+    prefaced = lambda r: r["conversations"][0]["value"].startswith(scene.PREFACE)  # noqa: E731
+    for trigger, kinds in ((lambda r: r.get("instruction", {}).get("id") in weaker.SFT_IGNORES and not prefaced(r)
+                            and "history" not in r, set(checker.IGNORED.values())), (prefaced, {"refusal"}),
                            (lambda r: "history" in r, {"repeated_answer"})):
         rows = [r for r in wd["sft_train"] if trigger(r)]
         failed = [r for r in rows if set(errs.get(r["id"], {}).get("kinds", [])) & kinds]
@@ -253,19 +74,19 @@ def test_sft_rows_and_error_share(wd):
 @pytest.mark.parametrize("name", ["pref_train", "pref_heldout"])
 def test_pref_pairs(wd, name):
     rows = wd[name]
-    assert Counter(r["kind"] for r in rows).keys() == set(world.PREF_KINDS) | set(world.IGNORED.values()) | \
+    assert Counter(r["kind"] for r in rows).keys() == set(weaker.PREF_KINDS) | set(checker.IGNORED.values()) | \
         {"repeated_answer"}
     assert Counter(r["family"] for r in rows).keys() == {"instruction", "perception", "text", "followup"}
     assert 0.15 <= sum("history" in r for r in rows) / len(rows) <= 0.25
     for r in rows:
         conv = r["conversations_a"]
         assert conv[:-1] == r["conversations_b"][:-1]
-        assert conv[:-2] == world.turns(dict(r, question=conv[-2]["value"]), "", "human", "bot")[:-2]
+        assert conv[:-2] == scene.turns(dict(r, question=conv[-2]["value"]), "", "human", "bot")[:-2]
         assert [m["from"] for m in conv] == ["human", "bot"] * (1 + len(r.get("history", [])))
         a, b = r["conversations_a"][-1], r["conversations_b"][-1]
         assert a["from"] == b["from"] == "bot"
-        assert world.failure_kind(r, a["value"]) is None and world.failure_kind(r, b["value"]) is not None, r
-        assert r["family"] == world.pair_family(r) == (world.failure_family(r["kind"], r["question_kind"])
+        assert checker.failure_kind(r, a["value"]) is None and checker.failure_kind(r, b["value"]) is not None, r
+        assert r["family"] == checker.pair_family(r) == (checker.failure_family(r["kind"], r["question_kind"])
                                                        if "history" not in r or r["family"] == "instruction" else
                                                        "followup")
         assert "image" not in r or isinstance(r["image"], str)
@@ -276,7 +97,7 @@ def test_pref_pairs(wd, name):
 @pytest.mark.parametrize("family", [None, "instruction", "perception", "text"])
 def test_length_does_not_predict_preference(wd, family):
     rows = [r for r in wd["pref_train"] if family in (None, r["family"])]
-    for f in (len, lambda s: "carefully" in s, lambda s: s.startswith(tuple(world.LONG_PREFIX.values()))):
+    for f in (len, lambda s: "carefully" in s, lambda s: s.startswith(tuple(weaker.LONG_PREFIX.values()))):
         score = [f(r["conversations_a"][-1]["value"]) - f(r["conversations_b"][-1]["value"]) for r in rows]
         acc = np.mean([1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in score])
         assert 0.35 <= acc <= 0.65, acc
@@ -291,11 +112,11 @@ def test_values_do_not_predict_preference(wd):
     seen, larger_wrong = Counter(), []
     for r in wd["pref_train"]:
         k = r["question_kind"]
-        if k not in world.BALANCED_KINDS or r["kind"] not in ("wrong_value", "longer_wrong"):
+        if k not in weaker.BALANCED_KINDS or r["kind"] not in ("wrong_value", "longer_wrong"):
             continue
         item = {"kind": k, "query": r["query"], "truth": r["truth"], "objects": r["objects"]}
         rejected = r["conversations_b"][-1]["value"]
-        wrong = [v for v in values[k] if world.is_correct(dict(item, truth=v), rejected)]
+        wrong = [v for v in values[k] if checker.is_correct(dict(item, truth=v), rejected)]
         assert len(wrong) == 1 and wrong[0] != r["truth"], (r["id"], rejected)
         q = k + json.dumps(r["query"], sort_keys=True)
         seen[q, json.dumps(r["truth"]), json.dumps(wrong[0])] += 1
@@ -326,8 +147,8 @@ def test_shipped_trunks_image_tokens():
         model = InternLMXComposer2.from_pretrained(path).eval()
 
         def token(colour, shape, row, col):
-            pixels = vision.to_pixels(vision.hd_transform(world.draw([[colour, shape, row, col]]), 1, crop=world.IMG))
-            return world.cell_tokens(model.encode_images([pixels])[0])[row * world.GRID + col]
+            pixels = vision.to_pixels(vision.hd_transform(scene.draw([[colour, shape, row, col]]), 1, crop=world.IMG))
+            return scene.cell_tokens(model.encode_images([pixels])[0])[row * world.GRID + col]
 
         def spread(tokens):
             tokens = torch.stack(tokens)
@@ -349,11 +170,11 @@ def test_truthful_sft_answers_are_all_right(wd):
     """--truth (the judge's data): exactly the rows the weaker model got wrong change, each to a right answer."""
     import data
     rows = data.read_sft(os.path.join(wd["dir"], "sft_train.json"))
-    fixed = world.truthful(rows, wd["sft_errors"])
+    fixed = weaker.truthful(rows, wd["sft_errors"])
     gt = {r["id"]: r for r in wd["sft_train"]}
     changed = [b["id"] for a, b in zip(rows, fixed) if a != b]
     assert changed == [r["id"] for r in wd["sft_train"] if r["id"] in {e["id"] for e in wd["sft_errors"]}] != []
-    assert all(world.failure_kind(gt[r["id"]], r["conversation"][-1]["content"]) is None for r in fixed)
+    assert all(checker.failure_kind(gt[r["id"]], r["conversation"][-1]["content"]) is None for r in fixed)
     assert all(a["conversation"][:-1] == b["conversation"][:-1] for a, b in zip(rows, fixed))
 
 
@@ -364,22 +185,22 @@ def test_heldout_disjoint_and_correct(wd):
         assert not r.get("objects") or json.dumps(r["objects"]) not in train
     for r in wd["heldout_prompts"]:
         assert {"id", "question", "answer", "kind", "truth", "query"} <= r.keys()
-        assert world.failure_kind(r, r["answer"]) is None
+        assert checker.failure_kind(r, r["answer"]) is None
 
 
 def test_fresh_heldout_prompts(wd, tmp_path):
     """bon.py --fresh: new prompts on held-out layouts, deterministic by seed."""
-    a, b = world.write_heldout(tmp_path / "a", 40, seed=1), world.write_heldout(tmp_path / "b", 40, seed=1)
+    a, b = store.write_heldout(tmp_path / "a", 40, seed=1), store.write_heldout(tmp_path / "b", 40, seed=1)
     assert a.read_text() == b.read_text()
-    assert world.write_heldout(tmp_path / "c", 40, seed=2).read_text() != a.read_text()
-    items = world.heldout_items(a)
+    assert store.write_heldout(tmp_path / "c", 40, seed=2).read_text() != a.read_text()
+    items = store.heldout_items(a)
     assert len(items) == 40 and sum("image" in it for it in items) > 10
     train = {json.dumps(r["objects"]) for k in ("sft_train", "sft_easy", "pref_train") for r in wd[k]
              if r.get("objects")}
     for it in items:
-        assert world.failure_kind(it, it["answer"]) is None
+        assert checker.failure_kind(it, it["answer"]) is None
         if "image" in it:
-            assert world.layout_is_heldout(it["objects"]) and json.dumps(it["objects"]) not in train
+            assert scene.layout_is_heldout(it["objects"]) and json.dumps(it["objects"]) not in train
             assert (tmp_path / "a" / it["image"]).is_file()
 
 
@@ -394,8 +215,8 @@ def test_images_on_grid(wd):
         for row in range(4):
             for col in range(4):
                 cell = px[row, col]
-                ring = np.concatenate([cell[:world.MARGIN].reshape(-1, 3), cell[-world.MARGIN:].reshape(-1, 3),
-                                       cell[:, :world.MARGIN].reshape(-1, 3), cell[:, -world.MARGIN:].reshape(-1, 3)])
+                ring = np.concatenate([cell[:scene.MARGIN].reshape(-1, 3), cell[-scene.MARGIN:].reshape(-1, 3),
+                                       cell[:, :scene.MARGIN].reshape(-1, 3), cell[:, -scene.MARGIN:].reshape(-1, 3)])
                 assert (ring == 255).all()              # margins keep objects inside their cell
                 if (row, col) not in filled:
                     assert (cell == 255).all()
@@ -411,17 +232,17 @@ def test_images_on_grid(wd):
 def test_tokenizer(wd, tmp_path):
     import time
     import sentencepiece as spm
-    texts = world.template_texts(wd["sft_train"] + wd["pref_train"])
+    texts = store.template_texts(wd["sft_train"] + wd["pref_train"])
     t = time.time()
-    p1 = world.train_world_tokenizer(texts, str(tmp_path / "a.model"))
+    p1 = store.train_world_tokenizer(texts, str(tmp_path / "a.model"))
     assert time.time() - t < 10
-    p2 = world.train_world_tokenizer(texts, str(tmp_path / "b.model"))
+    p2 = store.train_world_tokenizer(texts, str(tmp_path / "b.model"))
     assert open(p1, "rb").read() == open(p2, "rb").read()
     sp = spm.SentencePieceProcessor(model_file=p1)
     assert 500 <= sp.get_piece_size() <= 1000
     assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
     assert sp.is_unknown(0) and sp.is_control(1) and sp.is_control(2)
-    for piece in world.SPECIAL_PIECES:
+    for piece in store.SPECIAL_PIECES:
         i = sp.piece_to_id(piece)
         assert i > 2 and sp.encode(piece) == [i] and i in sp.encode(f"x{piece}\ny")
     assert sp.piece_to_id("<ImageHere>") == 0 and sp.piece_to_id("system") != 0
@@ -438,7 +259,7 @@ def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
     from conftest import randomize
     from model import Config, InternLMXComposer2
     a = small(tmp_path / "a")
-    tok = world.train_world_tokenizer(world.template_texts(json.load(open(a["sft_train"]))), str(tmp_path / "t.model"))
+    tok = store.train_world_tokenizer(store.template_texts(json.load(open(a["sft_train"]))), str(tmp_path / "t.model"))
     from data import Tokenizer
     tok = Tokenizer(tok)
     cfg = Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -448,7 +269,7 @@ def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
     policy.tokenizer = tok
     for p in policy.parameters():   # a near-uniform policy: its samples are short gibberish, hence wrong
         p.data.mul_(0.1)
-    runs = [world.write_world(str(tmp_path / d), seed=0, n_sft=20, n_pref=40, n_heldout=8, n_sft_easy=4,
+    runs = [store.write_world(str(tmp_path / d), seed=0, n_sft=20, n_pref=40, n_heldout=8, n_sft_easy=4,
                               policy=policy) for d in ("p", "q")]
     assert open(runs[0]["pref_train"], "rb").read() == open(runs[1]["pref_train"], "rb").read()
     rows = json.load(open(runs[0]["pref_train"]))
@@ -456,9 +277,9 @@ def test_policy_pairs_are_graded_samples_and_deterministic(tmp_path):
     for r in rows:
         it = dict(r, kind=r["question_kind"])
         a, b = r["conversations_a"][-1]["value"], r["conversations_b"][-1]["value"]
-        assert world.grade(it, a) > world.grade(it, b), r
-        assert world.failure_kind(it, b) == r["kind"] if r["source"] == "policy" else r["kind"] in \
-            set(world.PREF_KINDS) | set(world.IGNORED.values()) | {"repeated_answer"}
+        assert weaker.grade(it, a) > weaker.grade(it, b), r
+        assert checker.failure_kind(it, b) == r["kind"] if r["source"] == "policy" else r["kind"] in \
+            set(weaker.PREF_KINDS) | set(checker.IGNORED.values()) | {"repeated_answer"}
 
 
 def test_shipped_pairs_rewrite_the_same_world(tmp_path):
@@ -469,14 +290,14 @@ def test_shipped_pairs_rewrite_the_same_world(tmp_path):
     policy.mkdir()
     (policy / "model.safetensors").write_bytes(b"weights")
     meta = {"version": world.WORLD_VERSION, "files": {k: os.path.basename(p) for k, p in a.items()},
-            "pairs_policy": world.policy_id(policy)}
+            "pairs_policy": store.policy_id(policy)}
     (tmp_path / "a" / "world.json").write_text(json.dumps(meta))
-    world.ship_pairs(tmp_path / "a", policy)
-    b = world.write_world(str(tmp_path / "b"), seed=0, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30,
-                          pairs=world.shipped_pairs(policy))
+    store.ship_pairs(tmp_path / "a", policy)
+    b = store.write_world(str(tmp_path / "b"), seed=0, n_sft=120, n_pref=120, n_heldout=40, n_sft_easy=30,
+                          pairs=store.shipped_pairs(policy))
     for name in a:
         assert open(a[name], "rb").read() == open(b[name], "rb").read(), name
     for f in sorted(os.listdir(tmp_path / "a" / "images")):
         assert (tmp_path / "a" / "images" / f).read_bytes() == (tmp_path / "b" / "images" / f).read_bytes(), f
     (policy / "model.safetensors").write_bytes(b"other weights")
-    assert world.shipped_pairs(policy) is None
+    assert store.shipped_pairs(policy) is None
