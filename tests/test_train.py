@@ -558,6 +558,27 @@ def test_cli_errors_are_one_paragraph(world, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and "bad.jsonl:2: malformed JSON row" in r.stderr
 
 
+def test_run_cli_one_line_for_the_user_a_traceback_for_a_bug(capsys, monkeypatch):
+    """What a user can fix (a missing file, a malformed row) ends in one line and status 1; a bug in our code, a
+    shape error in torch (RuntimeError) or a ValueError torch raises itself, keeps its traceback."""
+    monkeypatch.delenv("IXC_DEBUG", raising=False)
+    for mistake, line in ((lambda: data.read_rows("no/such/rows.json"), "data file not found: no/such/rows.json"),
+                          (lambda: data.from_official([{"from": "human"}]), "message 0 must have 'from'")):
+        with pytest.raises(SystemExit) as e:
+            data.run_cli(mistake)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error: " + line) and err.count("\n") == 1
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        data.run_cli(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        data.run_cli(lambda: torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(KeyError):
+        data.run_cli(lambda: {}["missing"])
+    monkeypatch.setenv("IXC_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        data.run_cli(lambda: data.read_rows("no/such/rows.json"))
+
+
 def test_video_without_decoder_names_the_package(tmp_path, monkeypatch):
     import vision
     video = tmp_path / "clip.mp4"
