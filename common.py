@@ -1,5 +1,6 @@
 """What every training stage shares and no algorithm owns: processes, wrapping for DDP / FSDP2, the optimizer and
-its schedule, atomic checkpoints with exact resume, the metrics log and its learning-curve picture.
+its schedule, atomic checkpoints with exact resume, the bookkeeping around the sft and rm loops (Run), the metrics
+log and its learning-curve picture.
 
 It exists so that `train.py` (sft, rm) and `ppo.py` can each hold one visible loop without importing one another;
 nanochat keeps the same kind of module (`common.py`). Nothing here knows a stage.
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -271,7 +273,7 @@ def clip_and_step(params, opt, clip):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run directory, checkpoints, metrics
+# Run directory and checkpoints
 
 
 def prepare_out(out, resume, rank):
@@ -341,6 +343,95 @@ def trim_metrics(path, step):
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if before(line)]
         data.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bookkeeping around the sft and rm loops' math (train.py)
+
+
+class Run:
+    """Resuming from --out, a step's share of the data, the metrics line, checkpoints, evaluation, --stop-after and
+    the summary. FSDP: every rank gathers its shards for a checkpoint, rank 0 writes."""
+
+    def __init__(self, a, out, rank, n_proc, model, opt, curve_keys, title):
+        self.a, self.out, self.rank, self.n_proc, self.model, self.opt = a, out, rank, n_proc, model, opt
+        self.curve_keys, self.title, self.step, self.saved_step = curve_keys, title, 0, None
+        if a.resume:
+            self.step = self.saved_step = load_checkpoint(out, model, opt)
+            log(rank, f"resumed {out} at step {self.step}")
+            if rank == 0:
+                trim_metrics(out / "metrics.jsonl", self.step)
+        self.first_step, self.t0, self.tokens, self.pads = self.step, time.time(), 0, []
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        log(rank, f"{a.stage}: {a.steps} steps of {a.batch}, {n_proc} process(es), "
+                         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of "
+                         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+
+    def share(self, order, per_epoch, lengths, device):
+        """This rank's samples of the current step (indices into `order`'s dataset) and their micro-batches. A step
+        is a random draw from the epoch's order; inside it, samples sorted by length pack into micro-batches of at
+        most --token-budget padded tokens."""
+        a, at = self.a, (self.step % per_epoch) * self.a.batch
+        mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[self.rank::self.n_proc]
+        return mine, micro_batches([lengths[i] for i in mine], a.token_budget, self.n_proc, a.fsdp, device)
+
+    def stop_if_not_finite(self, loss_total):
+        """Before the optimizer step: a NaN or infinite loss ends the run, and no checkpoint ever holds its weights."""
+        if not torch.isfinite(torch.tensor(loss_total)):
+            last = f"the last good checkpoint is {self.out} (step {self.saved_step})" if self.saved_step is not None \
+                else "no checkpoint was written yet"
+            raise SystemExit(f"error: loss is {loss_total} at step {self.step + 1}; stopping without saving; {last}")
+
+    def log_step(self, loss_total, micro_lengths, grad_norm, lr, **extra):
+        """The step's metrics line, printed and logged every 10 steps and at the last; `micro_lengths` are the
+        tokens of each micro-batch's samples."""
+        a, step = self.a, self.step
+        real, padded = sum(map(sum, micro_lengths)), sum(max(mb) * len(mb) for mb in micro_lengths)
+        self.tokens += real
+        self.pads = (self.pads + [(real, padded)])[-10:]
+        rec = {"step": step, "loss": loss_total / sum(map(len, micro_lengths)), **extra, "grad_norm": grad_norm,
+               "lr": lr, "padding_waste": 1 - sum(r for r, _ in self.pads) / sum(p for _, p in self.pads),
+               "tokens_per_s": self.tokens * self.n_proc / (time.time() - self.t0)}
+        if self.rank == 0 and (step % 10 == 0 or step == a.steps):
+            eta = (time.time() - self.t0) / (step - self.first_step) * (a.steps - step)
+            print(f"step {step}/{a.steps} " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step")
+                  + f" eta {eta:.0f}s", flush=True)
+            append_jsonl(self.out / "metrics.jsonl", rec)
+
+    def save(self):
+        if self.rank == 0 or (self.a.fsdp and self.n_proc > 1):
+            save_checkpoint(self.out, self.model, self.opt, self.step, write=self.rank == 0)
+        self.saved_step = self.step
+
+    def save_evaluate_or_stop(self, evaluate):
+        """A checkpoint every --save-every steps and at the last, `evaluate()` logged every --eval-every steps;
+        True when --stop-after ends this invocation here (saved, for --resume)."""
+        a, step = self.a, self.step
+        if step % a.save_every == 0 or step == a.steps:
+            self.save()
+        if a.eval_every and step % a.eval_every == 0 and step < a.steps:
+            metrics = evaluate()
+            if self.rank == 0 and metrics:
+                append_jsonl(self.out / "metrics.jsonl", {"step": step, **metrics})
+        if a.stop_after and step - self.first_step >= a.stop_after and step < a.steps:
+            self.save()
+            log(self.rank, f"stopped after {a.stop_after} steps at step {step}; continue with --resume")
+            return True
+        return False
+
+    def finish(self, metrics):
+        summary = {"stage": self.a.stage, "steps": self.step, "seconds": round(time.time() - self.t0, 1),
+                   "matmul_gflops": matmul_gflops(), "processes": self.n_proc,
+                   "command": " ".join(sys.argv), "seed": self.a.seed, **metrics}
+        if self.rank == 0:
+            write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}")
+            data.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            print(json.dumps(summary, indent=2))
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
 
 
 def append_jsonl(path, record):

@@ -34,16 +34,27 @@ DEFAULT_META = (
 
 
 def run_cli(main):
-    """Entry points: bad input ends in one clear message and exit status 1, not a traceback (IXC_DEBUG=1 shows it)."""
-    import os
+    """Entry points: a mistake the user can fix (a missing file; a malformed row, checkpoint or flag value, which
+    our input checks raise as ValueError; a missing optional package) ends in one line and exit status 1. Anything
+    else is a bug in our code and keeps its traceback: another exception, or a ValueError raised inside a library
+    (torch's own shape checks). IXC_DEBUG=1 shows every traceback."""
     import sys
     try:
         main()
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError, json.JSONDecodeError) as e:
-        if os.environ.get("IXC_DEBUG"):
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        if os.environ.get("IXC_DEBUG") or not (isinstance(e, FileNotFoundError) or _raised_here(e)):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _raised_here(e):
+    """Was `e` raised by a line of this project's own files (an input check), not inside a library?"""
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return Path(__file__).resolve().parent in path.parents and "site-packages" not in path.parts
 
 
 def positive_int(text):

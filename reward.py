@@ -74,9 +74,19 @@ class RewardModel(InternLMXComposer2):
         rewards = self(batch["embeds"], batch["im_mask"], batch["attention_mask"])
         return pool_last(rewards, batch["attention_mask"])
 
+    def rewards_alone(self, seqs, max_length=None):
+        """Rewards r(x, y) of (segments, pixels) sequences: one right-padded batch, each row's reward the score head
+        at its last real token (the reward token). Segments are token-id lists, and an int where image i goes."""
+        batch = self.embed_batch(seqs)
+        L = batch["embeds"].shape[1]
+        if max_length and L > max_length:
+            warnings.warn(f"a sequence of {L} tokens truncated to max_length {max_length}: its reward token is lost")
+            batch = {k: v[:, :max_length] for k, v in batch.items()}
+        return pool_last(self(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
+
     def pair_rewards(self, seqs, max_length=None):
-        """Rewards of [c0, r0, c1, r1, ...] ((segments, pixels) each; a pair shares its images), equal to scoring
-        every sequence alone. A pair's common prefix (image and prompt, most of its tokens) runs once and both
+        """rewards_alone's numbers for [c0, r0, c1, r1, ...] ((segments, pixels) each; a pair shares its images),
+        computed faster. A pair's common prefix (image and prompt, most of its tokens) runs once and both
         answers continue from its keys/values: same numbers and gradients, a third to half less compute."""
         flat = [[t for seg in segs for t in (seg if isinstance(seg, list) else [("image", seg)])] for segs, _ in seqs]
         cut = []
@@ -112,15 +122,6 @@ class RewardModel(InternLMXComposer2):
         # the prefix's last-layer outputs reach no reward; keeping them in the graph gives the weights only they use
         # a zero gradient, as scoring each sequence alone does, so AdamW still decays them and optimizer states match
         return pool_last(rewards, cont["attention_mask"]) + 0.0 * h.sum()
-
-    def rewards_alone(self, seqs, max_length=None):
-        """Rewards of (segments, pixels) sequences, each scored as a whole row of one right-padded batch."""
-        batch = self.embed_batch(seqs)
-        L = batch["embeds"].shape[1]
-        if max_length and L > max_length:
-            warnings.warn(f"a sequence of {L} tokens truncated to max_length {max_length}: its reward token is lost")
-            batch = {k: v[:, :max_length] for k, v in batch.items()}
-        return pool_last(self(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
 
     # The four methods below take their arguments in the official order (conversation, images, max_length, hd_num,
     # [return_logits,] apply_template), so code written for the released model passes them positionally unchanged.

@@ -539,6 +539,27 @@ def test_cli_errors_are_one_paragraph(world, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and "bad.jsonl:2: malformed JSON row" in r.stderr
 
 
+def test_run_cli_one_line_for_the_user_a_traceback_for_a_bug(capsys, monkeypatch):
+    """What a user can fix (a missing file, a malformed row) ends in one line and status 1; a bug in our code, a
+    shape error in torch (RuntimeError) or a ValueError torch raises itself, keeps its traceback."""
+    monkeypatch.delenv("IXC_DEBUG", raising=False)
+    for mistake, line in ((lambda: data.read_rows("no/such/rows.json"), "data file not found: no/such/rows.json"),
+                          (lambda: data.from_official([{"from": "human"}]), "message 0 must have 'from'")):
+        with pytest.raises(SystemExit) as e:
+            data.run_cli(mistake)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error: " + line) and err.count("\n") == 1
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        data.run_cli(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        data.run_cli(lambda: torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(KeyError):
+        data.run_cli(lambda: {}["missing"])
+    monkeypatch.setenv("IXC_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        data.run_cli(lambda: data.read_rows("no/such/rows.json"))
+
+
 def test_video_without_decoder_names_the_package(tmp_path, monkeypatch):
     import vision
     video = tmp_path / "clip.mp4"
@@ -743,7 +764,47 @@ def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
     assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-4, 120, 48, 20, 0.1)
     with pytest.raises(SystemExit, match="--center-coef must be >= 0"):
         train.parse_args(["--stage", "rm", "--out", "x", "--center-coef", "-0.1"])
-    with pytest.raises(SystemExit, match="--truth rewrites the world's SFT answers"):
+    with pytest.raises(SystemExit):   # the world's own models are built by the world, not by the launcher
         train.parse_args(["--stage", "sft", "--out", "x", "--data", "d.json", "--truth"])
     a = train.parse_args(["--stage", "ppo", "--out", "x", "--rm", "r", "--data", "d.json"])   # the official recipe
     assert (a.lr, a.steps, a.batch, a.eval_every, a.kl_coef) == (1e-6, 100, 16, 0, 0.05)
+    a = train.parse_args(["--stage", "rm", "--data", "d.json"])
+    assert (a.lr, a.batch, a.weight_decay, a.beta2, a.warmup, a.clip, a.hd_num, a.max_length) == \
+        (1e-5, 16, 0.1, 0.95, 0.01, 1.0, 9, 8192)
+    assert a.out == "runs/rm" and not hasattr(a, "kl_coef") and not hasattr(train.parse_args(["--stage", "ppo", "--rm",
+                                                                                              "r"]), "head")
+    r = subprocess.run([sys.executable, "train.py", "--stage", "sft", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--freeze-vision" in r.stdout and "--head" not in r.stdout and "--rm" not in r.stdout
+    assert "--lr LR" in r.stdout and "(default: 0.001)" in r.stdout   # the world's SFT learning rate, shown
+
+
+def test_ppo_finds_the_reward_model_the_rm_stage_writes(tmp_path, monkeypatch):
+    """On the built-in world, --stage ppo reads runs/rm, where --stage rm writes by default; without it, one line
+    names the command that makes it. With --data the reward model is named with --rm (ppo.train asks for it)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"no reward model in runs/rm; train it first: torchrun --standalone "
+                                         r"--nproc_per_node 2 train.py --stage rm"):
+        train.parse_args(["--stage", "ppo"])
+    (tmp_path / "runs" / "rm").mkdir(parents=True)
+    (tmp_path / "runs" / "rm" / "config.json").write_text("{}")
+    a = train.parse_args(["--stage", "ppo"])
+    assert a.rm == ["runs/rm"] and a.out == "runs/ppo"
+    assert train.parse_args(["--stage", "ppo", "--rm", "x", "y"]).rm == ["x", "y"]
+    assert train.parse_args(["--stage", "ppo", "--data", "d.json"]).rm is None
+
+
+def test_warmup_rows_of_a_data_file_open_the_first_epoch(tmp_path):
+    """The world's SFT set opens epoch 0 with its warm-up rows; a --data file's rows marked "warmup": true do too
+    (read_sft keeps the key), and later epochs are shuffled whole."""
+    rows = [{"id": i, "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
+             **({"warmup": True} if i % 4 == 3 else {})} for i in range(40)]
+    (tmp_path / "sft.json").write_text(json.dumps(rows))
+    samples = data.read_sft(tmp_path / "sft.json")
+    warm = {i for i, s in enumerate(samples) if s.get("warmup")}
+    assert warm == {i for i in range(40) if i % 4 == 3}
+    first = train.sft_order(samples, seed=0, epoch=0)
+    assert sorted(first) == list(range(40)) and set(first[:10]) == warm
+    assert first[:10] != sorted(warm) and first[10:] != sorted(set(range(40)) - warm)   # each group shuffled
+    later = train.sft_order(samples, seed=0, epoch=1)
+    assert sorted(later) == list(range(40)) and set(later[:10]) != warm
