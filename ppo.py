@@ -688,38 +688,40 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
 
 
 def overoptimisation_svg(runs, gold="heldout_right", w=780, h=420):
-    """From each run's held-out checks (metrics.jsonl): the checker's score (gold: the fraction of greedy held-out
-    answers with no failure, solid, left axis) and the reward model's (proxy: the mean score of that iteration's
-    samples, dashed, right axis) against sqrt(KL to the reference), one colour per run, points joined in order of KL."""
+    """From each run's held-out checks (metrics.jsonl): the checker's score (gold: by default the fraction of greedy
+    held-out answers with no failure; solid, left axis) and the reward model's (proxy: the mean score of that
+    iteration's samples; dashed, right axis) against sqrt(KL to the reference), a colour per run, joined in order
+    of KL."""
     lines = []
-    for run in map(Path, runs):
+    for i, run in enumerate(map(Path, runs)):
         rows = [r for r in common.read_metrics(run / "metrics.jsonl") if common.finite(r.get(gold))]
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         label = f"--kl-coef {summary['kl_coef']} ({run.name})" if "kl_coef" in summary else run.name
-        lines.append((label, sorted((math.sqrt(max(r["kl"], 0.0)), r[gold], r["score"]) for r in rows)))
-    points = [p for _, pts in lines for p in pts]
+        lines.append((label, common.COLOURS[i % len(common.COLOURS)],
+                      sorted((math.sqrt(max(r["kl"], 0.0)), r[gold], r["score"]) for r in rows)))
+    points = [p for *_, pts in lines for p in pts]
     if not points:
         raise ValueError(f"no held-out checks ('{gold}') in the metrics.jsonl of {', '.join(map(str, runs))}")
     xs, golds, proxies = zip(*points)
     xt, gt, pt = common.ticks(0.0, max(xs)), common.ticks(min(golds), max(golds)), common.ticks(min(proxies),
                                                                                              max(proxies))
     box = (70, 40, w - 330, h - 100)
-    px, py_gold, py_proxy = (common.scale(xt, box[0], box[0] + box[2]), common.scale(gt, box[1] + box[3], box[1]),
-                             common.scale(pt, box[1] + box[3], box[1]))
+    px, (py_gold, py_proxy) = common.scale(xt, box[0], box[0] + box[2]), (common.scale(t, box[1] + box[3], box[1])
+                                                                          for t in (gt, pt))
+    what = "held-out answers right (fraction)" if gold == "heldout_right" else gold
     out = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">',
-           common.svg_text(8, 20, "Over-optimisation: the checker (gold) and the reward model (proxy) against KL", 14),
-           common.svg_axes(box, xt, gt, "sqrt(KL to the reference) (nats^0.5; KL per response)",
-                           "gold: checker, held-out answers right (fraction)",
+           common.svg_text(8, 20, "Over-optimisation (Gao et al. 2022): the checker (gold) and the reward model "
+                           "(proxy) against KL", 14),
+           common.svg_axes(box, xt, gt, "√KL to the reference (√nats; KL per response)", f"gold: checker, {what}",
                            right=(pt, "proxy: reward-model score (normalised)"))]
-    legend_x = box[0] + box[2] + 80
-    out += [common.svg_text(legend_x, box[1] + 8, "solid: gold (checker)", 11),
-            common.svg_text(legend_x, box[1] + 24, "dashed: proxy (reward model)", 11)]
-    for i, (label, pts) in enumerate(lines):
-        colour, y = common.COLOURS[i % len(common.COLOURS)], box[1] + 50 + 18 * i
+    key = [("gold (checker)", "#444", ""), ("proxy (reward model)", "#444", ' stroke-dasharray="6 4"')]
+    for i, (label, colour, dash) in enumerate(key + [(label, colour, "") for label, colour, _ in lines]):
+        x, y = box[0] + box[2] + 80, box[1] + 8 + 18 * i + 12 * (i >= 2)
+        out += [f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colour}" stroke-width="2"{dash}/>',
+                common.svg_text(x + 30, y, label, 11)]
+    for _, colour, pts in lines:
         out += [common.svg_line([(x, g) for x, g, _ in pts], px, py_gold, colour),
-                common.svg_line([(x, p) for x, _, p in pts], px, py_proxy, colour, dashed=True),
-                f'<rect x="{legend_x}" y="{y - 9}" width="14" height="10" fill="{colour}"/>',
-                common.svg_text(legend_x + 20, y, label, 11)]
+                common.svg_line([(x, p) for x, _, p in pts], px, py_proxy, colour, dashed=True)]
     return "".join(out) + "</svg>"
 
 

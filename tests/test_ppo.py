@@ -313,7 +313,7 @@ def test_overoptimisation_figure_joins_each_runs_points_in_order_of_kl(tmp_path)
     gold_y, proxy_y = [y for _, y in lines[4]], [y for _, y in lines[5]]
     assert gold_y[1] < gold_y[0] and gold_y[1] < gold_y[2] < gold_y[3] and proxy_y == sorted(proxy_y, reverse=True)
     words = " ".join(texts(svg))
-    for label in ("sqrt(KL to the reference)", "nats", "gold: checker", "proxy: reward-model score",
+    for label in ("√KL to the reference", "√nats", "gold: checker", "proxy: reward-model score",
                   "--kl-coef 0.05 (a)", "--kl-coef 0.1 (b)", "--kl-coef 0.0 (c)"):
         assert label in words, label
     assert {"0", "1", "2"} <= set(texts(svg))  # tick values on the sqrt(KL) axis (max sqrt(5) = 2.24)
