@@ -1,5 +1,6 @@
 """What every training stage shares and no algorithm owns: processes, wrapping for DDP / FSDP2, the optimizer and
-its schedule, atomic checkpoints with exact resume, the metrics log and its learning-curve picture.
+its schedule, atomic checkpoints with exact resume, the metrics log, and pictures of it drawn as plain SVG
+(learning curves here; ppo.py draws the over-optimisation figure with the same axes).
 
 It exists so that `train.py` (sft, rm) and `ppo.py` can each hold one visible loop without importing one another;
 nanochat keeps the same kind of module (`common.py`). Nothing here knows a stage.
@@ -445,7 +446,7 @@ def curves_svg(metrics_path, keys, title, x="step", xlabel=None, w=330, h=220):
     return "".join(out) + "</svg>"
 
 
-def write_curves(out, keys, title, x="step", xlabel=None, name="curves.svg"):
-    """An SVG of metrics.jsonl beside it, rewritten whole (atomically) whenever it is called."""
+def write_curves(out, keys, title, xlabel=None):
+    """curves.svg of metrics.jsonl beside it, rewritten whole (atomically) whenever it is called."""
     if (out / "metrics.jsonl").is_file():
-        data.atomic_write_text(out / name, curves_svg(out / "metrics.jsonl", keys, title, x, xlabel))
+        data.atomic_write_text(out / "curves.svg", curves_svg(out / "metrics.jsonl", keys, title, xlabel=xlabel))

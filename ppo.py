@@ -4,20 +4,20 @@
     python ppo.py plot runs/ppo runs/ppo-kl0 --out overoptimisation.svg                         # Gao et al.'s figure
 
 Four roles (paper §3.3, "N+ implementation details"): the policy (trained), a frozen reference copy of it, the
-reward model (frozen), and the critic, initialised from the reward model and read at every response token.
-One iteration of `train`: sample responses and score them (`collect_rollouts`) -> per-token rewards with a KL
-penalty -> GAE (Eq. 2) (`compute_advantages`) -> K epochs of the clipped policy (Eq. 3, `policy_loss`) and value
-(Eq. 4, `value_loss`) losses over shuffled mini-batches (`ppo_update`). The equations are the pure functions of
-the next section; the rest moves rows between models and processes.
+frozen reward model, and the critic, initialised from the reward model and read at every response token. One
+iteration of `train`: 1. sample responses and score them (`collect_rollouts`); 2. per-token rewards with a KL
+penalty and 3. GAE, Eq. 2 (`compute_advantages`); 4. K epochs of the clipped policy (Eq. 3, `policy_loss`) and
+value (Eq. 4, `value_loss`) losses over shuffled mini-batches (`ppo_update`). The equations are pure functions of
+tensors (next section); the rest moves rows between models and processes.
 
-Padding contract, in one place (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them,
-position ids count real tokens only, masks come from lengths (so a pad id equal to a stop token changes nothing),
-the score sits on the last real response token. A prompt is held as `segments`, model.splice's input: a list whose
-items are either a list of token ids or an int, the index of an image whose embeddings go in that place.
+Padding contract (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them, position ids
+count real tokens only, masks come from lengths (a pad id equal to a stop token changes nothing), the score sits on
+the last real response token. A prompt is held as `segments`, model.splice's input: a list whose items are either
+token ids (a list) or an image's index (an int), whose embeddings go in that place.
 
-Under torchrun each process (`n_proc` of them) samples its share of the prompts; statistics and mini-batches are
-those of the whole batch, so that any number of processes trains as one. FSDP runs every layer's all-gather in
-each forward, so the ranks must run equally many forwards: `lockstep` is the one place that arranges it.
+Under torchrun each of the `n_proc` processes samples its share of the prompts, while statistics and mini-batches
+are the whole batch's, so any number of processes trains as one; FSDP all-gathers every layer in each forward, so
+the ranks must run equally many forwards, which `lockstep` arranges.
 """
 import argparse
 import contextlib
@@ -127,9 +127,9 @@ def compute_advantages(ro, a, n_proc=1):
     advantages. RLOO: the sequence reward minus the mean of the other samples of the same prompt, on every token."""
     kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
     if a.algo == "ppo":
-        rewards = -a.kl_coef * kl
+        rewards = -a.kl_coef * kl  # 2. the KL penalty on every token, the reward model's score on the last
         rewards[torch.arange(len(ro)), ro.lengths() - 1] += ro.score
-        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)
+        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)  # 3. GAE against the critic's values
     else:
         seq_reward = ro.score - a.kl_coef * kl.sum(1)
         same = (ro.group[:, None] == ro.group[None, :]).float()
@@ -677,7 +677,7 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
         common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
                             f"PPO ({a.algo}): {out.name}", xlabel="PPO iteration")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        if held:
+        if held and a.eval_every:  # the held-out checks, from step 0 on
             data.atomic_write_text(out / "overoptimisation.svg", overoptimisation_svg([out]))
         print(json.dumps(summary, indent=2))
     return summary
