@@ -359,8 +359,8 @@ def finite(x):
 
 COLOURS = ("#2a6fdb", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#1098ad", "#e67700", "#495057")
 # what each logged key is, with its unit, for the axis that shows it
-LABELS = {"step": "step", "loss": "loss (nats)", "accuracy": "accuracy (fraction)", "grad_norm": "gradient norm",
-          "lr": "learning rate", "heldout_accuracy": "held-out accuracy (fraction)",
+LABELS = {"step": "optimizer step", "loss": "loss (nats)", "accuracy": "accuracy (fraction)",
+          "grad_norm": "gradient norm", "lr": "learning rate", "heldout_accuracy": "held-out accuracy (fraction)",
           "score": "reward-model score (normalised)", "kl": "KL to the reference (nats per response)",
           "train_accuracy": "checker: samples right (fraction)", "value_loss": "value loss (reward units squared)",
           "entropy": "entropy (nats per token)", "response_length": "response length (tokens)"}
