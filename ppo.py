@@ -1,19 +1,28 @@
 """PPO (and critic-free RLOO) for a multimodal chat policy, rewarded by IXC-2.5-Reward.
 
     torchrun --standalone --nproc_per_node 2 train.py --stage ppo --rm runs/rm --out runs/ppo   # built-in world
+    python ppo.py plot runs/ppo runs/ppo-kl0 --out overoptimisation.svg                         # Gao et al.'s figure
 
 Four roles (paper §3.3, "N+ implementation details"): the policy (trained), a frozen reference copy of it, the
-reward model (frozen), and the critic, initialised from the reward model and read at every response token.
-One iteration (`train`): sample responses -> score them -> per-token rewards with a KL penalty -> GAE (Eq. 2) ->
-K epochs of clipped policy (Eq. 3) and value (Eq. 4) updates over shuffled mini-batches.
+frozen reward model, and the critic, initialised from the reward model and read at every response token. One
+iteration of `train`: 1. sample responses and score them (`collect_rollouts`); 2. per-token rewards with a KL
+penalty and 3. GAE, Eq. 2 (`compute_advantages`); 4. K epochs of the clipped policy (Eq. 3, `policy_loss`) and
+value (Eq. 4, `value_loss`) losses over shuffled mini-batches (`ppo_update`). The equations are pure functions of
+tensors (next section); the rest moves rows between models and processes.
 
-Padding contract, in one place (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them,
-position ids count real tokens only, masks come from lengths (so a pad id equal to a stop token changes nothing),
-the score sits on the last real response token.
+Padding contract (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them, position ids
+count real tokens only, masks come from lengths (a pad id equal to a stop token changes nothing), the score sits on
+the last real response token. A prompt is held as `segments`, model.splice's input: a list whose items are either
+token ids (a list) or an image's index (an int), whose embeddings go in that place.
+
+Under torchrun each of the `n_proc` processes samples its share of the prompts, while statistics and mini-batches
+are the whole batch's, so any number of processes trains as one; FSDP all-gathers every layer in each forward, so
+the ranks must run equally many forwards, which `lockstep` arranges.
 """
 import argparse
 import contextlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, fields, replace
@@ -53,6 +62,89 @@ def add_args(p):
     g.add_argument("--rloo-k", type=data.positive_int, default=4, help="rloo: samples per prompt")
     g.add_argument("--rollout-chunk", type=data.positive_int, default=32, help="prompts per generation call")
     return {a.dest for a in g._group_actions}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math (paper Eq. 2-4): pure functions of [B, T] tensors; `mask` is 1.0 on response tokens, 0.0 on padding
+
+
+def kl_penalty(logp, ref_logp, estimator):
+    """Per-token KL(pi || pi_ref) estimate: k1 = log ratio, k3 = (r - 1) - log r with r = pi_ref / pi (Schulman)."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_r = ref_logp - logp
+    return log_r.exp() - 1 - log_r
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (paper Eq. 2), backwards over each row's valid tokens; V after the last
+    token is 0 (the episode ends there). Returns (advantages, returns = advantages + V)."""
+    values = values * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def policy_loss(ratio, adv, clip_ratio):
+    """Paper Eq. 3 per token, as a loss: -min(r A, clip(r, 1 - eps, 1 + eps) A), r = pi(token) / pi_old(token)."""
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_ratio, 1 + clip_ratio))
+
+
+def value_loss(v, old_v, returns, value_clip):
+    """Paper Eq. 4 per token: 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps), the
+    critic kept near the values the advantages were computed with."""
+    v_clip = old_v + (v - old_v).clamp(-value_clip, value_clip)
+    return 0.5 * torch.max((v - returns) ** 2, (v_clip - returns) ** 2)
+
+
+def whiten(x, mask, shift_mean=True, n_proc=1):
+    """Normalise over valid tokens only (padding must not move the statistics), pooled over every rank's rollouts
+    (one batch, as in a 1-process run)."""
+    total = common.sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), n_proc)
+    mean = total[0] / total[1].clamp(min=1)
+    var = common.sum_over_ranks(((x - mean) ** 2 * mask).sum(), n_proc) / total[1].clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def pooled_moments(x, n_proc, mask=None):
+    """Mean and (unbiased) standard deviation of each row of x [K, N] over its valid entries on every rank: the
+    numbers one process holding the whole batch would log."""
+    mask = torch.ones_like(x) if mask is None else mask.expand_as(x)
+    x = x.double() * mask
+    n, s, s2 = common.sum_over_ranks(torch.stack([mask.double().sum(1), x.sum(1), (x * x).sum(1)]), n_proc)
+    mean = s / n.clamp(min=1)
+    return mean, ((s2 - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+
+
+def compute_advantages(ro, a, n_proc=1):
+    """PPO: per-token rewards -beta * KL with the score added on the last real token, GAE (Eq. 2), whitened
+    advantages. RLOO: the sequence reward minus the mean of the other samples of the same prompt, on every token."""
+    kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
+    if a.algo == "ppo":
+        rewards = -a.kl_coef * kl  # 2. the KL penalty on every token, the reward model's score on the last
+        rewards[torch.arange(len(ro)), ro.lengths() - 1] += ro.score
+        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)  # 3. GAE against the critic's values
+    else:
+        seq_reward = ro.score - a.kl_coef * kl.sum(1)
+        same = (ro.group[:, None] == ro.group[None, :]).float()
+        baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
+        adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
+    ro.adv = whiten(adv, ro.mask, n_proc=n_proc)
+    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), n_proc)
+    return {"kl": mean[0].item(), "score": mean[1].item(), "score_std": std[1].item()}
+
+
+def explained_variance(ro, n_proc=1):
+    """1 - Var(returns - V) / Var(returns) over every rank's valid tokens."""
+    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), n_proc,
+                                           ro.mask.flatten()[None])
+    return (1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,44 +290,20 @@ def reward_norm(rm, normalize):
     return (rm.cfg.reward_mean, rm.cfg.reward_std) if normalize else (0.0, 1.0)
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x, mask, shift_mean=True, n_proc=1):
-    """Normalise over valid tokens only (padding must not move the statistics), pooled over every rank's rollouts
-    (one batch, as in a 1-process run)."""
-    total = common.sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]), n_proc)
-    mean = total[0] / total[1].clamp(min=1)
-    var = common.sum_over_ranks(((x - mean) ** 2 * mask).sum(), n_proc) / total[1].clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
-
-
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (paper Eq. 2), backwards over each row's valid tokens; V after the last
-    token is 0 (the episode ends there)."""
-    values = values * mask
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0], device=rewards.device)
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
-    return adv, adv + values
-
-
-def kl_penalty(logp, ref_logp, estimator):
-    """Per-token KL(pi || pi_ref) estimate: k1 = log ratio, k3 = (r - 1) - log r with r = pi_ref / pi (Schulman)."""
-    if estimator == "k1":
-        return logp - ref_logp
-    log_r = ref_logp - logp
-    return log_r.exp() - 1 - log_r
+def lockstep(ro, rows, budget, n_proc, fsdp, device):
+    """`rows` of the rollout in micro-batches of at most `budget` padded tokens, as (part, its rows, last of the
+    rank's). Under FSDP every forward all-gathers each layer, so every rank runs as many micro-batches as the one
+    that needs the most (common.micro_batches); a rank short of rows runs a stand-in row (the rollout's first) with
+    no rows of its own: the caller keeps nothing of it and weighs its loss by zero."""
+    lengths = (ro.lengths()[rows] + torch.tensor([ro.prompt_len[i] for i in rows], dtype=torch.long)).tolist()
+    micro = common.micro_batches(lengths, budget, n_proc, fsdp, device)
+    for k, mi in enumerate(micro):
+        idx = [rows[i] for i in mi]
+        yield ro.rows(idx or [0]), idx, k == len(micro) - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rollout
+# 1. Rollout: sample, then score and read every model over the samples
 
 
 def reward_rows(rm, ro, role, device):
@@ -267,23 +335,40 @@ def sample_seed(seed, step, row):
 
 @torch.no_grad()
 def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
-    """Sample responses in chunks of --rollout-chunk prompts, response j of prompt p from generators[p * n + j];
-    then score them and read log-probs and values over micro-batches of --token-budget tokens. `prompt_index`: each
-    prompt's place in the step's global batch (default: its place in `prompts`).
-
-    Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed before
-    returning, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
-    different steps never wait for one another (README: "PPO at 7B (FSDP)" has the measurement behind this choice).
-    The scoring passes go through the wrapped objectives and every rank runs as many of them."""
-    pi, ref, critic = common.unwrap(roles.policy), roles.ref, common.unwrap(roles.critic) if roles.critic else None
-    policy, fsdp = pi.model, common.sharded(pi)
+    """The rollout of `prompts` ((chat prompt, images, row) each): responses sampled with `generators` (response j
+    of prompt p from generators[p * n + j], n = --rloo-k for RLOO, else 1), their scores, and the log-probs and
+    values of every response token. `prompt_index`: each prompt's place in the step's global batch (default: its
+    place in `prompts`)."""
+    policy, critic = common.unwrap(roles.policy).model, common.unwrap(roles.critic) if roles.critic else None
     for m in (policy, critic.model if critic is not None else None):
         if m is not None:
             m.eval()
-    n_proc = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    sampler = common.unsharded_copy(policy, amp) if fsdp else policy
     prompt_index = list(range(len(prompts))) if prompt_index is None else prompt_index
+    segments, pixels, items, group, index, responses, stopped = sample(common.unwrap(roles.policy), prompts, a,
+                                                                       generators, prompt_index)
+    # image embeddings are constants during PPO (vision frozen): encode once per model, keep them on the host
+    models = {"policy": policy, **({"critic": critic.model} if critic is not None else {}),
+              **{rm.role: rm.model for rm in roles.rms}}
+    images = {role: [[e.cpu() for e in m.encode_images(px)] if px else [] for px in pixels]
+              for role, m in models.items()}
+    prompt_len = [sum(len(s) for s in seg if not isinstance(s, int)) + sum(e.shape[0] for e in ims)
+                  for seg, ims in zip(segments, images["policy"])]
+    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group, index)
+    read_rollout(roles, ro, a, device)
+    return ro
+
+
+def sample(pi, prompts, a, generators, prompt_index):
+    """Responses to `prompts`, --rollout-chunk prompts per generation call, as seven per-response lists: prompt
+    segments, pixels, data row, the prompt's and the response's places in the step's global batch, token ids up to
+    and with the stop token, whether it stopped.
+
+    Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed on
+    return, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
+    different steps never wait for one another (README: "PPO at 7B (FSDP)" has the measurement behind this choice)."""
+    policy, device = pi.model, pi.device
+    amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    sampler = common.unsharded_copy(policy, amp) if common.sharded(pi) else policy
     n = a.rloo_k if a.algo == "rloo" else 1
     segments, pixels, items, group, index, responses, stopped = [], [], [], [], [], [], []
     stop = {policy.tokenizer.eos_id, policy.tokenizer.eot_id}
@@ -302,25 +387,23 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
             index.append(prompt_index[c + j // n] * n + j % n)
             responses.append(row[:end] if end else row)
             stopped.append(end is not None)
-    del sampler, batch  # under FSDP the whole copy: freed before the passes below and the update
-    # image embeddings are constants during PPO (vision frozen): encode once per model, keep them on the host
-    models = {"policy": policy, **({"critic": critic.model} if critic is not None else {}),
-              **{rm.role: rm.model for rm in roles.rms}}
-    images = {role: [[e.cpu() for e in m.encode_images(px)] if px else [] for px in pixels]
-              for role, m in models.items()}
-    prompt_len = [sum(len(s) for s in seg if not isinstance(s, int)) + sum(e.shape[0] for e in ims)
-                  for seg, ims in zip(segments, images["policy"])]
-    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group, index)
+    return segments, pixels, items, group, index, responses, stopped
+
+
+def read_rollout(roles, ro, a, device):
+    """Fill in the rollout's score (the reward models' mean, minus --missing-eos-penalty where no stop token came)
+    and, per response token, log pi_old, log pi_ref and V, over micro-batches of --token-budget tokens."""
+    pi, ref, critic = common.unwrap(roles.policy), roles.ref, common.unwrap(roles.critic) if roles.critic else None
+    n_proc = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     B, T = ro.response.shape
     score, old_logp, ref_logp, values = torch.zeros(B), torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    lengths = (ro.lengths() + torch.tensor(prompt_len)).tolist()
+
     def run(objective, part):  # FSDP: the root gathered for one forward only, one model's at a time
         out = objective(part)
         common.release(objective)
         return out[0] if isinstance(out, tuple) else out
 
-    for mi in common.micro_batches(lengths, a.token_budget, n_proc, fsdp, device):
-        part = ro.rows(mi or [0])  # an empty micro-batch (FSDP: the ranks' counts match) runs on a stand-in row
+    for part, mi, _ in lockstep(ro, list(range(B)), a.token_budget, n_proc, common.sharded(pi), device):
         t = part.response.shape[1]
         out = (sum(run(rm, part) for rm in roles.rms) / len(roles.rms), run(pi, part), run(ref, part),
                run(critic, part) if critic is not None else None)
@@ -331,47 +414,17 @@ def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
                 values[mi, :t] = out[3].float().cpu()
     ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
     ro.old_logp, ro.ref_logp, ro.values = old_logp * ro.mask, ref_logp * ro.mask, values * ro.mask
-    return ro
-
-
-def compute_advantages(ro, a, n_proc=1):
-    """PPO: per-token -beta*KL, the score on the last real token, GAE (Eq. 2), whitened advantages. RLOO: the
-    sequence reward minus the mean of the other samples of the same prompt, on every token."""
-    kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
-    if a.algo == "ppo":
-        rewards = -a.kl_coef * kl
-        rewards[torch.arange(len(ro)), ro.lengths() - 1] += ro.score
-        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)
-    else:
-        seq_reward = ro.score - a.kl_coef * kl.sum(1)
-        same = (ro.group[:, None] == ro.group[None, :]).float()
-        baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
-        adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
-    ro.adv = whiten(adv, ro.mask, n_proc=n_proc)
-    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), n_proc)
-    return {"kl": mean[0].item(), "score": mean[1].item(), "score_std": std[1].item()}
-
-
-def pooled_moments(x, n_proc, mask=None):
-    """Mean and (unbiased) standard deviation of each row of x [K, N] over its valid entries on every rank: the
-    numbers one process holding the whole batch would log."""
-    mask = torch.ones_like(x) if mask is None else mask.expand_as(x)
-    x = x.double() * mask
-    n, s, s2 = common.sum_over_ranks(torch.stack([mask.double().sum(1), x.sum(1), (x * x).sum(1)]), n_proc)
-    mean = s / n.clamp(min=1)
-    return mean, ((s2 - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Update
+# 4. The update: K epochs of the clipped losses over shuffled mini-batches
 
 
 def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp=contextlib.nullcontext):
-    """--ppo-epochs passes over shuffled mini-batches; each mini-batch is one optimizer step, accumulated over
-    micro-batches that fit --token-budget. Mini-batches are drawn from the step's global batch (the same shuffle on
-    every rank), so that they hold the rows one process would put in them; losses are token means over the whole
-    mini-batch, all ranks included. fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for RLOO), wrapped
-    for DDP or FSDP under torchrun."""
+    """--ppo-epochs passes over --mini-batches shuffled mini-batches, each one optimizer step of the policy (Eq. 3)
+    and the critic (Eq. 4), accumulated over micro-batches that fit --token-budget. Losses are token means over
+    the whole mini-batch, all ranks included. fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for
+    RLOO), wrapped for DDP or FSDP under torchrun. Returns token means of the losses and diagnostics."""
     stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update, all ranks
 
     def log_mean(name, x, mask):
@@ -379,42 +432,23 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp=contextl
         total[0] += (x * mask).sum().item()
         total[1] += mask.sum().item()
 
-    # each local row's place in the global batch (one process: the rows as they are, repeats included)
-    rows = ro.index.tolist() if n_proc > 1 else list(range(len(ro)))
-    local = {g: i for i, g in enumerate(rows)}
-    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), n_proc))))
-    n_mb = min(a.mini_batches, len(order))
-    cuts = [round(i * len(order) / n_mb) for i in range(n_mb + 1)]  # exactly --mini-batches, sizes within one
-    fsdp = common.sharded(fwd_pi)
-    for epoch in range(a.ppo_epochs):
-        random.shuffle(order)  # every rank's Python RNG is seeded alike and drawn alike
-        for m0, m1 in zip(cuts, cuts[1:]):
-            mb = [local[g] for g in order[m0:m1] if g in local]  # this rank's share, possibly empty
-            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), n_proc).item()
-            lengths = (ro.lengths()[mb] + torch.tensor([ro.prompt_len[i] for i in mb], dtype=torch.long)).tolist()
-            micro = common.micro_batches(lengths, a.token_budget, n_proc, fsdp, device)
-            for k, mi in enumerate(micro):
-                # an empty micro-batch runs a stand-in row with a zero mask: the forwards and reductions pair up
-                # across ranks, and nothing of it reaches a gradient or a statistic
-                part = ro.rows([mb[i] for i in mi] or [0])
+    for minibatches in shuffled_minibatches(ro, a, n_proc):  # one list per epoch
+        for mb in minibatches:
+            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), n_proc).item()  # the whole mini-batch's tokens
+            for part, mi, last in lockstep(ro, mb, a.token_budget, n_proc, common.sharded(fwd_pi), device):
                 mask, adv = part.mask.to(device) * bool(mi), part.adv.to(device)
-                last = k == len(micro) - 1
                 # policy and critic share no parameter: a backward each equals one of the summed losses, and only
-                # one model's activations are alive at a time
+                # one model's activations are alive at a time. DDP / FSDP average the ranks' gradients: * n_proc
                 with common.no_sync_unless(last, fwd_pi), amp():
                     logp, entropy = fwd_pi(part)
-                    log_ratio = (logp - part.old_logp.to(device)) * mask
+                    log_ratio = (logp - part.old_logp.to(device)) * mask  # 0 on padding: a ratio of 1
                     ratio = log_ratio.exp()
-                    # paper Eq. 3: the clipped surrogate, a token mean over the mini-batch
-                    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.clip_ratio, 1 + a.clip_ratio))
+                    pg = policy_loss(ratio, adv, a.clip_ratio)
                     ((pg * mask).sum() * n_proc / n_tok).backward()
                 if fwd_v is not None:
                     with common.no_sync_unless(last, fwd_v), amp():
-                        old_v, ret = part.values.to(device), part.returns.to(device)
-                        v = fwd_v(part)
-                        # paper Eq. 4: the value loss, clipped around the rollout's values
-                        v_clip = old_v + (v - old_v).clamp(-a.value_clip, a.value_clip)
-                        vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+                        old_v, v = part.values.to(device), fwd_v(part)
+                        vf = value_loss(v, old_v, part.returns.to(device), a.value_clip)
                         ((vf * mask).sum() * n_proc / n_tok).backward()
                     log_mean("value_loss", vf.detach(), mask)
                     log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
@@ -432,15 +466,138 @@ def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp=contextl
     return {k: total / max(n, 1.0) for k, (total, n) in zip(names, totals.tolist())}
 
 
-def explained_variance(ro, n_proc=1):
-    """1 - Var(returns - V) / Var(returns) over every rank's valid tokens."""
-    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), n_proc,
-                                           ro.mask.flatten()[None])
-    return (1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)).item()
+def shuffled_minibatches(ro, a, n_proc):
+    """For each of --ppo-epochs, --mini-batches (sizes within one) cut from a shuffle of the step's global batch, as
+    this rank's rows of each (possibly none): the rows one process would put in them. Every rank's Python RNG is
+    seeded and drawn alike, so all shuffle alike."""
+    rows = ro.index.tolist() if n_proc > 1 else list(range(len(ro)))  # one process: the rows as they are
+    local = {g: i for i, g in enumerate(rows)}
+    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), n_proc))))
+    n_mb = min(a.mini_batches, len(order))
+    cuts = [round(i * len(order) / n_mb) for i in range(n_mb + 1)]
+    epochs = []
+    for _ in range(a.ppo_epochs):
+        random.shuffle(order)
+        epochs.append([[local[g] for g in order[m0:m1] if g in local] for m0, m1 in zip(cuts, cuts[1:])])
+    return epochs
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop (train.py --stage ppo calls it)
+
+
+def train(a, rank, n_proc, device):
+    """--steps iterations of: rollout -> rewards with the KL penalty -> GAE (Eq. 2) -> K epochs of the clipped
+    policy (Eq. 3) and value (Eq. 4) losses. Returns the summary (None when --stop-after stopped the run)."""
+    out = common.prepare_out(a.out, a.resume, rank)
+    fsdp = a.fsdp and n_proc > 1
+    amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
+    if not a.rm:
+        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
+    policy = trained(InternLMXComposer2.from_pretrained(a.init or WORLD_SFT, device=device), a)
+    prompts, held = ppo_prompts(a)
+    summary = start_summary(a, out, rank, n_proc, fsdp, policy, held)  # before wrapping: rank 0 holds it whole
+    roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
+                       else torch.float32)
+    fwd_pi, fwd_v = roles.policy, roles.critic
+    critic = common.unwrap(fwd_v).model if fwd_v is not None else None
+    critic_lr = a.critic_lr or 5 * a.lr
+    # after wrapping: FSDP replaces the parameters by their shards
+    opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
+    opt_v = common.make_optimizer(critic, critic_lr, a.weight_decay, a.beta2) if critic is not None else None
+    step = resume(a, out, rank, policy, opt_pi, critic, opt_v) if a.resume else 0
+    per_prompt = a.rloo_k if a.algo == "rloo" else 1
+    t0, tokens_done, first_step, stats = time.time(), 0, step, None
+    while step < a.steps:
+        checked = check_heldout(policy, held, a, step, rank, fsdp)  # the gold score, before this iteration
+        mine, index = step_prompts(prompts, a, step, rank, n_proc)
+        # one generator per response, seeded by its place in the global batch: resume and process count change
+        # nothing
+        generators = [torch.Generator(device).manual_seed(sample_seed(a.seed, step, g * per_prompt + j))
+                      for g in index for j in range(per_prompt)]
+        t_roll = time.time()
+        # 1. rollout: responses, their scores, and log-probs / values of every response token
+        with amp():
+            ro = collect_rollouts(roles, mine, a, device, generators, index)
+        # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
+        stats = compute_advantages(ro, a, n_proc)
+        t_roll = time.time() - t_roll
+        # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
+        lr = common.lr_at(step, a.lr, a.steps, a.warmup)
+        common.set_lr(opt_pi, lr)
+        if opt_v is not None:
+            common.set_lr(opt_v, lr * critic_lr / a.lr)
+        for m in (policy, critic):  # train mode: --grad-ckpt checkpoints only in training forwards
+            if m is not None:
+                m.train()
+        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp))
+        step += 1
+        tokens_done += int(ro.mask.sum())
+        stats.update(step=step, response_length=ro.mask.sum().item() / len(ro),
+                     eos_rate=ro.stopped.float().mean().item(), tokens_per_s=tokens_done * n_proc / (time.time() - t0),
+                     rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
+        if held:
+            answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
+            stats["train_accuracy"] = sum(map(checker.is_correct, ro.items, answers)) / len(ro)
+        log_iteration(out, stats, checked, a, rank, n_proc)
+        stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
+        if step % a.save_every == 0 or step == a.steps or stop:
+            save(out, [("", policy, opt_pi), ("critic", critic, opt_v)], step, rank, n_proc, fsdp)
+        if stop:
+            common.log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
+            return None
+    # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
+    return finish(a, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
+
+
+def start_summary(a, out, rank, n_proc, fsdp, policy, held):
+    """The run's summary, with the checker's verdict on the starting policy (written now: kept across a resume)."""
+    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed, "kl_coef": a.kl_coef}
+    if held and rank == 0 and not a.resume:
+        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "before"))
+        common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
+        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def resume(a, out, rank, policy, opt_pi, critic, opt_v):
+    step = common.load_checkpoint(out, policy, opt_pi)
+    if critic is not None:
+        common.load_checkpoint(out / "critic", critic, opt_v)
+    if rank == 0:
+        common.trim_metrics(out / "metrics.jsonl", step)
+    common.log(rank, f"resumed {out} at step {step}")
+    return step
+
+
+def check_heldout(policy, held, a, step, rank, fsdp):
+    """Every --eval-every iterations, the checker's verdict on this policy's greedy held-out answers: the gold score
+    of Gao et al.'s over-optimisation curve. FSDP: every rank gathers a whole copy, rank 0 evaluates."""
+    if not (held and a.eval_every and step % a.eval_every == 0):
+        return None
+    judged = common.unsharded_copy(policy) if fsdp else policy
+    return checker.eval_policy(judged, held, a.hd_num) if rank == 0 else None
+
+
+def log_iteration(out, stats, checked, a, rank, n_proc):
+    """One line printed and one in metrics.jsonl for the iteration (every rank's numbers averaged: equal shares), and
+    the held-out check made at its start, beside this iteration's KL and score (the same policy sampled them)."""
+    if n_proc > 1:
+        keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
+        mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
+        stats.update(zip(keys, mean.tolist()))
+    if rank != 0:
+        return
+    print(f"iter {stats['step']}/{a.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
+          f"{stats['response_length']:.1f} eos {stats['eos_rate']:.2f} pg {stats['policy_loss']:+.4f} "
+          + (f"vf {stats['value_loss']:.4f} ev {stats['explained_variance']:+.2f} " if "value_loss" in stats else "")
+          + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
+          + (f" acc {stats['train_accuracy']:.3f}" if "train_accuracy" in stats else ""), flush=True)
+    common.append_jsonl(out / "metrics.jsonl", stats)
+    if checked is not None:
+        common.append_jsonl(out / "metrics.jsonl", {"step": stats["step"] - 1, "phase": "start", "kl": stats["kl"],
+                                                    "score": stats["score"],
+                                                    **{"heldout_" + k: v for k, v in checked.items()}})
 
 
 def trained(model, a):
@@ -493,100 +650,6 @@ def ppo_prompts(a):
     return [(data.sft_prompt(r), r["images"], r) for r in rows], held
 
 
-def train(a, rank, n_proc, device):
-    out = common.prepare_out(a.out, a.resume, rank)
-    fsdp = a.fsdp and n_proc > 1
-    amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
-    if not a.rm:
-        raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    policy = trained(InternLMXComposer2.from_pretrained(a.init or WORLD_SFT, device=device), a)
-    prompts, held = ppo_prompts(a)
-    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed, "kl_coef": a.kl_coef}
-    if held and rank == 0 and not a.resume:  # before wrapping: rank 0 holds the policy whole, and no other model
-        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "before"))
-        common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
-        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))  # kept across a resume
-    roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
-                       else torch.float32)
-    fwd_pi, fwd_v = roles.policy, roles.critic
-    critic = common.unwrap(fwd_v).model if fwd_v is not None else None
-    critic_lr = a.critic_lr or 5 * a.lr
-    # after wrapping: FSDP replaces the parameters by their shards
-    opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
-    opt_v = common.make_optimizer(critic, critic_lr, a.weight_decay, a.beta2) if critic is not None else None
-    step = 0
-    if a.resume:
-        step = common.load_checkpoint(out, policy, opt_pi)
-        if critic is not None:
-            common.load_checkpoint(out / "critic", critic, opt_v)
-        if rank == 0:
-            common.trim_metrics(out / "metrics.jsonl", step)
-        common.log(rank, f"resumed {out} at step {step}")
-    per_prompt = a.rloo_k if a.algo == "rloo" else 1
-    t0, tokens_done, first_step, stats = time.time(), 0, step, None
-    while step < a.steps:
-        # Gao et al.'s over-optimisation curve: the checker's verdict on this policy's greedy held-out answers,
-        # beside the KL and reward-model score of this iteration's samples (the same policy). FSDP: every rank
-        # gathers a whole copy, rank 0 evaluates
-        checked = None
-        if held and a.eval_every and step % a.eval_every == 0:
-            judged = common.unsharded_copy(policy) if fsdp else policy
-            checked = checker.eval_policy(judged, held, a.hd_num) if rank == 0 else None
-            del judged
-        mine, index = step_prompts(prompts, a, step, rank, n_proc)
-        # one generator per response, seeded by its place in the global batch: resume and process count change
-        # nothing
-        generators = [torch.Generator(device).manual_seed(sample_seed(a.seed, step, g * per_prompt + j))
-                      for g in index for j in range(per_prompt)]
-        t_roll = time.time()
-        # 1. rollout: responses, their scores, and log-probs / values of every response token
-        with amp():
-            ro = collect_rollouts(roles, mine, a, device, generators, index)
-        # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
-        stats = compute_advantages(ro, a, n_proc)
-        t_roll = time.time() - t_roll
-        lr = common.lr_at(step, a.lr, a.steps, a.warmup)
-        common.set_lr(opt_pi, lr)
-        if opt_v is not None:
-            common.set_lr(opt_v, lr * critic_lr / a.lr)
-        # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
-        for m in (policy, critic):  # train mode: --grad-ckpt checkpoints only in training forwards
-            if m is not None:
-                m.train()
-        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp))
-        step += 1
-        tokens_done += int(ro.mask.sum())
-        stats.update(step=step, response_length=ro.mask.sum().item() / len(ro),
-                     eos_rate=ro.stopped.float().mean().item(), tokens_per_s=tokens_done * n_proc / (time.time() - t0),
-                     rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
-        if held:
-            answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
-            stats["train_accuracy"] = sum(map(checker.is_correct, ro.items, answers)) / len(ro)
-        if n_proc > 1:  # the dashboard shows the whole batch: every rank's numbers averaged (equal shares)
-            keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
-            mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
-            stats.update(zip(keys, mean.tolist()))
-        if rank == 0:
-            print(f"iter {step}/{a.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
-                  f"{stats['response_length']:.1f} eos {stats['eos_rate']:.2f} pg {stats['policy_loss']:+.4f} "
-                  + (f"vf {stats['value_loss']:.4f} ev {stats['explained_variance']:+.2f} " if critic else "")
-                  + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
-                  + (f" acc {stats['train_accuracy']:.3f}" if held else ""), flush=True)
-            common.append_jsonl(out / "metrics.jsonl", stats)
-            if checked is not None:  # logged as of the start of this iteration, with its (all-rank) KL and score
-                common.append_jsonl(out / "metrics.jsonl", {"step": step - 1, "phase": "start", "kl": stats["kl"],
-                                                            "score": stats["score"],
-                                                            **{"heldout_" + k: v for k, v in checked.items()}})
-        stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
-        if step % a.save_every == 0 or step == a.steps or stop:
-            save(out, [("", policy, opt_pi), ("critic", critic, opt_v)], step, rank, n_proc, fsdp)
-        if stop:
-            common.log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
-            return None
-    # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
-    return finish(a, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
-
-
 def save(out, models, step, rank, n_proc, fsdp):
     """Each (sub-directory, model, optimizer) to out/sub. DDP: the ranks must hold the same weights (a gradient that
     missed the all-reduce shows here), rank 0 writes; FSDP: every rank gathers its shards, rank 0 writes."""
@@ -600,7 +663,7 @@ def save(out, models, step, rank, n_proc, fsdp):
 
 
 def finish(a, out, rank, policy, held, summary, stats, t0):
-    """summary.json (held-out accuracy before and after, the last KL) and curves.svg."""
+    """summary.json (held-out accuracy before and after, the last KL), curves.svg and overoptimisation.svg."""
     summary["seconds"], summary["matmul_gflops"] = round(time.time() - t0, 1), common.matmul_gflops()
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -612,10 +675,66 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
             summary.update({k: v for k, v in before.items() if "_before" in k})
     if rank == 0:
         common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
-                            f"PPO ({a.algo}): {out.name}")
-        common.write_curves(out, ["heldout_accuracy", "heldout_instruction_following", "heldout_right", "score"],
-                            f"PPO ({a.algo}), {out.name}: the checker and the reward model against KL to the reference",
-                            x="kl", name="overoptimisation.svg", rows_with="heldout_right")
+                            f"PPO ({a.algo}): {out.name}", xlabel="PPO iteration")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if held and a.eval_every:  # the held-out checks, from step 0 on
+            data.atomic_write_text(out / "overoptimisation.svg", overoptimisation_svg([out]))
         print(json.dumps(summary, indent=2))
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Over-optimisation, drawn as Gao et al. 2022 draw it (their Fig. 1): gold and proxy scores against sqrt(KL)
+
+
+def overoptimisation_svg(runs, gold="heldout_right", w=780, h=420):
+    """From each run's held-out checks (metrics.jsonl): the checker's score (gold: by default the fraction of greedy
+    held-out answers with no failure; solid, left axis) and the reward model's (proxy: the mean score of that
+    iteration's samples; dashed, right axis) against sqrt(KL to the reference), a colour per run, joined in order
+    of KL."""
+    lines = []
+    for i, run in enumerate(map(Path, runs)):
+        rows = [r for r in common.read_metrics(run / "metrics.jsonl") if common.finite(r.get(gold))]
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        label = f"--kl-coef {summary['kl_coef']} ({run.name})" if "kl_coef" in summary else run.name
+        lines.append((label, common.COLOURS[i % len(common.COLOURS)],
+                      sorted((math.sqrt(max(r["kl"], 0.0)), r[gold], r["score"]) for r in rows)))
+    points = [p for *_, pts in lines for p in pts]
+    if not points:
+        raise ValueError(f"no held-out checks ('{gold}') in the metrics.jsonl of {', '.join(map(str, runs))}")
+    xs, golds, proxies = zip(*points)
+    xt, gt, pt = common.ticks(0.0, max(xs)), common.ticks(min(golds), max(golds)), common.ticks(min(proxies),
+                                                                                             max(proxies))
+    box = (70, 40, w - 330, h - 100)
+    px, (py_gold, py_proxy) = common.scale(xt, box[0], box[0] + box[2]), (common.scale(t, box[1] + box[3], box[1])
+                                                                          for t in (gt, pt))
+    what = "held-out answers right (fraction)" if gold == "heldout_right" else gold
+    out = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">',
+           common.svg_text(8, 20, "Over-optimisation (Gao et al. 2022): the checker (gold) and the reward model "
+                           "(proxy) against KL", 14),
+           common.svg_axes(box, xt, gt, "√KL to the reference (√nats; KL per response)", f"gold: checker, {what}",
+                           right=(pt, "proxy: reward-model score (normalised)"))]
+    key = [("gold (checker)", "#444", ""), ("proxy (reward model)", "#444", ' stroke-dasharray="6 4"')]
+    for i, (label, colour, dash) in enumerate(key + [(label, colour, "") for label, colour, _ in lines]):
+        x, y = box[0] + box[2] + 80, box[1] + 8 + 18 * i + 12 * (i >= 2)
+        out += [f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colour}" stroke-width="2"{dash}/>',
+                common.svg_text(x + 30, y, label, 11)]
+    for _, colour, pts in lines:
+        out += [common.svg_line([(x, g) for x, g, _ in pts], px, py_gold, colour),
+                common.svg_line([(x, p) for x, _, p in pts], px, py_proxy, colour, dashed=True)]
+    return "".join(out) + "</svg>"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="python ppo.py plot RUN [RUN ...] --out FILE.svg: the over-optimisation "
+                                "figure of PPO runs (one line per run, e.g. one per --kl-coef)")
+    p.add_argument("command", choices=["plot"])
+    p.add_argument("runs", nargs="+", help="PPO run directories (their metrics.jsonl and summary.json)")
+    p.add_argument("--out", required=True, help="the SVG to write")
+    p.add_argument("--gold", default="heldout_right", help="the checker's metric (a key of the held-out checks)")
+    a = p.parse_args(argv)
+    data.atomic_write_text(Path(a.out), overoptimisation_svg(a.runs, a.gold))
+
+
+if __name__ == "__main__":
+    data.run_cli(main)

@@ -1,9 +1,12 @@
 """PPO pieces against naive references, and the padding contract of the rollout."""
 import argparse
+import json
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
+import common
 import data
 import ppo
 from conftest import EPS32, RTOL32, SCORE_ATOL, assert_close, randomize
@@ -12,6 +15,7 @@ from reward import RewardModel
 from test_train import world  # noqa: F401  (the small-world fixture)
 
 CPU = torch.device("cpu")
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def naive_gae(rewards, values, lengths, gamma, lam):
@@ -245,3 +249,92 @@ def test_logged_means_are_token_means_over_the_update(roles):
     adv = ro.adv[ro.mask.bool()]
     bound = adv.abs().max().item() * (ratio_atol(ro) + len(adv) * EPS32)
     assert_close(stats["policy_loss"], 0.0, rtol=0, atol=bound, what="policy loss")
+
+
+def test_policy_loss_is_eq3_on_hand_computed_values():
+    """-min(r A, clip(r, 1 - 0.2, 1 + 0.2) A) per token, worked by hand: the clip binds only where it would let the
+    objective gain from moving r outside [0.8, 1.2] (rows 3 and 5); elsewhere the unclipped term is the minimum."""
+    ratio = torch.tensor([0.5, 1.0, 1.5, 1.5, 0.5])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0])
+    torch.testing.assert_close(ppo.policy_loss(ratio, adv, 0.2), torch.tensor([-0.5, 1.0, -1.2, 1.5, 0.8]))
+
+
+def test_value_loss_is_eq4_on_hand_computed_values():
+    """0.5 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, -0.2, 0.2), V_old = 0.5, by hand:
+    the clipped term wins when the clip holds V back from R (rows 1 and 2), never lowers the loss (row 3), and
+    changes nothing inside the clip (row 4)."""
+    v, old_v = torch.tensor([1.0, 0.0, 2.0, 0.6]), torch.full((4,), 0.5)
+    returns = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    want = torch.tensor([0.5 * 0.3 ** 2, 0.5 * 1.0, 0.5 * 2.0 ** 2, 0.5 * 0.6 ** 2])
+    torch.testing.assert_close(ppo.value_loss(v, old_v, returns, 0.2), want)
+
+
+def polylines(svg):
+    """Each <polyline> of an SVG as its list of (x, y) pixel points, in drawing order."""
+    root = ET.fromstring(svg)
+    return [[tuple(map(float, p.split(","))) for p in el.get("points").split()] for el in root.iter(f"{SVG}polyline")]
+
+
+def texts(svg):
+    return [el.text for el in ET.fromstring(svg).iter(f"{SVG}text")]
+
+
+def fake_ppo_run(path, kl_coef, checks):
+    """A PPO run directory as ppo.train leaves it: iteration lines, and at some iterations' start a held-out check
+    (kl, score, heldout_right); `checks` are (kl, gold, proxy) in the order of time."""
+    path.mkdir()
+    lines = []
+    for step, (kl, gold, proxy) in enumerate(checks):
+        lines += [{"kl": kl, "score": proxy, "step": step + 1, "entropy": 0.1 + 0.01 * step},
+                  {"step": step, "phase": "start", "kl": kl, "score": proxy, "heldout_right": gold}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (path / "summary.json").write_text(json.dumps({"stage": "ppo", "kl_coef": kl_coef}))
+    return path
+
+
+def test_overoptimisation_figure_joins_each_runs_points_in_order_of_kl(tmp_path):
+    """Gao et al.'s figure from three runs whose KL does not grow monotonically in time: per run a gold (checker)
+    and a proxy (reward model) line, each drawn through its points sorted by KL, on labelled axes with ticks."""
+    runs = [fake_ppo_run(tmp_path / "a", 0.05, [(0.0, 0.41, 0.1), (1.2, 0.55, 0.6), (0.8, 0.58, 0.5), (2.0, 0.5, 0.9)]),
+            fake_ppo_run(tmp_path / "b", 0.1, [(0.0, 0.41, 0.1), (0.5, 0.56, 0.4), (0.3, 0.5, 0.3)]),
+            fake_ppo_run(tmp_path / "c", 0.0, [(0.0, 0.41, 0.1), (4.0, 0.45, 1.2), (2.5, 0.6, 1.0), (5.0, 0.4, 1.4)])]
+    out = tmp_path / "fig.svg"
+    ppo.main(["plot", *map(str, runs), "--out", str(out)])
+    svg = out.read_text()
+    lines = polylines(svg)
+    assert [len(line) for line in lines] == [4, 4, 3, 3, 4, 4]  # gold and proxy of each run, every check a point
+    for line in lines:
+        xs = [x for x, _ in line]
+        assert xs == sorted(xs) and len(set(xs)) == len(xs)  # in order of KL, not of time
+    # sqrt(KL) on x: run c's points sit at sqrt(0, 2.5, 4, 5) along the axis, not at 0, 2.5, 4, 5
+    x0, x_end = lines[4][0][0], lines[4][-1][0]
+    assert (lines[4][1][0] - x0) / (x_end - x0) == pytest.approx((2.5 ** 0.5) / 5 ** 0.5, abs=0.01)
+    # the gold line rises to its peak and falls (its y in pixels grows downwards), the proxy keeps rising
+    gold_y, proxy_y = [y for _, y in lines[4]], [y for _, y in lines[5]]
+    assert gold_y[1] < gold_y[0] and gold_y[1] < gold_y[2] < gold_y[3] and proxy_y == sorted(proxy_y, reverse=True)
+    words = " ".join(texts(svg))
+    for label in ("√KL to the reference", "√nats", "gold: checker", "proxy: reward-model score",
+                  "--kl-coef 0.05 (a)", "--kl-coef 0.1 (b)", "--kl-coef 0.0 (c)"):
+        assert label in words, label
+    assert {"0", "1", "2"} <= set(texts(svg))  # tick values on the sqrt(KL) axis (max sqrt(5) = 2.24)
+
+
+def test_overoptimisation_figure_names_a_run_without_checks(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kl": 0.1, "score": 0.2}) + "\n")
+    with pytest.raises(ValueError, match=f"no held-out checks .* {run}"):
+        ppo.overoptimisation_svg([run])
+
+
+def test_learning_curves_have_labelled_axes_and_leave_out_restated_lines(tmp_path):
+    """curves.svg: a panel per key, titled with the key, its axes labelled with what is plotted and its unit, tick
+    values on both; PPO's held-out-check lines (which restate an iteration's KL and score) are not points."""
+    run = fake_ppo_run(tmp_path / "a", 0.1, [(0.0, 0.41, 0.1), (1.2, 0.55, 0.6), (0.8, 0.58, 0.5), (2.0, 0.5, 0.9)])
+    svg = common.curves_svg(run / "metrics.jsonl", ["kl", "entropy", "absent"], "PPO: a", xlabel="PPO iteration")
+    assert [len(line) for line in polylines(svg)] == [4, 4]  # one per key logged, each iteration once
+    assert [x for x, _ in polylines(svg)[0]] == sorted(x for x, _ in polylines(svg)[0])
+    words = texts(svg)
+    for label in ("kl", "entropy", "PPO iteration", "KL to the reference (nats per response)",
+                  "entropy (nats per token)", "1", "4"):
+        assert label in words, label
