@@ -1,4 +1,4 @@
-"""python -m world build-policy | build-judge | deepen ...: see world/build.py."""
+"""python -m world build-policy | build-judge | deepen | arms | compare-arms ...: see world/build.py and world/cleaning.py."""
 import data
 from world.build import main
 

@@ -28,6 +28,7 @@ from vision import hd_transform, sincos_position_embedding, to_pixels
 from world import COLOURS, GRID, IMG, ROOT, SHAPES, WORLD_CONFIG, WORLD_DIR, WORLD_SFT
 from world.scene import cell_labels, cell_tokens, draw, sample_objects
 from world.store import ensure_world
+from world import cleaning
 
 # train.py's SFT stage on the world: the tiny models learn at a far larger rate and smaller padded batches than the
 # official recipe's 7B (lr 1e-5, 4096 tokens)
@@ -179,8 +180,9 @@ def parse_args(argv=None):
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=deepen)
+    cleaning.add_commands(sub)
     a = p.parse_args(argv)
-    if a.command != "deepen":
+    if a.command.startswith("build"):
         a.out = a.out.resolve()   # train.py runs from the repository's root
     return a
 
