@@ -122,7 +122,7 @@ def parse_args(argv=None):
     p = stage_parser(first.stage, {**RECIPE[first.stage], **(WORLD[first.stage] if first.data is None else {})})
     a, unknown = p.parse_known_args(argv)
     if unknown:
-        p.error(f"--stage {a.stage} does not use " + " ".join(unknown))
+        p.error(f"--stage {a.stage} does not use {' '.join(unknown)} (--stage {a.stage} --help lists what it does)")
     if getattr(a, "heldout", None) and a.data is None:
         raise SystemExit("error: --heldout goes with --data in stages sft and rm (the world brings its own held-out "
                          "set)")
