@@ -246,7 +246,8 @@ def like(t, ref):
 
 
 def make_optimizer(model, lr, weight_decay, beta2):
-    """AdamW; no weight decay on norms, biases, separators and other vectors."""
+    """AdamW; no weight decay on the vectors (norms, biases), as the Hugging Face Trainer behind the official script
+    decays by name; the image separators `plora_glb_GN` / `plora_sub_GN`, stored 3-D and 4-D, are decayed there too."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]

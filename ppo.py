@@ -45,17 +45,17 @@ def add_args(p):
     g.add_argument("--algo", choices=["ppo", "rloo"], default="ppo", help="rloo: critic-free, leave-one-out baseline")
     g.add_argument("--kl-coef", type=float, help="beta of the per-token KL penalty in the reward (default: TRL's 0.05; "
                    "the world: 0.1, chosen from its over-optimisation curve)")
-    g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1")
-    g.add_argument("--gamma", type=float, default=1.0)
-    g.add_argument("--lam", type=float, default=0.95)
-    g.add_argument("--clip-ratio", type=float, default=0.2)
-    g.add_argument("--value-clip", type=float, default=0.2)
+    g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1", help="per-token KL: k1 log-ratio, k3 Schulman's")
+    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount (Eq. 2)")
+    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda (Eq. 2)")
+    g.add_argument("--clip-ratio", type=float, default=0.2, help="policy ratio clip epsilon (Eq. 3)")
+    g.add_argument("--value-clip", type=float, default=0.2, help="value clip around the rollout's values (Eq. 4)")
     g.add_argument("--critic-lr", type=float, help="default: 5 x the policy lr")
-    g.add_argument("--ppo-epochs", type=data.positive_int, default=2)
-    g.add_argument("--mini-batches", type=data.positive_int, default=2)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=data.positive_int, default=48)
+    g.add_argument("--ppo-epochs", type=data.positive_int, default=2, help="passes over each rollout (K)")
+    g.add_argument("--mini-batches", type=data.positive_int, default=2, help="optimizer steps per pass")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    g.add_argument("--max-new-tokens", type=data.positive_int, default=48, help="response length cap")
     g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted when no stop token came")
     g.add_argument("--normalize-reward", action=argparse.BooleanOptionalAction, default=True,
                    help="(score - mean) / std with the held-out statistics the RM stage stored in its config")
@@ -365,7 +365,7 @@ def sample(pi, prompts, a, generators, prompt_index):
 
     Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed on
     return, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
-    different steps never wait for one another (README: "PPO at 7B (FSDP)" has the measurement behind this choice)."""
+    different steps never wait for one another (docs/scale.md, "PPO at 7B (FSDP)", has the measurement behind this choice)."""
     policy, device = pi.model, pi.device
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     sampler = common.unsharded_copy(policy, amp) if common.sharded(pi) else policy

@@ -10,6 +10,7 @@ judge's trunk (checkpoints/world-judge).
                 labelled cleaning set
     store.py    the files on disk: write_world, ensure_world (the cache in runs/world), the world's tokenizer, the
                 pairs shipped beside the policy, held-out prompts
+    cleaning.py `python -m world arms | compare-arms`: what cleaning the SFT set buys a retrained policy
     build.py    `python -m world ...`: the world's own models (the policy from scratch, the judge trunk, deeper
                 trunks), as checkpoints that `train.py --init` reads
 

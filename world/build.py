@@ -8,6 +8,7 @@ file, then runs train.py's SFT stage on them, the settings that built the shippe
     python -m world deepen --init checkpoints/world-judge --add-layers 2 --out runs/judge10   # +2 identity layers
 
 With --init-only a build stops after writing DIR/init and DIR/sft.json and prints the train.py command it would run.
+`python -m world arms | compare-arms` are the cleaning comparison's (world/cleaning.py).
 """
 import argparse
 import json

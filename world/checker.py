@@ -194,7 +194,8 @@ def judge(items, answers):
     (follows) over the items that carry an instruction, overall and per instruction, the share of follow-ups (second
     turns) answered right, and the share of items with each failure kind (failure_kind, which names an instruction
     failure before a content one) and family (pair_family's, so that a follow-up's wrong value is not counted as
-    perception here while its pairs and its content accuracy report it apart)."""
+    perception here while its pairs and its content accuracy report it apart). `right` is the share of items whose
+    failure_kind is None: right in content and following the instruction, "right on both"."""
     by_kind, by_family, by_inst, fails, families = {}, {}, {}, collections.Counter(), collections.Counter()
     followups = []
     for it, ans in zip(items, answers):
