@@ -15,7 +15,6 @@ file is written to a temporary name and renamed.
 """
 import argparse
 import functools
-import json
 import random
 import sys
 import tempfile

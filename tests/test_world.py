@@ -2,7 +2,6 @@
 in the pairs, the cache and held-out files are what the commands read."""
 import json
 import os
-import sys
 from collections import Counter
 
 import numpy as np
