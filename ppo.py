@@ -1,14 +1,13 @@
 """PPO (and critic-free RLOO) for a multimodal chat policy, rewarded by IXC-2.5-Reward.
 
-    torchrun --standalone --nproc_per_node 2 train.py --stage ppo --rm runs/rm --out runs/ppo   # built-in world
-    python ppo.py plot runs/ppo runs/ppo-kl0 --out overoptimisation.svg                         # Gao et al.'s figure
+    torchrun --standalone --nproc_per_node 2 train.py --stage ppo     # the built-in world, against runs/rm
 
-Four roles (paper §3.3, "N+ implementation details"): the policy (trained), a frozen reference copy of it, the
-frozen reward model, and the critic, initialised from the reward model and read at every response token. One
-iteration of `train`: 1. sample responses and score them (`collect_rollouts`); 2. per-token rewards with a KL
-penalty and 3. GAE, Eq. 2 (`compute_advantages`); 4. K epochs of the clipped policy (Eq. 3, `policy_loss`) and
-value (Eq. 4, `value_loss`) losses over shuffled mini-batches (`ppo_update`). The equations are pure functions of
-tensors (next section); the rest moves rows between models and processes.
+Four roles (paper §3.3; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"): the policy (trained),
+a frozen reference copy of it, the frozen reward model, and the critic, initialised from the reward model and read
+at every response token. One iteration of `train`: 1. sample responses and score them (`collect_rollouts`); 2.
+per-token rewards with a KL penalty and 3. GAE, Eq. 2 (`compute_advantages`); 4. K epochs of the clipped policy (Eq.
+3, `policy_loss`) and value (Eq. 4, `value_loss`) losses over shuffled mini-batches (`ppo_update`). The equations
+are pure functions of tensors (next section); the rest moves rows between models and processes.
 
 Padding contract (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them, position ids
 count real tokens only, masks come from lengths (a pad id equal to a stop token changes nothing), the score sits on
@@ -22,17 +21,16 @@ the ranks must run equally many forwards, which `lockstep` arranges.
 import argparse
 import contextlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import common
 import data
+import figures
 from world import WORLD_SFT, checker, store
 from model import InternLMXComposer2
 from reward import RewardModel
@@ -674,67 +672,10 @@ def finish(a, out, rank, policy, held, summary, stats, t0):
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
             summary.update({k: v for k, v in before.items() if "_before" in k})
     if rank == 0:
-        common.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
+        figures.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
                             f"PPO ({a.algo}): {out.name}", xlabel="PPO iteration")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if held and a.eval_every:  # the held-out checks, from step 0 on
-            data.atomic_write_text(out / "overoptimisation.svg", overoptimisation_svg([out]))
+            data.atomic_write_text(out / "overoptimisation.svg", figures.overoptimisation_svg([out]))
         print(json.dumps(summary, indent=2))
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Over-optimisation, drawn as Gao et al. 2022 draw it (their Fig. 1): gold and proxy scores against sqrt(KL)
-
-
-def overoptimisation_svg(runs, gold="heldout_right", w=780, h=420):
-    """From each run's held-out checks (metrics.jsonl): the checker's score (gold: by default the fraction of greedy
-    held-out answers with no failure; solid, left axis) and the reward model's (proxy: the mean score of that
-    iteration's samples; dashed, right axis) against sqrt(KL to the reference), a colour per run, joined in order
-    of KL."""
-    lines = []
-    for i, run in enumerate(map(Path, runs)):
-        rows = [r for r in common.read_metrics(run / "metrics.jsonl") if common.finite(r.get(gold))]
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-        label = f"--kl-coef {summary['kl_coef']} ({run.name})" if "kl_coef" in summary else run.name
-        lines.append((label, common.COLOURS[i % len(common.COLOURS)],
-                      sorted((math.sqrt(max(r["kl"], 0.0)), r[gold], r["score"]) for r in rows)))
-    points = [p for *_, pts in lines for p in pts]
-    if not points:
-        raise ValueError(f"no held-out checks ('{gold}') in the metrics.jsonl of {', '.join(map(str, runs))}")
-    xs, golds, proxies = zip(*points)
-    xt, gt, pt = common.ticks(0.0, max(xs)), common.ticks(min(golds), max(golds)), common.ticks(min(proxies),
-                                                                                             max(proxies))
-    box = (70, 40, w - 330, h - 100)
-    px, (py_gold, py_proxy) = common.scale(xt, box[0], box[0] + box[2]), (common.scale(t, box[1] + box[3], box[1])
-                                                                          for t in (gt, pt))
-    what = "held-out answers right (fraction)" if gold == "heldout_right" else gold
-    out = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">',
-           common.svg_text(8, 20, "Over-optimisation (Gao et al. 2022): the checker (gold) and the reward model "
-                           "(proxy) against KL", 14),
-           common.svg_axes(box, xt, gt, "√KL to the reference (√nats; KL per response)", f"gold: checker, {what}",
-                           right=(pt, "proxy: reward-model score (normalised)"))]
-    key = [("gold (checker)", "#444", ""), ("proxy (reward model)", "#444", ' stroke-dasharray="6 4"')]
-    for i, (label, colour, dash) in enumerate(key + [(label, colour, "") for label, colour, _ in lines]):
-        x, y = box[0] + box[2] + 80, box[1] + 8 + 18 * i + 12 * (i >= 2)
-        out += [f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colour}" stroke-width="2"{dash}/>',
-                common.svg_text(x + 30, y, label, 11)]
-    for _, colour, pts in lines:
-        out += [common.svg_line([(x, g) for x, g, _ in pts], px, py_gold, colour),
-                common.svg_line([(x, p) for x, _, p in pts], px, py_proxy, colour, dashed=True)]
-    return "".join(out) + "</svg>"
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="python ppo.py plot RUN [RUN ...] --out FILE.svg: the over-optimisation "
-                                "figure of PPO runs (one line per run, e.g. one per --kl-coef)")
-    p.add_argument("command", choices=["plot"])
-    p.add_argument("runs", nargs="+", help="PPO run directories (their metrics.jsonl and summary.json)")
-    p.add_argument("--out", required=True, help="the SVG to write")
-    p.add_argument("--gold", default="heldout_right", help="the checker's metric (a key of the held-out checks)")
-    a = p.parse_args(argv)
-    data.atomic_write_text(Path(a.out), overoptimisation_svg(a.runs, a.gold))
-
-
-if __name__ == "__main__":
-    data.run_cli(main)

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-import common
+import figures
 import data
 import ppo
 from conftest import EPS32, RTOL32, SCORE_ATOL, assert_close, randomize
@@ -299,7 +299,7 @@ def test_overoptimisation_figure_joins_each_runs_points_in_order_of_kl(tmp_path)
             fake_ppo_run(tmp_path / "b", 0.1, [(0.0, 0.41, 0.1), (0.5, 0.56, 0.4), (0.3, 0.5, 0.3)]),
             fake_ppo_run(tmp_path / "c", 0.0, [(0.0, 0.41, 0.1), (4.0, 0.45, 1.2), (2.5, 0.6, 1.0), (5.0, 0.4, 1.4)])]
     out = tmp_path / "fig.svg"
-    ppo.main(["plot", *map(str, runs), "--out", str(out)])
+    figures.main(["overoptimisation", *map(str, runs), "--out", str(out)])
     svg = out.read_text()
     lines = polylines(svg)
     assert [len(line) for line in lines] == [4, 4, 3, 3, 4, 4]  # gold and proxy of each run, every check a point
@@ -324,14 +324,14 @@ def test_overoptimisation_figure_names_a_run_without_checks(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kl": 0.1, "score": 0.2}) + "\n")
     with pytest.raises(ValueError, match=f"no held-out checks .* {run}"):
-        ppo.overoptimisation_svg([run])
+        figures.overoptimisation_svg([run])
 
 
 def test_learning_curves_have_labelled_axes_and_leave_out_restated_lines(tmp_path):
     """curves.svg: a panel per key, titled with the key, its axes labelled with what is plotted and its unit, tick
     values on both; PPO's held-out-check lines (which restate an iteration's KL and score) are not points."""
     run = fake_ppo_run(tmp_path / "a", 0.1, [(0.0, 0.41, 0.1), (1.2, 0.55, 0.6), (0.8, 0.58, 0.5), (2.0, 0.5, 0.9)])
-    svg = common.curves_svg(run / "metrics.jsonl", ["kl", "entropy", "absent"], "PPO: a", xlabel="PPO iteration")
+    svg = figures.curves_svg(run / "metrics.jsonl", ["kl", "entropy", "absent"], "PPO: a", xlabel="PPO iteration")
     assert [len(line) for line in polylines(svg)] == [4, 4]  # one per key logged, each iteration once
     assert [x for x, _ in polylines(svg)[0]] == sorted(x for x, _ in polylines(svg)[0])
     words = texts(svg)
