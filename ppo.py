@@ -43,7 +43,8 @@ def add_args(p):
     g.add_argument("--algo", choices=["ppo", "rloo"], default="ppo", help="rloo: critic-free, leave-one-out baseline")
     g.add_argument("--kl-coef", type=float, help="beta of the per-token KL penalty in the reward (default: TRL's 0.05; "
                    "the world: 0.1, chosen from its over-optimisation curve)")
-    g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1", help="per-token KL: k1 log-ratio, k3 Schulman's")
+    g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1",
+                   help="per-token KL: k1 log-ratio, k3 Schulman's")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount (Eq. 2)")
     g.add_argument("--lam", type=float, default=0.95, help="GAE lambda (Eq. 2)")
     g.add_argument("--clip-ratio", type=float, default=0.2, help="policy ratio clip epsilon (Eq. 3)")
@@ -363,7 +364,8 @@ def sample(pi, prompts, a, generators, prompt_index):
 
     Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed on
     return, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
-    different steps never wait for one another (docs/scale.md, "PPO at 7B (FSDP)", has the measurement behind this choice)."""
+    different steps never wait for one another (docs/scale.md, "PPO at 7B (FSDP)", has the measurement behind this
+    choice)."""
     policy, device = pi.model, pi.device
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     sampler = common.unsharded_copy(policy, amp) if common.sharded(pi) else policy
