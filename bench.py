@@ -31,6 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import bon  # noqa: E402
+import batching  # noqa: E402
 import data  # noqa: E402
 from world import WORLD_CONFIG, WORLD_SFT, store  # noqa: E402
 from model import Config, InternLM2Model, InternLMXComposer2, KVCache, init_weights  # noqa: E402
@@ -291,8 +292,8 @@ def bench_padding(s, dev, dt):
     lengths = [len(tok.encode(data.reward_template([{"role": "user", "content": r["query"]},
                                                      {"role": "assistant", "content": a}])))
                for r in rows for a in r["response"]]  # text tokens only: the images are not shipped
-    batches = data.token_budget_batches(lengths, 8192, seed=0)
-    return {"padding_waste": data.padding_waste(lengths, batches)}, \
+    batches = batching.token_budget_batches(lengths, 8192, seed=0)
+    return {"padding_waste": batching.padding_waste(lengths, batches)}, \
         f"{len(lengths)} sequences, {len(batches)} batches of <= 8192 tokens"
 
 
@@ -448,16 +449,18 @@ PPO_7B = dict(gpus=8, batch=16, token_budget=4096, max_new_tokens=512, image_tok
 
 
 def layer_activation_bytes(D, I, H, kv, r, autocast):
-    """(bytes per token, extra bytes per image token) that autograd saves in one of model.py's decoder layers for
-    its backward, the layer's input included: the norms' fp32 outputs, q/k/v (kept whole by v's view), RoPE'd q
-    and k, attention out and its log-sum-exp, the SwiGLU's four intermediates; on image tokens PLoRA's inputs
-    (tests/test_ppo_memory.py checks this against autograd's saved tensors). Not included: the attention mask,
-    which the attention kernel keeps as floats per layer, and the RoPE tables, shared by the layers."""
+    """(bytes per token, extra bytes per token of a batch that carries an image mask) that autograd saves in one of
+    model.py's decoder layers for its backward, the layer's input included: the norms' fp32 outputs, q/k/v (kept
+    whole by v's view), RoPE'd q and k, attention out and its log-sum-exp, the SwiGLU's four intermediates; with an
+    image mask, each of the five PLoRA linears' rank-r activations and its mask, on every token (PLoRA is dense
+    under the mask). tests/test_ppo_memory.py checks this against autograd's saved tensors. Not included: the
+    attention mask, which the attention kernel keeps as floats per layer, and the RoPE tables, shared by the
+    layers."""
     if autocast:
         per_token = 4 * (6 * D + H + 3) + 2 * (3 * D + 3 * kv + 4 * I)
     else:
         per_token = 4 * (11 * D + 3 * kv + 4 * I + H + 3)
-    return per_token, (2 if autocast else 4) * (4 * D + I + 5 * r)
+    return per_token, (2 if autocast else 4) * 5 * (r + 1)
 
 
 def ppo_memory(config, gpus, fsdp=True, autocast=True, grad_ckpt=False, algo="ppo", rloo_k=4, batch=16,
@@ -477,7 +480,7 @@ def ppo_memory(config, gpus, fsdp=True, autocast=True, grad_ckpt=False, algo="pp
     already made: the activations autograd saves per layer (counted from model.py's layer, and checked against a
     measurement in tests/test_ppo_memory.py), the float attention mask the attention kernel keeps per layer,
     autocast's bf16 weight copies saved for the backward (none under checkpointing), the policy's log-softmax over
-    the vocabulary, and under FSDP a gathered root and two gathered layers with their gradients.
+    a chunk of the vocabulary's logits, and under FSDP a gathered root and two gathered layers with their gradients.
     Loading: each model is whole until it is sharded, the critic last. Checkpoint: rank 0 gathers the policy (then
     the critic) whole with its AdamW moments, in host memory unless `cpu` (a CPU run, whose host memory is its
     device memory). Not modelled: the built-in world's held-out evaluation on rank 0 (world runs only)."""
@@ -518,18 +521,23 @@ def ppo_memory(config, gpus, fsdp=True, autocast=True, grad_ckpt=False, algo="pp
     mb["KV cache"] = cache * (1 + 1 / n if n > 1 else 1)  # KVCache.repeat: the prompts' cache and its n copies
     mb["prefill"] = gen * (P * no_grad_token + no_grad_row(P)) + gen * n * V * 8
     gathered = (n_pi - layers + 2 * layers / L) * 4 if f > 1 else 0   # the policy's root and two layers
-    mb["scoring forward"] = rows_score * ((P + T) * no_grad_token + no_grad_row(P + T) + T * V * 16) + gathered
+    # the log-probs a chunk of tokens at a time (batching.token_logprobs): the fp32 logits, their softmax and product
+    logit_chunk = lambda rows: min(rows * T, batching.LOGPROB_CHUNK) * V * 12  # noqa: E731
+    mb["scoring forward"] = rows_score * ((P + T) * no_grad_token + no_grad_row(P + T)) + logit_chunk(rows_score) \
+        + gathered
     rollout = static + max(mb["sampling copy of the policy"] + mb["KV cache"] + mb["prefill"], mb["scoring forward"])
 
     # update
-    per_token, per_image_token = layer_activation_bytes(D, I, H, kv, r, autocast)
+    per_token, per_plora_token = layer_activation_bytes(D, I, H, kv, r, autocast)
     tokens = rows_update * (P + T)
-    layer = tokens * per_token + rows_update * (image_tokens * per_image_token + (P + T) ** 2 * wb)
+    layer = tokens * (per_token + (per_plora_token if image_tokens else 0)) + rows_update * (P + T) ** 2 * wb
     copies = 2 * layer_mm if autocast else 0
     acts = L * tokens * 4 * D + layer + copies if grad_ckpt else L * (layer + copies)
     # shared by the layers: RoPE tables, the image and attention masks; and the final norm
     mb["activations (one model)"] = acts + tokens * (8 * hd + 1 + 12 * D) + rows_update * (P + T) ** 2
-    mb["policy log-softmax over the vocabulary"] = rows_update * T * V * (20 + (2 if autocast else 0))
+    # backward: a chunk's logits recomputed, with their gradient (batching.token_logprobs checkpoints each chunk)
+    mb["policy log-softmax over the vocabulary"] = logit_chunk(rows_update) * (2 if autocast else 1) \
+        + rows_update * T * 8
     mb["FSDP: gathered root + 2 layers, their gradients"] = 2 * gathered
     mb["gradients (until the optimizer step)"] = trained * 4 / f
     update = static + mb["activations (one model)"] + 2 * gathered + \

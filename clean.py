@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 import common
+import batching
 import data
 from world import WORLD_DIR, store
 from data import atomic_write_text
@@ -77,7 +78,7 @@ def score_samples(rms, samples, hd_num, token_budget, normalize=False):
     tok, vc = rms[0].tokenizer, rms[0].cfg.vision
     lengths = [sample_length(tok, s, vc.image_size, vc.grid, hd_num) for s in samples]
     scores = [0.0] * len(samples)
-    batches = data.token_budget_batches(lengths, token_budget, shuffle=False)
+    batches = batching.token_budget_batches(lengths, token_budget, shuffle=False)
     t0, done, shown = time.time(), 0, 0.0
     for b in batches:
         try:

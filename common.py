@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import batching
 import data
 import figures
 
@@ -182,23 +183,6 @@ def root_gathered(wrapped):
         yield
     finally:
         wrapped.reshard()
-
-
-def micro_batches(lengths, budget, world, fsdp, device):
-    """A step's share cut into micro-batches of at most `budget` padded tokens (data.token_budget_batches). Under
-    FSDP each forward all-gathers every layer, so every rank runs as many micro-batches as the one that needs the
-    most, splitting its largest until it has them. A share too small for that (PPO's mini-batches are drawn from the
-    global batch, so a rank's share can be empty) gets empty micro-batches: the caller still runs a forward for each,
-    on a stand-in row that weighs nothing, and at least one, so that DDP's all-reduce pairs up too."""
-    micro = data.token_budget_batches(lengths, budget, shuffle=False) or [[]]
-    if world > 1 and fsdp:
-        n = torch.tensor(len(micro), device=device)  # NCCL reduces device tensors only
-        dist.all_reduce(n, dist.ReduceOp.MAX)
-        while len(micro) < n:
-            micro.sort(key=len)
-            big = micro.pop()
-            micro += [big[:len(big) // 2], big[len(big) // 2:]]
-    return micro
 
 
 def matmul_gflops(n=1024, reps=5):
@@ -369,13 +353,14 @@ class Run:
                          f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of "
                          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
 
-    def share(self, order, per_epoch, lengths, device):
+    def share(self, order, per_epoch, lengths, device, overhead=32):
         """This rank's samples of the current step (indices into `order`'s dataset) and their micro-batches. A step
         is a random draw from the epoch's order; inside it, samples sorted by length pack into micro-batches of at
         most --token-budget padded tokens."""
         a, at = self.a, (self.step % per_epoch) * self.a.batch
         mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[self.rank::self.n_proc]
-        return mine, micro_batches([lengths[i] for i in mine], a.token_budget, self.n_proc, a.fsdp, device)
+        return mine, batching.micro_batches([lengths[i] for i in mine], a.token_budget, self.n_proc, a.fsdp, device,
+                                            overhead)
 
     def stop_if_not_finite(self, loss_total):
         """Before the optimizer step: a NaN or infinite loss ends the run, and no checkpoint ever holds its weights."""

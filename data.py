@@ -5,7 +5,6 @@ official reward-training README names and the one that produced ../shared/golden
 """
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -442,55 +441,3 @@ def mix_image_text(has_image, seed=0):
                 if pool:
                     out.append(pool.pop())
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Batching
-
-
-def token_budget_batches(lengths, budget, seed=0, shuffle=True, bucket=64, overhead=32):
-    """Micro-batches of indices whose padded size (rows x longest) stays within `budget` tokens. Sorting inside
-    windows of `bucket` * (typical batch) samples keeps padding low while the order stays random; each sorted
-    window is then cut where padded tokens + `overhead` tokens per micro-batch (a forward call's fixed cost) is
-    least, instead of filling every micro-batch to the budget, which pads short samples to long ones whenever the
-    lengths spread: a world RM step's share pads 18% filled, 7% cut, in the same wall time."""
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    if shuffle:
-        rng.shuffle(order)
-    typical = max(1, budget // max(1, int(sum(lengths) / max(len(lengths), 1))))
-    window = bucket * typical
-    batches = []
-    for s in range(0, len(order), window):
-        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
-        batches += [chunk[i:j] for i, j in _cheapest_cuts([lengths[i] for i in chunk], budget, overhead)]
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-def _cheapest_cuts(sorted_lengths, budget, overhead):
-    """[(start, end)] splitting ascending lengths into contiguous micro-batches within `budget` padded tokens
-    (a longer single sample stands alone) at the least total rows x longest + overhead (dynamic programming)."""
-    n = len(sorted_lengths)
-    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = sorted_lengths[j - 1]
-        for i in range(j - 1, -1, -1):
-            rows = j - i
-            if rows > 1 and rows * longest > budget:
-                break
-            c = cost[i] + rows * longest + overhead
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-    spans, j = [], n
-    while j:
-        spans.append((cut[j], j))
-        j = cut[j]
-    return spans[::-1]
-
-
-def padding_waste(lengths, batches):
-    real = sum(lengths[i] for b in batches for i in b)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return 1.0 - real / padded

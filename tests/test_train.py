@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import ASSETS, REAL_TOKENIZER, ROOT, RTOL32, SCORE_ATOL, assert_close
 import common
+import batching
 import data
 import train
 from world import WORLD_VERSION, checker, store, weaker
@@ -224,7 +225,8 @@ def test_sft_trains_every_answer_of_a_multi_turn_sample(world):
                    for seg in segments)
     want = data.chat_prompt("How many circles are there?", [(conv[0]["content"], conv[1]["content"])])
     assert text == want + "The number of circles is 2." + data.END_OF_TURN and segments[0][0] == tok.bos_id
-    loss = train.SFTObjective(model, hd_num=9)([{"conversation": conv, "images": [image]}])
+    objective = train.SFTObjective(model, hd_num=9)
+    loss = objective(objective.prepare([{"conversation": conv, "images": [image]}]))
     with torch.no_grad():  # a naive loop: every text position whose token is an answer token, predicted from before
         batch = model.embed_batch([(segments, model.load_images([image], 9))])
         logp = torch.log_softmax(model(batch["embeds"], batch["im_mask"], batch["attention_mask"])[0], -1)
@@ -341,10 +343,10 @@ def test_image_text_mix_is_two_to_one_while_both_last():
 
 def test_token_budget_batches_cover_everything_within_budget():
     lengths = [int(50 + 950 * (i * 7919 % 101) / 101) for i in range(2000)]
-    batches = data.token_budget_batches(lengths, 4096, seed=1)
+    batches = batching.token_budget_batches(lengths, 4096, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(2000))
     assert all(max(lengths[i] for i in b) * len(b) <= 4096 for b in batches)
-    assert data.padding_waste(lengths, batches) <= 0.10
+    assert batching.padding_waste(lengths, batches) <= 0.10
 
 
 def vl_rewardbench_lengths(answers_per_row=None):
@@ -361,8 +363,8 @@ def vl_rewardbench_lengths(answers_per_row=None):
 
 def test_padding_waste_on_real_lengths():
     lengths = vl_rewardbench_lengths()
-    batches = data.token_budget_batches(lengths, 8192, seed=0)
-    assert data.padding_waste(lengths, batches) <= 0.10
+    batches = batching.token_budget_batches(lengths, 8192, seed=0)
+    assert batching.padding_waste(lengths, batches) <= 0.10
 
 
 def test_a_random_step_packs_with_little_padding():
@@ -375,7 +377,7 @@ def test_a_random_step_packs_with_little_padding():
     real = padded = calls = 0
     for at in range(0, len(order) - 31, 32):
         mine = sorted(order[at:at + 32], key=lambda i: lengths[i])[0::2]
-        micro = data.token_budget_batches([lengths[i] for i in mine], 1024, shuffle=False)
+        micro = batching.token_budget_batches([lengths[i] for i in mine], 1024, shuffle=False)
         assert sorted(i for b in micro for i in b) == list(range(16))
         assert all(len(b) == 1 or max(lengths[mine[i]] for i in b) * len(b) <= 1024 for b in micro)
         real += sum(lengths[i] for i in mine)
@@ -398,7 +400,7 @@ def test_cheapest_cuts_equal_brute_force():
             spans = list(zip([0] + ends[:-1], ends))
             if all(j - i == 1 or (j - i) * lengths[j - 1] <= budget for i, j in spans):
                 best = min(best, cost(spans))
-        spans = data._cheapest_cuts(lengths, budget, overhead)
+        spans = batching._cheapest_cuts(lengths, budget, overhead)
         assert [i for s in spans for i in range(*s)] == list(range(n)) and cost(spans) == best
 
 
