@@ -44,8 +44,8 @@ class Config:
     plora_rank: int = 256  # not a config field upstream: read from `Plora_A.weight.shape[0]` at load
     plora_dropout: float = 0.0  # official training uses 0.05; off by default so policy/ref/critic agree (RLHF)
     head: str = "output"  # "output" (LM), "score" (reward: linear) or "score_mlp" (BaseReward's 2-layer SiLU head)
-    reward_mean: float = 0.0  # held-out reward statistics stored by the RM stage, for PPO's reward normalisation
-    reward_std: float = 1.0
+    reward_mean: float | None = None  # held-out reward statistics stored by the RM stage (None: none stored), for
+    reward_std: float | None = None   # PPO's reward normalisation
 
     REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")
@@ -105,9 +105,12 @@ class PLoRA(nn.Linear):
 
     def forward(self, x, im_mask=None):
         y = super().forward(x)
-        if self.Plora_A is not None and im_mask is not None and im_mask.any():
-            y[im_mask] += self.Plora_B(self.Plora_A(self.lora_dropout(x[im_mask])))
-        return y
+        if self.Plora_A is None or im_mask is None:
+            return y
+        # The official code adds the LoRA to the gathered image tokens, y[im_mask] += B(A(x[im_mask])): a boolean
+        # gather is a host read (its size), a stall per linear on a GPU. Masking the dense product gives the same
+        # numbers (+ 0 on text tokens) for the LoRA's few FLOPs (rank r of D) on the text tokens too.
+        return y + self.Plora_B(self.Plora_A(self.lora_dropout(x))) * im_mask[..., None].to(y.dtype)
 
 
 def rope_inv_freq(cfg, kv_len):
@@ -219,6 +222,11 @@ class KVCache:
         self.valid = self.valid.repeat_interleave(n, dim=0)
         return self
 
+    def keep(self, rows):
+        """Only `rows` (a device index) go on decoding: the others' keys and values are dropped."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+        return self
+
 
 class InternLM2Model(nn.Module):
     """`model.*`: embeddings, decoder layers, final norm. Returns the final-normed hidden states."""
@@ -250,7 +258,10 @@ class InternLM2Model(nn.Module):
             key_valid = cache.valid[:, :past + L]
         else:
             key_valid = attention_mask.bool() if attention_mask is not None else None
-        if key_valid is not None and not key_valid.all():
+        # No mask (a caller whose batch has no padding passes attention_mask=None): is_causal, and CUDA picks the
+        # FlashAttention-2 kernel; with a mask, the memory-efficient kernel, which reads it. Whether a mask holds
+        # any padding is not asked here: the answer would be a host read, a stall per forward on a GPU.
+        if key_valid is not None:
             # causal + key padding; a query always sees itself so fully padded rows never softmax over nothing
             q_pos = torch.arange(past, past + L, device=embeds.device)[:, None]
             k_pos = torch.arange(past + L, device=embeds.device)[None, :]
@@ -352,8 +363,8 @@ class InternLMXComposer2(nn.Module):
             if isinstance(seg, int):
                 e = images[seg]
                 ids.append(torch.full((e.shape[0],), -100, dtype=torch.long, device=self.device))
-            else:
-                ids.append(torch.tensor(seg, dtype=torch.long, device=self.device))
+            else:  # token ids: a list, or a tensor already on the device (batching.ids_to_device)
+                ids.append(seg if torch.is_tensor(seg) else torch.tensor(seg, dtype=torch.long, device=self.device))
                 e = self.model.tok_embeddings(ids[-1])
             parts.append(e)
             masks.append(torch.full((e.shape[0],), isinstance(seg, int), dtype=torch.bool, device=self.device))
@@ -419,7 +430,12 @@ class InternLMXComposer2(nn.Module):
     def generate(self, embeds, im_mask, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  stop_ids=None, generator=None, n=1, repetition_penalty=1.0):
         """Sample continuations of left-padded prompts (embeds [B, L, D]); the prompt is prefilled once and its KV
-        cache copied to `n` rows per prompt (best-of-N, group sampling). Returns new ids [B*n, T], pad after stop."""
+        cache copied to `n` rows per prompt (best-of-N, group sampling). Returns new ids [B*n, T], pad after stop.
+
+        One host read per step (how many rows have ended). Rows that have ended leave the batch and the KV cache
+        once DROP_ENDED of the rows still decoding have ended (the copy of the cache is then cheaper than
+        decoding them on); with one generator shared by the rows they stay, since dropping them would change
+        which random number each row draws."""
         B, L, _ = embeds.shape
         stop_ids = torch.tensor(stop_ids or [self.tokenizer.eos_id, self.tokenizer.eot_id], device=self.device)
         attention_mask = torch.ones(B, L, dtype=torch.long, device=self.device) if attention_mask is None \
@@ -432,23 +448,33 @@ class InternLMXComposer2(nn.Module):
             logits, position_ids = logits.repeat_interleave(n, 0), position_ids.repeat_interleave(n, 0)
         next_pos = position_ids[:, -1:] + 1
         out = torch.full((B * n, max_new_tokens), self.cfg.pad_token_id, dtype=torch.long, device=self.device)
+        rows = torch.arange(B * n, device=self.device)  # the row of `out` each decoding row writes
         done = torch.zeros(B * n, dtype=torch.bool, device=self.device)
         bos = torch.full((B * n, 1), self.cfg.bos_token_id, dtype=torch.long, device=self.device)
+        can_drop = temperature <= 0 or isinstance(generator, (list, tuple))
         for t in range(max_new_tokens):
             if repetition_penalty != 1.0:  # HF rule: divide positive logits, multiply negative ones
                 # transformers 4.33 starts generation from inputs_embeds with input_ids [[bos]], so BOS counts as seen
-                prev = torch.cat([bos, out[:, :t]], 1)
+                prev = torch.cat([bos[rows], out[rows, :t]], 1)
                 seen = logits.gather(1, prev)
                 logits = logits.scatter(1, prev, torch.where(seen > 0, seen / repetition_penalty,
                                                              seen * repetition_penalty))
             tok = sample_token(logits, temperature, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.cfg.pad_token_id), tok)
-            out[:, t] = tok
+            out[rows, t] = tok
             done |= torch.isin(tok, stop_ids)
-            if done.all():
+            ended = int(done.sum())
+            if ended == len(done):
                 return out[:, :t + 1]
+            if can_drop and ended >= max(1, DROP_ENDED * len(done)):
+                going = (~done).nonzero().squeeze(1)
+                cache.keep(going)
+                rows, tok, next_pos, done = rows[going], tok[going], next_pos[going], done[going]
+                if isinstance(generator, (list, tuple)):
+                    generator = [generator[i] for i in going.tolist()]
             emb = self.model.tok_embeddings(tok)[:, None]
-            logits = self(emb, None, torch.ones(B * n, 1, dtype=torch.long, device=self.device), next_pos, cache)[:, -1]
+            logits = self(emb, None, torch.ones(len(rows), 1, dtype=torch.long, device=self.device), next_pos,
+                          cache)[:, -1]
             next_pos = next_pos + 1
         return out
 
@@ -528,6 +554,10 @@ class InternLMXComposer2(nn.Module):
         os.replace(tmp, path / "model.safetensors")
         if self.tokenizer is not None and (path / "tokenizer.model").resolve() != self.tokenizer.path.resolve():
             atomic_write_bytes(path / "tokenizer.model", self.tokenizer.path.read_bytes())
+
+
+# generate: drop ended rows once this fraction of the rows still decoding has ended
+DROP_ENDED = 0.25
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):

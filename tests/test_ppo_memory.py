@@ -43,14 +43,13 @@ def saved_by_one_layer(D, I, H, KV, r, L, image_fraction, B=2):
 @pytest.mark.parametrize("shape", [(128, 352, 4, 2, 16), (256, 704, 8, 2, 8)])
 def test_layer_activations_are_what_autograd_saves(shape):
     """layer_activation_bytes (fp32) is exactly what autograd keeps, once the attention kernel's float mask
-    (B L^2 per layer) and what the layers share (RoPE tables: 2 head_dim per token; the image mask: 1 byte per
-    token, with image tokens) are added, text and image tokens alike."""
+    (B L^2 per layer) and what the layers share (RoPE tables: 2 head_dim per token) are added, text and image tokens alike: PLoRA runs dense under any image mask, even one with no image."""
     D, I, H, KV, r = shape
     hd = D // H
-    per_token, per_image_token = bench.layer_activation_bytes(D, I, H, KV * hd, r, autocast=False)
+    per_token, per_plora_token = bench.layer_activation_bytes(D, I, H, KV * hd, r, autocast=False)
     for L, image_fraction in ((64, 0.0), (96, 0.5)):
-        tokens, images = 2 * L, 2 * int(image_fraction * L)
-        want = tokens * per_token + images * per_image_token + 2 * L * L * 4 + tokens * (2 * hd * 4 + bool(images))
+        tokens = 2 * L
+        want = tokens * (per_token + per_plora_token) + 2 * L * L * 4 + tokens * 2 * hd * 4
         assert saved_by_one_layer(D, I, H, KV, r, L, image_fraction) == want
 
 
