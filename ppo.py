@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 train.py --stage ppo     # the built-in world, against runs/rm
 
-Four roles (paper §3.3; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"): the policy (trained),
+Four roles (paper §4.1; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"): the policy (trained),
 a frozen reference copy of it, the frozen reward model, and the critic, initialised from the reward model and read
 at every response token. One iteration of `train`: 1. sample responses and score them (`collect_rollouts`); 2.
 per-token rewards with a KL penalty and 3. GAE, Eq. 2 (`compute_advantages`); 4. K epochs of the clipped policy (Eq.
@@ -12,11 +12,12 @@ are pure functions of tensors (next section); the rest moves rows between models
 Padding contract (`Rollout`, `model_batch`): prompts left-padded, responses right-padded after them, position ids
 count real tokens only, masks come from lengths (a pad id equal to a stop token changes nothing), the score sits on
 the last real response token. A prompt is held as `segments`, model.splice's input: a list whose items are either
-token ids (a list) or an image's index (an int), whose embeddings go in that place.
+token ids or an image's index (an int), whose embeddings go in that place.
 
+The rollout lives on the device for the whole iteration and its statistics are read back once per iteration; how
+its rows are cut into micro-batches that the token budget bounds, and reach the device, is batching.py's job.
 Under torchrun each of the `n_proc` processes samples its share of the prompts, while statistics and mini-batches
-are the whole batch's, so any number of processes trains as one; FSDP all-gathers every layer in each forward, so
-the ranks must run equally many forwards, which `lockstep` arranges.
+are the whole batch's, so any number of processes trains as one (docs/scale.md: DDP, FSDP and the lock-step).
 """
 import argparse
 import contextlib
@@ -28,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 
+import batching
 import common
 import data
 import figures
@@ -53,12 +55,15 @@ def add_args(p):
     g.add_argument("--ppo-epochs", type=data.positive_int, default=2, help="passes over each rollout (K)")
     g.add_argument("--mini-batches", type=data.positive_int, default=2, help="optimizer steps per pass")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; PPO and RLOO take only 1 (off), since "
+                   "their ratio and KL use the full softmax (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=data.positive_int, default=48, help="response length cap")
     g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted when no stop token came")
     g.add_argument("--normalize-reward", action=argparse.BooleanOptionalAction, default=True,
                    help="(score - mean) / std with the held-out statistics the RM stage stored in its config")
     g.add_argument("--rloo-k", type=data.positive_int, default=4, help="rloo: samples per prompt")
+    g.add_argument("--rloo-whiten", action="store_true", help="rloo: whiten the leave-one-out advantages over the "
+                   "batch's tokens (default: off, as TRL and OpenRLHF; whitening weighs long answers more)")
     g.add_argument("--rollout-chunk", type=data.positive_int, default=32, help="prompts per generation call")
     return {a.dest for a in g._group_actions}
 
@@ -121,33 +126,39 @@ def pooled_moments(x, n_proc, mask=None):
     return mean, ((s2 - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
 
-def compute_advantages(ro, a, n_proc=1):
+def compute_advantages(rollout, args, n_proc=1):
     """PPO: per-token rewards -beta * KL with the score added on the last real token, GAE (Eq. 2), whitened
-    advantages. RLOO: the sequence reward minus the mean of the other samples of the same prompt, on every token."""
-    kl = kl_penalty(ro.old_logp, ro.ref_logp, a.kl_estimator) * ro.mask
-    if a.algo == "ppo":
-        rewards = -a.kl_coef * kl  # 2. the KL penalty on every token, the reward model's score on the last
-        rewards[torch.arange(len(ro)), ro.lengths() - 1] += ro.score
-        adv, ro.returns = gae(rewards, ro.values, ro.mask, a.gamma, a.lam)  # 3. GAE against the critic's values
+    advantages. RLOO: the sequence reward minus the mean of the other samples of the same prompt, on every token
+    (whitened only with --rloo-whiten). Returns the batch's mean KL and score and the score's spread, as device
+    tensors."""
+    kl = kl_penalty(rollout.old_logp, rollout.ref_logp, args.kl_estimator) * rollout.mask
+    if args.algo == "ppo":
+        rewards = -args.kl_coef * kl  # 2. the KL penalty on every token, the reward model's score on the last
+        last = torch.arange(len(rollout), device=kl.device), rollout.lengths() - 1
+        rewards[last] += rollout.score
+        adv, rollout.returns = gae(rewards, rollout.values, rollout.mask, args.gamma, args.lam)  # 3. GAE
+        rollout.adv = whiten(adv, rollout.mask, n_proc=n_proc)
     else:
-        seq_reward = ro.score - a.kl_coef * kl.sum(1)
-        same = (ro.group[:, None] == ro.group[None, :]).float()
+        seq_reward = rollout.score - args.kl_coef * kl.sum(1)
+        same = (rollout.group[:, None] == rollout.group[None, :]).float()
         baseline = (same @ seq_reward - seq_reward) / (same.sum(1) - 1).clamp(min=1)
-        adv = ro.returns = (seq_reward - baseline)[:, None] * ro.mask
-    ro.adv = whiten(adv, ro.mask, n_proc=n_proc)
-    mean, std = pooled_moments(torch.stack([kl.sum(1), ro.score]), n_proc)
-    return {"kl": mean[0].item(), "score": mean[1].item(), "score_std": std[1].item()}
+        adv = rollout.returns = (seq_reward - baseline)[:, None] * rollout.mask
+        rollout.adv = whiten(adv, rollout.mask, n_proc=n_proc) if args.rloo_whiten else adv.clone()
+    mean, std = pooled_moments(torch.stack([kl.sum(1), rollout.score]), n_proc)
+    return {"kl": mean[0], "score": mean[1], "score_std": std[1]}
 
 
-def explained_variance(ro, n_proc=1):
-    """1 - Var(returns - V) / Var(returns) over every rank's valid tokens."""
-    _, (res_std, ret_std) = pooled_moments(torch.stack([ro.returns - ro.values, ro.returns]).flatten(1), n_proc,
-                                           ro.mask.flatten()[None])
-    return (1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)).item()
+def explained_variance(rollout, n_proc=1):
+    """1 - Var(returns - V) / Var(returns) over every rank's valid tokens (a device tensor)."""
+    _, (res_std, ret_std) = pooled_moments(torch.stack([rollout.returns - rollout.values, rollout.returns]).flatten(1),
+                                           n_proc, rollout.mask.flatten()[None])
+    return 1 - res_std ** 2 / (ret_std ** 2).clamp(min=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A rollout: one iteration's samples as padded [B, T] tensors, built once, sliced by row for (micro-)batches
+# A rollout: one iteration's samples as padded [B, T] tensors on the device, built once, sliced by row for
+# (micro-)batches. What the host needs (token ids for the reward template and the checker, lengths for the
+# micro-batch plans) it keeps from the one read of each generated batch: nothing is read back row by row.
 
 
 @dataclass
@@ -163,40 +174,46 @@ class Rollout:
     returns: torch.Tensor    # [B, T] value targets (set by compute_advantages)
     group: torch.Tensor      # [B] the prompt a row answers (RLOO's leave-one-out groups): its place in the step's
                              #     global batch, the same on any number of processes
-    index: torch.Tensor      # [B] the row's place in the step's global batch (prompt-major, samples of a prompt)
-    segments: list           # per row: the prompt's token segments and image slots
+    index: list              # per row: its place in the step's global batch (prompt-major, samples of a prompt)
+    ids: list                # per row: the response's token ids (host), up to and with its stop token
+    segments: list           # per row: the prompt's token segments (device tensors) and image slots
     images: dict             # role -> per row, the prompt's image embeddings for that role's model (constants)
     prompt_len: list         # per row: prompt tokens, image tokens included (for the token budget)
     items: list              # per row: the data row (the world's checker reads it)
 
     @classmethod
-    def start(cls, responses, stopped, pad_id, segments, images, prompt_len, items, group, index=None):
-        """The rollout of sampled responses (lists of ids), right-padded here once; the per-token fields zero until
-        the models have read them. `index` defaults to the rows' own order (one process holds the whole batch)."""
-        B, T = len(responses), max(map(len, responses))
-        response, mask = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T)
-        for b, r in enumerate(responses):
-            response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r, dtype=torch.long), 1.0
-        zeros = torch.zeros(B, T)
-        index = torch.arange(B) if index is None else torch.tensor(index)
-        return cls(response, mask, torch.tensor(stopped), torch.zeros(B), zeros, zeros, zeros, zeros, zeros,
-                   torch.tensor(group), index, segments, images, prompt_len, items)
+    def start(cls, responses, stopped, pad_id, segments, images, prompt_len, items, group, index=None,
+              device=torch.device("cpu")):
+        """The rollout of sampled responses (lists of ids), right-padded once and copied to `device` in one pinned
+        transfer; each per-token field its own zero tensor until the models have read them. `index` defaults to
+        the rows' own order (one process holds the whole batch)."""
+        B = len(responses)
+        response, lengths = batching.pad_right(responses, pad_id, device)
+        T = response.shape[1]
+        mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
+        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        return cls(response, mask, batching.to_device(torch.tensor(stopped), device), zeros(B), zeros(B, T),
+                   zeros(B, T), zeros(B, T), zeros(B, T), zeros(B, T), batching.to_device(torch.tensor(group), device),
+                   list(range(B)) if index is None else list(index), [list(r) for r in responses], segments, images,
+                   prompt_len, items)
 
     def __len__(self):
-        return len(self.segments)
+        return len(self.ids)
 
     def lengths(self):
+        """Response tokens per row [B], on the device."""
         return self.mask.sum(1).long()
 
     def rows(self, idx):
-        """The rollout of rows `idx`, its tensors cut to their longest response."""
+        """The rollout of rows `idx`, its tensors cut to their longest response (known on the host)."""
         idx = list(idx)
-        T = max(1, int(self.lengths()[idx].max()))
+        T = max(1, max(len(self.ids[i]) for i in idx))
+        at = batching.to_device(torch.tensor(idx), self.mask.device)
         cut = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                cut[f.name] = v[idx, :T] if v.dim() == 2 else v[idx]
+                cut[f.name] = v[at, :T] if v.dim() == 2 else v[at]
             elif isinstance(v, dict):
                 cut[f.name] = {k: [rows[i] for i in idx] for k, rows in v.items()}
             else:
@@ -204,28 +221,28 @@ class Rollout:
         return replace(self, **cut)
 
 
-def model_batch(model, ro, role, device):
-    """[left-padded prompt | right-padded response] for `model`, with its own image embeddings (`role`)."""
-    # a frozen model held in bf16 reads the policy's fp32 image embeddings (the reference shares its vision path)
-    rows = [model.splice(seg, [e.to(device, model.dtype, non_blocking=True) for e in ims])
-            for seg, ims in zip(ro.segments, ro.images[role])]
+def model_batch(model, rollout, role, device):
+    """[left-padded prompt | right-padded response] for `model`, with its own image embeddings (`role`). Without
+    padding (every row as long as the others) no attention mask is passed, so SDPA takes its fused causal kernel."""
+    rows = [model.splice(seg, [e.to(model.dtype) for e in ims])
+            for seg, ims in zip(rollout.segments, rollout.images[role])]
     prompt = model.pad_batch(rows, left_pad=True)
-    response, resp_mask = ro.response.to(device), ro.mask.to(device).long()
-    attention_mask = torch.cat([prompt["attention_mask"], resp_mask], 1)
+    response, response_mask = rollout.response, rollout.mask.long()
+    padded = len({r[0].shape[0] for r in rows}) > 1 or len({len(r) for r in rollout.ids}) > 1  # host-side shapes
+    attention_mask = torch.cat([prompt["attention_mask"], response_mask], 1)
     return {"embeds": torch.cat([prompt["embeds"], model.model.tok_embeddings(response)], 1),
-            "im_mask": torch.cat([prompt["im_mask"], torch.zeros_like(resp_mask, dtype=torch.bool)], 1),
-            "attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+            "im_mask": torch.cat([prompt["im_mask"], torch.zeros_like(response_mask, dtype=torch.bool)], 1),
+            "attention_mask": attention_mask if padded else None,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
             "response": response, "P": prompt["embeds"].shape[1]}
 
 
 def logprobs_of(policy, batch, temperature):
-    """log pi(response token | prefix) with logits divided by the sampling temperature (N+ detail), and entropy."""
+    """log pi(response token | prefix) with logits divided by the sampling temperature (N+ detail), and entropy,
+    a chunk of tokens at a time (batching.token_logprobs: the [B, T, V] fp32 tensor never exists whole)."""
     h = policy.model(batch["embeds"], batch["im_mask"], batch["attention_mask"], batch["position_ids"])
     P, T = batch["P"], batch["response"].shape[1]
-    logits = policy.output(h[:, P - 1:P + T - 1]).float() / max(temperature, 1e-6)
-    logp = torch.log_softmax(logits, -1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, batch["response"][..., None]).squeeze(-1), entropy
+    return batching.token_logprobs(policy.output, h[:, P - 1:P + T - 1], batch["response"], temperature)
 
 
 def values_of(critic, batch, norm=(0.0, 1.0)):
@@ -246,9 +263,10 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.model, self.temperature, self.device = policy, temperature, device
 
-    def forward(self, ro):
-        logp, entropy = logprobs_of(self.model, model_batch(self.model, ro, "policy", self.device), self.temperature)
-        return logp.clone(), entropy  # not a view of the log-softmax: FSDP2 hooks its backward on what is returned
+    def forward(self, rollout):
+        batch = model_batch(self.model, rollout, "policy", self.device)
+        logp, entropy = logprobs_of(self.model, batch, self.temperature)
+        return logp.clone(), entropy  # not a view: FSDP2 hooks its backward on what is returned
 
 
 class CriticValues(nn.Module):
@@ -258,8 +276,8 @@ class CriticValues(nn.Module):
         super().__init__()
         self.model, self.norm, self.device = critic, norm, device
 
-    def forward(self, ro):
-        return values_of(self.model, model_batch(self.model, ro, "critic", self.device), self.norm)
+    def forward(self, rollout):
+        return values_of(self.model, model_batch(self.model, rollout, "critic", self.device), self.norm)
 
 
 class RewardScore(nn.Module):
@@ -270,9 +288,9 @@ class RewardScore(nn.Module):
         super().__init__()
         self.model, self.role, self.normalize, self.device = rm, role, normalize, device
 
-    def forward(self, ro):
+    def forward(self, rollout):
         mean, std = reward_norm(self.model, self.normalize)
-        return (self.model.score_embedded(reward_rows(self.model, ro, self.role, self.device)) - mean) / std
+        return (self.model.score_embedded(reward_rows(self.model, rollout, self.role, self.device)) - mean) / std
 
 
 @dataclass
@@ -286,43 +304,54 @@ class Roles:
 
 
 def reward_norm(rm, normalize):
-    return (rm.cfg.reward_mean, rm.cfg.reward_std) if normalize else (0.0, 1.0)
+    """(mean, std) the scores are normalised with: the held-out statistics the RM stage stored, when asked and
+    stored (load_roles says when they are not)."""
+    if not normalize or rm.cfg.reward_mean is None:
+        return 0.0, 1.0
+    return rm.cfg.reward_mean, rm.cfg.reward_std
 
 
-def lockstep(ro, rows, budget, n_proc, fsdp, device):
-    """`rows` of the rollout in micro-batches of at most `budget` padded tokens, as (part, its rows, last of the
-    rank's). Under FSDP every forward all-gathers each layer, so every rank runs as many micro-batches as the one
-    that needs the most (common.micro_batches); a rank short of rows runs a stand-in row (the rollout's first) with
-    no rows of its own: the caller keeps nothing of it and weighs its loss by zero."""
-    lengths = (ro.lengths()[rows] + torch.tensor([ro.prompt_len[i] for i in rows], dtype=torch.long)).tolist()
-    micro = common.micro_batches(lengths, budget, n_proc, fsdp, device)
-    for k, mi in enumerate(micro):
-        idx = [rows[i] for i in mi]
-        yield ro.rows(idx or [0]), idx, k == len(micro) - 1
+# the reward template's ending after a response: end-of-turn (added when the response has none), then this
+REWARD_SUFFIX = "\n</s>" + data.REWARD_TOKEN
+
+
+def micro(rollout, rows, budget, n_proc, fsdp, device, extra=0):
+    """`rows` of the rollout in micro-batches whose padded batch is at most `budget` tokens wide x tall: a batch is
+    max P + max T wide (left-padded prompts, right-padded responses), plus `extra` tokens per row where the
+    reward model's rows carry the template's ending. Yields (part, its rows, last of the rank's). Under FSDP every rank runs as
+    many micro-batches as the one that needs the most (batching.micro_batches); a rank short of rows runs a
+    stand-in row (the rollout's first) with no rows of its own: the caller keeps nothing of it and weighs its loss
+    by zero."""
+    widths = [(rollout.prompt_len[i], len(rollout.ids[i]) + extra) for i in rows]
+    plan = batching.micro_batches(widths, budget, n_proc, fsdp, device)
+    for k, part_rows in enumerate(plan):
+        idx = [rows[i] for i in part_rows]
+        yield rollout.rows(idx or [0]), idx, k == len(plan) - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Rollout: sample, then score and read every model over the samples
 
 
-def reward_rows(rm, ro, role, device):
+def reward_rows(rm, rollout, role, device):
     """Each row as the reward model reads it: prompt + response under the reward template (its suffix
-    `</s>[UNUSED_TOKEN_130]` appended after the response and its end-of-turn), spliced with `role`'s images."""
+    `</s>[UNUSED_TOKEN_130]` appended after the response and its end-of-turn), spliced with `role`'s images. The
+    continuations reach the device in one pinned copy."""
     tok = rm.tokenizer
-    suffix = tok.encode("\n</s>" + data.REWARD_TOKEN, add_special_tokens=False)
-    rows = []
-    for b in range(len(ro)):
-        resp = ro.response[b, :int(ro.mask[b].sum())].tolist()
+    suffix = tok.encode(REWARD_SUFFIX, add_special_tokens=False)
+    ends = []
+    for resp in rollout.ids:
         # the template's answer ends with end-of-turn: a response that stopped on </s> gets it in its place
-        resp = resp[:-1] if ro.stopped[b] and resp[-1:] == [tok.eos_id] else resp
-        resp = resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]
-        rows.append(rm.splice(ro.segments[b] + [resp + suffix], [e.to(device, rm.dtype) for e in ro.images[role][b]]))
-    return rows
+        resp = resp[:-1] if resp[-1:] == [tok.eos_id] else resp
+        ends.append((resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]) + suffix)
+    ends = batching.ids_to_device(ends, device)
+    return [rm.splice(seg + [end], [e.to(rm.dtype) for e in ims])
+            for seg, end, ims in zip(rollout.segments, ends, rollout.images[role])]
 
 
-def reward_scores(rms, ro, device, normalize):
+def reward_scores(rms, rollout, device, normalize):
     """The reward models' scores of every row, averaged (each normalised first when asked)."""
-    return sum(RewardScore(rm, f"rm{i}", normalize, device)(ro) for i, rm in enumerate(rms)) / len(rms)
+    return sum(RewardScore(rm, f"rm{i}", normalize, device)(rollout) for i, rm in enumerate(rms)) / len(rms)
 
 
 def sample_seed(seed, step, row):
@@ -333,51 +362,57 @@ def sample_seed(seed, step, row):
 
 
 @torch.no_grad()
-def collect_rollouts(roles, prompts, a, device, generators, prompt_index=None):
+def collect_rollouts(roles, prompts, args, device, generators, prompt_index=None):
     """The rollout of `prompts` ((chat prompt, images, row) each): responses sampled with `generators` (response j
     of prompt p from generators[p * n + j], n = --rloo-k for RLOO, else 1), their scores, and the log-probs and
-    values of every response token. `prompt_index`: each prompt's place in the step's global batch (default: its
-    place in `prompts`)."""
+    values of every response token, all on the device. `prompt_index`: each prompt's place in the step's global
+    batch (default: its place in `prompts`)."""
     policy, critic = common.unwrap(roles.policy).model, common.unwrap(roles.critic) if roles.critic else None
     for m in (policy, critic.model if critic is not None else None):
         if m is not None:
             m.eval()
     prompt_index = list(range(len(prompts))) if prompt_index is None else prompt_index
-    segments, pixels, items, group, index, responses, stopped = sample(common.unwrap(roles.policy), prompts, a,
+    segments, pixels, items, group, index, responses, stopped = sample(common.unwrap(roles.policy), prompts, args,
                                                                        generators, prompt_index)
-    # image embeddings are constants during PPO (vision frozen): encode once per model, keep them on the host
+    # image embeddings are constants during PPO (vision frozen): encoded once per model, kept on the device
     models = {"policy": policy, **({"critic": critic.model} if critic is not None else {}),
               **{rm.role: rm.model for rm in roles.rms}}
-    images = {role: [[e.cpu() for e in m.encode_images(px)] if px else [] for px in pixels]
-              for role, m in models.items()}
+    images = {role: [m.encode_images(px) if px else [] for px in pixels] for role, m in models.items()}
     prompt_len = [sum(len(s) for s in seg if not isinstance(s, int)) + sum(e.shape[0] for e in ims)
                   for seg, ims in zip(segments, images["policy"])]
-    ro = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments, images, prompt_len, items, group, index)
-    read_rollout(roles, ro, a, device)
-    return ro
+    rollout = Rollout.start(responses, stopped, policy.cfg.pad_token_id, segments_to_device(segments, device),
+                            images, prompt_len, items, group, index, device)
+    read_rollout(roles, rollout, args, device)
+    return rollout
 
 
-def sample(pi, prompts, a, generators, prompt_index):
+def segments_to_device(segments, device):
+    """Every row's token segments as device tensors, in one pinned copy for the whole rollout (image slots stay
+    ints): the passes then splice without a host-to-device copy per row and micro-batch."""
+    lists = [s for seg in segments for s in seg if not isinstance(s, int)]
+    tensors = iter(batching.ids_to_device(lists, device))
+    return [[s if isinstance(s, int) else next(tensors) for s in seg] for seg in segments]
+
+
+def sample(pi, prompts, args, generators, prompt_index):
     """Responses to `prompts`, --rollout-chunk prompts per generation call, as seven per-response lists: prompt
     segments, pixels, data row, the prompt's and the response's places in the step's global batch, token ids up to
-    and with the stop token, whether it stopped.
+    and with the stop token, whether it stopped. Each generation call's tokens come back to the host in one read.
 
     Under FSDP the sampler is a whole copy of the policy (in the autocast dtype), gathered once here and freed on
-    return, i.e. before the update: decoding then runs no collective at all, so ranks whose responses stop at
-    different steps never wait for one another (docs/scale.md, "PPO at 7B (FSDP)", has the measurement behind this
-    choice)."""
+    return, i.e. before the update: decoding then runs no collective at all (docs/scale.md, "PPO at 7B (FSDP)")."""
     policy, device = pi.model, pi.device
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     sampler = common.unsharded_copy(policy, amp) if common.sharded(pi) else policy
-    n = a.rloo_k if a.algo == "rloo" else 1
+    n = args.rloo_k if args.algo == "rloo" else 1
     segments, pixels, items, group, index, responses, stopped = [], [], [], [], [], [], []
     stop = {policy.tokenizer.eos_id, policy.tokenizer.eot_id}
-    for c in range(0, len(prompts), a.rollout_chunk):
-        chunk = prompts[c:c + a.rollout_chunk]
-        seqs = [sampler.sequence(prompt, ims, a.hd_num) for prompt, ims, _ in chunk]
+    for c in range(0, len(prompts), args.rollout_chunk):
+        chunk = prompts[c:c + args.rollout_chunk]
+        seqs = [sampler.sequence(prompt, ims, args.hd_num) for prompt, ims, _ in chunk]
         batch = sampler.embed_batch(seqs, left_pad=True)
-        out = sampler.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], a.max_new_tokens,
-                               a.temperature, a.top_p, generator=generators[c * n:(c + len(chunk)) * n], n=n)
+        out = sampler.generate(batch["embeds"], batch["im_mask"], batch["attention_mask"], args.max_new_tokens,
+                               args.temperature, args.top_p, generator=generators[c * n:(c + len(chunk)) * n], n=n)
         for j, row in enumerate(out.tolist()):
             end = next((t + 1 for t, tok in enumerate(row) if tok in stop), None)
             segments.append(seqs[j // n][0])
@@ -390,93 +425,102 @@ def sample(pi, prompts, a, generators, prompt_index):
     return segments, pixels, items, group, index, responses, stopped
 
 
-def read_rollout(roles, ro, a, device):
+def read_rollout(roles, rollout, args, device):
     """Fill in the rollout's score (the reward models' mean, minus --missing-eos-penalty where no stop token came)
-    and, per response token, log pi_old, log pi_ref and V, over micro-batches of --token-budget tokens."""
+    and, per response token, log pi_old, log pi_ref and V, over micro-batches of --token-budget tokens, on the
+    device."""
     pi, ref, critic = common.unwrap(roles.policy), roles.ref, common.unwrap(roles.critic) if roles.critic else None
     n_proc = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    B, T = ro.response.shape
-    score, old_logp, ref_logp, values = torch.zeros(B), torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    # the reward model's rows are the widest: the template's ending and an end-of-turn after each response
+    extra = len(roles.rms[0].model.tokenizer.encode(REWARD_SUFFIX, add_special_tokens=False)) + 1
 
     def run(objective, part):  # FSDP: the root gathered for one forward only, one model's at a time
         out = objective(part)
         common.release(objective)
         return out[0] if isinstance(out, tuple) else out
 
-    for part, mi, _ in lockstep(ro, list(range(B)), a.token_budget, n_proc, common.sharded(pi), device):
+    for part, rows, _ in micro(rollout, list(range(len(rollout))), args.token_budget, n_proc, common.sharded(pi),
+                               device, extra):
         t = part.response.shape[1]
         out = (sum(run(rm, part) for rm in roles.rms) / len(roles.rms), run(pi, part), run(ref, part),
                run(critic, part) if critic is not None else None)
-        if mi:
-            score[mi] = out[0].float().cpu()
-            old_logp[mi, :t], ref_logp[mi, :t] = out[1].cpu(), out[2].cpu()
+        if rows:
+            at = batching.to_device(torch.tensor(rows), device)
+            rollout.score[at] = out[0].float()
+            rollout.old_logp[at, :t], rollout.ref_logp[at, :t] = out[1].float(), out[2].float()
             if critic is not None:
-                values[mi, :t] = out[3].float().cpu()
-    ro.score = score - a.missing_eos_penalty * (~ro.stopped).float()
-    ro.old_logp, ro.ref_logp, ro.values = old_logp * ro.mask, ref_logp * ro.mask, values * ro.mask
+                rollout.values[at, :t] = out[3].float()
+    rollout.score -= args.missing_eos_penalty * (~rollout.stopped).float()
+    for name in ("old_logp", "ref_logp", "values"):
+        getattr(rollout, name).mul_(rollout.mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The update: K epochs of the clipped losses over shuffled mini-batches
 
 
-def ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp=contextlib.nullcontext):
+def ppo_update(fwd_pi, fwd_v, rollout, opt_pi, opt_v, args, device, n_proc, amp=contextlib.nullcontext):
     """--ppo-epochs passes over --mini-batches shuffled mini-batches, each one optimizer step of the policy (Eq. 3)
     and the critic (Eq. 4), accumulated over micro-batches that fit --token-budget. Losses are token means over
     the whole mini-batch, all ranks included. fwd_pi / fwd_v are PolicyLogprobs / CriticValues (fwd_v None for
-    RLOO), wrapped for DDP or FSDP under torchrun. Returns token means of the losses and diagnostics."""
-    stats = {}   # name -> [sum over valid tokens, count]: token means over the whole update, all ranks
+    RLOO), wrapped for DDP or FSDP under torchrun. Returns token means of the losses and diagnostics as device
+    tensors: nothing is read back to the host here."""
+    stats = {}   # name -> [sum over valid tokens, count], device tensors: token means over the whole update
 
     def log_mean(name, x, mask):
         total = stats.setdefault(name, [0.0, 0.0])
-        total[0] += (x * mask).sum().item()
-        total[1] += mask.sum().item()
+        total[0] = total[0] + (x * mask).sum()
+        total[1] = total[1] + mask.sum()
 
-    for minibatches in shuffled_minibatches(ro, a, n_proc):  # one list per epoch
-        for mb in minibatches:
-            n_tok = common.sum_over_ranks(ro.mask[mb].sum(), n_proc).item()  # the whole mini-batch's tokens
-            for part, mi, last in lockstep(ro, mb, a.token_budget, n_proc, common.sharded(fwd_pi), device):
-                mask, adv = part.mask.to(device) * bool(mi), part.adv.to(device)
+    for minibatches in shuffled_minibatches(rollout, args, n_proc):  # one list per epoch
+        for minibatch in minibatches:
+            at = batching.to_device(torch.tensor(minibatch, dtype=torch.long), device)
+            n_tok = common.sum_over_ranks(rollout.mask[at].sum(), n_proc)  # the whole mini-batch's tokens
+            for part, rows, last in micro(rollout, minibatch, args.token_budget, n_proc, common.sharded(fwd_pi),
+                                          device):
+                mask, adv = part.mask * bool(rows), part.adv
                 # policy and critic share no parameter: a backward each equals one of the summed losses, and only
                 # one model's activations are alive at a time. DDP / FSDP average the ranks' gradients: * n_proc
                 with common.no_sync_unless(last, fwd_pi), amp():
                     logp, entropy = fwd_pi(part)
-                    log_ratio = (logp - part.old_logp.to(device)) * mask  # 0 on padding: a ratio of 1
+                    log_ratio = (logp - part.old_logp) * mask  # 0 on padding: a ratio of 1
                     ratio = log_ratio.exp()
-                    pg = policy_loss(ratio, adv, a.clip_ratio)
+                    pg = policy_loss(ratio, adv, args.clip_ratio)
                     ((pg * mask).sum() * n_proc / n_tok).backward()
                 if fwd_v is not None:
                     with common.no_sync_unless(last, fwd_v), amp():
-                        old_v, v = part.values.to(device), fwd_v(part)
-                        vf = value_loss(v, old_v, part.returns.to(device), a.value_clip)
+                        v = fwd_v(part)
+                        vf = value_loss(v, part.values, part.returns, args.value_clip)
                         ((vf * mask).sum() * n_proc / n_tok).backward()
-                    log_mean("value_loss", vf.detach(), mask)
-                    log_mean("value_clipfrac", ((v - old_v).abs() > a.value_clip).float(), mask)
+                    with torch.no_grad():
+                        log_mean("value_loss", vf, mask)
+                        log_mean("value_clipfrac", ((v - part.values).abs() > args.value_clip).float(), mask)
                 with torch.no_grad():
                     log_mean("policy_loss", pg, mask)
                     log_mean("entropy", entropy, mask)
                     log_mean("approx_kl", (ratio - 1) - log_ratio, mask)  # Schulman k3
-                    log_mean("clipfrac", ((ratio - 1).abs() > a.clip_ratio).float(), mask)
+                    log_mean("clipfrac", ((ratio - 1).abs() > args.clip_ratio).float(), mask)
                     log_mean("ratio", ratio, mask)
             for fwd, opt in ((fwd_pi, opt_pi), (fwd_v, opt_v)):
                 if fwd is not None:
-                    common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, a.clip)
+                    common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, args.clip)
     names = sorted(stats)
-    totals = common.sum_over_ranks(torch.tensor([stats[k] for k in names], dtype=torch.float64), n_proc)
-    return {k: total / max(n, 1.0) for k, (total, n) in zip(names, totals.tolist())}
+    totals = common.sum_over_ranks(torch.stack([torch.stack([stats[k][0], stats[k][1]]) for k in names]).double(),
+                                   n_proc)
+    return {k: total / n.clamp(min=1.0) for k, (total, n) in zip(names, totals)}
 
 
-def shuffled_minibatches(ro, a, n_proc):
+def shuffled_minibatches(rollout, args, n_proc):
     """For each of --ppo-epochs, --mini-batches (sizes within one) cut from a shuffle of the step's global batch, as
     this rank's rows of each (possibly none): the rows one process would put in them. Every rank's Python RNG is
-    seeded and drawn alike, so all shuffle alike."""
-    rows = ro.index.tolist() if n_proc > 1 else list(range(len(ro)))  # one process: the rows as they are
+    seeded and drawn alike, so all shuffle alike; the global batch's size is the sum of the ranks' (one read)."""
+    rows = rollout.index if n_proc > 1 else list(range(len(rollout)))  # one process: the rows as they are
     local = {g: i for i, g in enumerate(rows)}
-    order = list(range(int(common.sum_over_ranks(torch.tensor(len(ro)), n_proc))))
-    n_mb = min(a.mini_batches, len(order))
+    order = list(range(int(common.sum_over_ranks(torch.tensor(len(rollout)), n_proc))))
+    n_mb = min(args.mini_batches, len(order))
     cuts = [round(i * len(order) / n_mb) for i in range(n_mb + 1)]
     epochs = []
-    for _ in range(a.ppo_epochs):
+    for _ in range(args.ppo_epochs):
         random.shuffle(order)
         epochs.append([[local[g] for g in order[m0:m1] if g in local] for m0, m1 in zip(cuts, cuts[1:])])
     return epochs
@@ -486,81 +530,93 @@ def shuffled_minibatches(ro, a, n_proc):
 # The loop (train.py --stage ppo calls it)
 
 
-def train(a, rank, n_proc, device):
+def train(args, rank, n_proc, device):
     """--steps iterations of: rollout -> rewards with the KL penalty -> GAE (Eq. 2) -> K epochs of the clipped
     policy (Eq. 3) and value (Eq. 4) losses. Returns the summary (None when --stop-after stopped the run)."""
-    out = common.prepare_out(a.out, a.resume, rank)
-    fsdp = a.fsdp and n_proc > 1
-    amp = common.autocast(device, a.autocast, cache=False)  # the rollout runs four models without a backward
-    if not a.rm:
+    out = common.prepare_out(args.out, args.resume, rank)
+    fsdp = args.fsdp and n_proc > 1
+    amp = common.autocast(device, args.autocast, cache=False)  # the rollout runs four models without a backward
+    if not args.rm:
         raise SystemExit("error: --stage ppo needs --rm DIR (train one with: torchrun train.py --stage rm --out DIR)")
-    policy = trained(InternLMXComposer2.from_pretrained(a.init or WORLD_SFT, device=device), a)
-    prompts, held = ppo_prompts(a)
-    summary = start_summary(a, out, rank, n_proc, fsdp, policy, held)  # before wrapping: rank 0 holds it whole
-    roles = load_roles(a, policy, n_proc, device, torch.bfloat16 if common.autocast_on(device, a.autocast)
-                       else torch.float32)
+    if args.top_p < 1:
+        raise SystemExit(f"error: --top-p {args.top_p}: PPO and RLOO sample from the full softmax (--top-p 1), the "
+                         f"distribution their ratio and KL are computed on")
+    policy = trained(InternLMXComposer2.from_pretrained(args.init or WORLD_SFT, device=device), args)
+    prompts, held = ppo_prompts(args)
+    summary = start_summary(args, out, rank, n_proc, fsdp, policy, held)  # before wrapping: rank 0 holds it whole
+    roles = load_roles(args, policy, n_proc, device, rank)
     fwd_pi, fwd_v = roles.policy, roles.critic
     critic = common.unwrap(fwd_v).model if fwd_v is not None else None
-    critic_lr = a.critic_lr or 5 * a.lr
+    critic_lr = args.critic_lr or 5 * args.lr
     # after wrapping: FSDP replaces the parameters by their shards
-    opt_pi = common.make_optimizer(policy, a.lr, a.weight_decay, a.beta2)
-    opt_v = common.make_optimizer(critic, critic_lr, a.weight_decay, a.beta2) if critic is not None else None
-    step = resume(a, out, rank, policy, opt_pi, critic, opt_v) if a.resume else 0
-    per_prompt = a.rloo_k if a.algo == "rloo" else 1
+    opt_pi = common.make_optimizer(policy, args.lr, args.weight_decay, args.beta2)
+    opt_v = common.make_optimizer(critic, critic_lr, args.weight_decay, args.beta2) if critic is not None else None
+    step = resume(args, out, rank, policy, opt_pi, critic, opt_v) if args.resume else 0
+    per_prompt = args.rloo_k if args.algo == "rloo" else 1
     t0, tokens_done, first_step, stats = time.time(), 0, step, None
-    while step < a.steps:
-        checked = check_heldout(policy, held, a, step, rank, fsdp)  # the gold score, before this iteration
-        mine, index = step_prompts(prompts, a, step, rank, n_proc)
+    while step < args.steps:
+        checked = check_heldout(policy, held, args, step, rank, fsdp)  # the gold score, before this iteration
+        mine, index = step_prompts(prompts, args, step, rank, n_proc)
         # one generator per response, seeded by its place in the global batch: resume and process count change
         # nothing
-        generators = [torch.Generator(device).manual_seed(sample_seed(a.seed, step, g * per_prompt + j))
+        generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, step, g * per_prompt + j))
                       for g in index for j in range(per_prompt)]
         t_roll = time.time()
         # 1. rollout: responses, their scores, and log-probs / values of every response token
         with amp():
-            ro = collect_rollouts(roles, mine, a, device, generators, index)
+            rollout = collect_rollouts(roles, mine, args, device, generators, index)
         # 2-3. rewards with the KL penalty, and advantages (GAE, Eq. 2; or RLOO's leave-one-out baseline)
-        stats = compute_advantages(ro, a, n_proc)
+        stats = compute_advantages(rollout, args, n_proc)
         t_roll = time.time() - t_roll
         # 4. K epochs of the clipped policy (Eq. 3) and value (Eq. 4) losses over shuffled mini-batches
-        lr = common.lr_at(step, a.lr, a.steps, a.warmup)
+        lr = common.lr_at(step, args.lr, args.steps, args.warmup)
         common.set_lr(opt_pi, lr)
         if opt_v is not None:
-            common.set_lr(opt_v, lr * critic_lr / a.lr)
+            common.set_lr(opt_v, lr * critic_lr / args.lr)
         for m in (policy, critic):  # train mode: --grad-ckpt checkpoints only in training forwards
             if m is not None:
                 m.train()
-        stats.update(ppo_update(fwd_pi, fwd_v, ro, opt_pi, opt_v, a, device, n_proc, amp))
+        stats.update(ppo_update(fwd_pi, fwd_v, rollout, opt_pi, opt_v, args, device, n_proc, amp))
         step += 1
-        tokens_done += int(ro.mask.sum())
-        stats.update(step=step, response_length=ro.mask.sum().item() / len(ro),
-                     eos_rate=ro.stopped.float().mean().item(), tokens_per_s=tokens_done * n_proc / (time.time() - t0),
-                     rollout_s=t_roll, explained_variance=explained_variance(ro, n_proc) if critic else float("nan"))
-        if held:
-            answers = [policy.decode_answer(ro.response[b, :n].tolist()) for b, n in enumerate(ro.lengths().tolist())]
-            stats["train_accuracy"] = sum(map(checker.is_correct, ro.items, answers)) / len(ro)
-        log_iteration(out, stats, checked, a, rank, n_proc)
-        stop = a.stop_after and step - first_step >= a.stop_after and step < a.steps
-        if step % a.save_every == 0 or step == a.steps or stop:
+        tokens_done += sum(map(len, rollout.ids))
+        stats.update(response_length=rollout.mask.sum() / len(rollout), eos_rate=rollout.stopped.float().mean())
+        if critic is not None:
+            stats["explained_variance"] = explained_variance(rollout, n_proc)
+        if held:  # the checker reads the token ids the host already holds
+            answers = [policy.decode_answer(ids) for ids in rollout.ids]
+            stats["train_accuracy"] = sum(map(checker.is_correct, rollout.items, answers)) / len(rollout)
+        stats = read_stats(stats, n_proc)
+        stats.update(step=step, tokens_per_s=tokens_done * n_proc / (time.time() - t0), rollout_s=t_roll)
+        log_iteration(out, stats, checked, args, rank)
+        stop = args.stop_after and step - first_step >= args.stop_after and step < args.steps
+        if step % args.save_every == 0 or step == args.steps or stop:
             save(out, [("", policy, opt_pi), ("critic", critic, opt_v)], step, rank, n_proc, fsdp)
         if stop:
-            common.log(rank, f"stopped after {a.stop_after} iterations at {step}; continue with --resume")
+            common.log(rank, f"stopped after {args.stop_after} iterations at {step}; continue with --resume")
             return None
     # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
-    return finish(a, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
+    return finish(args, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
 
 
-def start_summary(a, out, rank, n_proc, fsdp, policy, held):
+def read_stats(stats, n_proc):
+    """The iteration's statistics (device tensors and floats) as floats, averaged over the ranks (equal shares; the
+    pooled ones are equal on every rank already): one collective, one read back to the host."""
+    names = sorted(stats)
+    values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).to(stats["kl"].device) for k in names])
+    return dict(zip(names, (common.sum_over_ranks(values, n_proc) / n_proc).tolist()))
+
+
+def start_summary(args, out, rank, n_proc, fsdp, policy, held):
     """The run's summary, with the checker's verdict on the starting policy (written now: kept across a resume)."""
-    summary = {"stage": "ppo", "algo": a.algo, "processes": n_proc, "fsdp": fsdp, "seed": a.seed, "kl_coef": a.kl_coef}
-    if held and rank == 0 and not a.resume:
-        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "before"))
+    summary = {"stage": "ppo", "algo": args.algo, "processes": n_proc, "fsdp": fsdp, "seed": args.seed, "kl_coef": args.kl_coef}
+    if held and rank == 0 and not args.resume:
+        summary.update(checker.tagged(checker.eval_policy(policy, held, args.hd_num), "before"))
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def resume(a, out, rank, policy, opt_pi, critic, opt_v):
+def resume(args, out, rank, policy, opt_pi, critic, opt_v):
     step = common.load_checkpoint(out, policy, opt_pi)
     if critic is not None:
         common.load_checkpoint(out / "critic", critic, opt_v)
@@ -570,25 +626,21 @@ def resume(a, out, rank, policy, opt_pi, critic, opt_v):
     return step
 
 
-def check_heldout(policy, held, a, step, rank, fsdp):
+def check_heldout(policy, held, args, step, rank, fsdp):
     """Every --eval-every iterations, the checker's verdict on this policy's greedy held-out answers: the gold score
     of Gao et al.'s over-optimisation curve. FSDP: every rank gathers a whole copy, rank 0 evaluates."""
-    if not (held and a.eval_every and step % a.eval_every == 0):
+    if not (held and args.eval_every and step % args.eval_every == 0):
         return None
     judged = common.unsharded_copy(policy) if fsdp else policy
-    return checker.eval_policy(judged, held, a.hd_num) if rank == 0 else None
+    return checker.eval_policy(judged, held, args.hd_num) if rank == 0 else None
 
 
-def log_iteration(out, stats, checked, a, rank, n_proc):
-    """One line printed and one in metrics.jsonl for the iteration (every rank's numbers averaged: equal shares), and
-    the held-out check made at its start, beside this iteration's KL and score (the same policy sampled them)."""
-    if n_proc > 1:
-        keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k != "tokens_per_s")
-        mean = common.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64), n_proc) / n_proc
-        stats.update(zip(keys, mean.tolist()))
+def log_iteration(out, stats, checked, args, rank):
+    """One line printed and one in metrics.jsonl for the iteration, and the held-out check made at its start,
+    beside this iteration's KL and score (the same policy sampled them)."""
     if rank != 0:
         return
-    print(f"iter {stats['step']}/{a.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
+    print(f"iter {stats['step']}/{args.steps} score {stats['score']:+.3f} kl {stats['kl']:.3f} len "
           f"{stats['response_length']:.1f} eos {stats['eos_rate']:.2f} pg {stats['policy_loss']:+.4f} "
           + (f"vf {stats['value_loss']:.4f} ev {stats['explained_variance']:+.2f} " if "value_loss" in stats else "")
           + f"clip {stats['clipfrac']:.3f} akl {stats['approx_kl']:.4f} ent {stats['entropy']:.3f}"
@@ -600,52 +652,59 @@ def log_iteration(out, stats, checked, a, rank, n_proc):
                                                     **{"heldout_" + k: v for k, v in checked.items()}})
 
 
-def trained(model, a):
+def trained(model, args):
     """A policy or critic as PPO trains it: vision path and separators frozen (image embeddings are rollout
     constants), the decoder checkpointed under --grad-ckpt."""
-    model.model.gradient_checkpointing = a.grad_ckpt
+    model.model.gradient_checkpointing = args.grad_ckpt
     for p in [*model.vit.parameters(), *model.vision_proj.parameters(), model.plora_glb_GN, model.plora_sub_GN]:
         p.requires_grad_(False)
     return model
 
 
-def load_roles(a, policy, n_proc, device, frozen_dtype=torch.float32):
+def load_roles(args, policy, n_proc, device, rank=0):
     """The objectives of the four roles around `policy` (loaded from --init): the frozen reference from --init, the
-    frozen reward model(s) and, for PPO, the critic from --rm, the frozen ones in `frozen_dtype` (bf16 under
-    autocast, whose matmuls round their weights to bf16 anyway). DDP for the trained ones under torchrun; with
-    --fsdp every model's decoder sharded, the frozen ones' too, each right after it is loaded: at 7B no GPU holds
-    two of them whole."""
+    frozen reward model(s) and, for PPO, the critic from --rm. The reference is held in the policy's dtype, so that
+    under autocast both compute through the same casts and the first iteration's ratio is 1 and its KL 0 exactly;
+    the reward models in bf16 under autocast (whose matmuls round their weights to bf16 anyway). DDP for the
+    trained ones under torchrun; with --fsdp every model's decoder sharded, the frozen ones' too, each right after
+    it is loaded: at 7B no GPU holds two of them whole."""
+    rm_dtype = torch.bfloat16 if common.autocast_on(device, args.autocast) else torch.float32
     load = lambda cls, path, **kw: cls.from_pretrained(path, device=device, **kw)  # noqa: E731
-    frozen = lambda cls, path: load(cls, path, dtype=frozen_dtype).requires_grad_(False)  # noqa: E731
-    pi = common.wrap(PolicyLogprobs(policy, a.temperature, device), n_proc, a.fsdp)
-    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, a.init or WORLD_SFT), a.temperature,
-                                             device), n_proc, a.fsdp)
-    rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d), f"rm{i}", a.normalize_reward, device), n_proc,
-                               a.fsdp) for i, d in enumerate(a.rm)]
+    frozen = lambda cls, path, dtype: load(cls, path, dtype=dtype).requires_grad_(False)  # noqa: E731
+    pi = common.wrap(PolicyLogprobs(policy, args.temperature, device), n_proc, args.fsdp)
+    ref = common.shard_frozen(PolicyLogprobs(frozen(InternLMXComposer2, args.init or WORLD_SFT, policy.dtype),
+                                             args.temperature, device), n_proc, args.fsdp)
+    rms = [common.shard_frozen(RewardScore(frozen(RewardModel, d, rm_dtype), f"rm{i}", args.normalize_reward,
+                                           device), n_proc, args.fsdp) for i, d in enumerate(args.rm)]
+    for d, rm in zip(args.rm, rms):
+        if args.normalize_reward and rm.model.cfg.reward_mean is None:
+            common.log(rank, f"note: {d} stored no held-out reward statistics (the RM stage stores them when it has "
+                             f"held-out pairs): its scores are used as they are, not normalised")
     critic = None
-    if a.algo == "ppo":
-        model = trained(load(RewardModel, a.rm[0]), a)
-        critic = common.wrap(CriticValues(model, reward_norm(model, a.normalize_reward), device), n_proc, a.fsdp)
+    if args.algo == "ppo":
+        model = trained(load(RewardModel, args.rm[0]), args)
+        critic = common.wrap(CriticValues(model, reward_norm(model, args.normalize_reward), device), n_proc,
+                             args.fsdp)
     return Roles(pi, ref, critic, rms)
 
 
-def step_prompts(prompts, a, step, rank, n_proc):
+def step_prompts(prompts, args, step, rank, n_proc):
     """This rank's prompts of iteration `step` and their places in the step's global batch: a draw of --batch
     prompts (RLOO: a k-th of them, k samples each: the same number of responses), dealt to the ranks in turn."""
-    per_rank = a.batch // n_proc
-    if a.algo == "rloo":
-        per_rank = max(1, per_rank // a.rloo_k)
-    drawn = random.Random(a.seed + step).sample(prompts, a.batch)[:per_rank * n_proc]
+    per_rank = args.batch // n_proc
+    if args.algo == "rloo":
+        per_rank = max(1, per_rank // args.rloo_k)
+    drawn = random.Random(args.seed + step).sample(prompts, args.batch)[:per_rank * n_proc]
     index = list(range(rank, len(drawn), n_proc))
     return [drawn[g] for g in index], index
 
 
-def ppo_prompts(a):
+def ppo_prompts(args):
     """(chat prompt with its history, images, row) for every fine-tuning row, and the world's held-out prompts."""
-    if a.data:
-        rows, held = data.read_sft(a.data), []
+    if args.data:
+        rows, held = data.read_sft(args.data), []
     else:
-        files = store.ensure_world(a.world_dir)
+        files = store.ensure_world(args.world_dir)
         rows, held = data.read_sft(files["sft_train"]), store.heldout_items(files["heldout_prompts"])
     return [(data.sft_prompt(r), r["images"], r) for r in rows], held
 
@@ -662,22 +721,22 @@ def save(out, models, step, rank, n_proc, fsdp):
             common.save_checkpoint(out / sub, model, opt, step, write=rank == 0)
 
 
-def finish(a, out, rank, policy, held, summary, stats, t0):
+def finish(args, out, rank, policy, held, summary, stats, t0):
     """summary.json (held-out accuracy before and after, the last KL), curves.svg and overoptimisation.svg."""
     summary["seconds"], summary["matmul_gflops"] = round(time.time() - t0, 1), common.matmul_gflops()
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
     if held and rank == 0:
-        summary.update(checker.tagged(checker.eval_policy(policy, held, a.hd_num), "after"))
+        summary.update(checker.tagged(checker.eval_policy(policy, held, args.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
             summary.update({k: v for k, v in before.items() if "_before" in k})
     if rank == 0:
         figures.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
-                            f"PPO ({a.algo}): {out.name}", xlabel="PPO iteration")
+                            f"PPO ({args.algo}): {out.name}", xlabel="PPO iteration")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        if held and a.eval_every:  # the held-out checks, from step 0 on
+        if held and args.eval_every:  # the held-out checks, from step 0 on
             data.atomic_write_text(out / "overoptimisation.svg", figures.overoptimisation_svg([out]))
         print(json.dumps(summary, indent=2))
     return summary
