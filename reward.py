@@ -164,7 +164,7 @@ def ensemble_scores(rms, convs, images, hd_num, normalize=False):
     total = torch.zeros(len(convs))
     for rm in rms:
         s = torch.tensor(rm.score_list(convs, images, hd_num=hd_num))
-        total += (s - rm.cfg.reward_mean) / rm.cfg.reward_std if normalize else s
+        total += (s - (rm.cfg.reward_mean or 0.0)) / (rm.cfg.reward_std or 1.0) if normalize else s
     return (total / len(rms)).tolist()
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import batching
 import common
 import data
 import ppo
@@ -37,12 +38,12 @@ from vision import sample_length
 # and the paper's length constraint. Settings without a flag (OPTIM, max_length, max_len_ratio) are edited here.
 OPTIM = dict(weight_decay=0.1, beta2=0.95, warmup=0.01, clip=1.0, hd_num=9)
 RECIPE = {"sft": dict(OPTIM, lr=1e-5, steps=1000, batch=32, token_budget=4096, eval_every=0),
-          "rm": dict(OPTIM, lr=1e-5, steps=1000, batch=16, token_budget=4096, eval_every=0, head="linear",
+          "rm": dict(OPTIM, lr=1e-5, steps=1000, batch=16, token_budget=8192, eval_every=0, head="linear",
                      share_prefix=1, center_coef=0.0, perception_repeat=1, max_length=8192, max_len_ratio=2.5),
           "ppo": dict(OPTIM, lr=1e-6, steps=100, batch=16, token_budget=4096, eval_every=0, kl_coef=0.05)}
 # The built-in world's overrides, without --data: a tiny model on a small world takes larger steps
 WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024),
-         "rm": dict(lr=3e-4, steps=750, batch=32, token_budget=1024),
+         "rm": dict(lr=3e-4, steps=750, batch=32, token_budget=2048),
          "ppo": dict(lr=1e-4, steps=120, batch=48, eval_every=20, kl_coef=0.1)}
 
 
@@ -63,8 +64,11 @@ def stage_parser(stage, settings):
     p.add_argument("--steps", type=data.positive_int, help="optimizer steps" + " (iterations)" * (stage == "ppo"))
     p.add_argument("--batch", type=data.positive_int, help={"sft": "samples", "rm": "pairs", "ppo": "prompts"}[stage]
                    + " per step, all processes together")
-    p.add_argument("--token-budget", type=data.positive_int, help="max padded tokens per micro-batch (memory follows "
-                   "this)" + "; a pair counts as its longer side, and its two answers run together" * (stage == "rm"))
+    p.add_argument("--token-budget", type=data.positive_int, help="max padded tokens per micro-batch, rows x the "
+                   "widest row as built (memory follows this)" + {"sft": "", "rm": "; a pair is two rows as wide as its "
+                   "longer side", "ppo": "; a row is as wide as the longest prompt plus the longest response"}[stage])
+    p.add_argument("--prefetch", type=int, default=2, help="micro-batches prepared ahead on a background thread "
+                   "(image decode, HD tiling, tokenisation; 0: inline, the same batches and weights)")
     p.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to 0)")
     p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end)" +
                    "; the checker on greedy held-out answers beside KL and score" * (stage == "ppo"))
@@ -146,28 +150,38 @@ def parse_args(argv=None):
 
 
 class SFTObjective(nn.Module):
-    """What DDP / FSDP wrap for SFT: forward(samples) -> the sum over samples of each one's mean next-token loss
-    over its answer tokens (every answer of a multi-turn sample; data.sft_segments marks them)."""
+    """What DDP / FSDP wrap for SFT: forward(prepared samples) -> the sum over samples of each one's mean next-token
+    loss over its answer tokens (every answer of a multi-turn sample; data.sft_segments marks them). `prepare` is
+    the host's part (tokens, decoded and tiled images), run ahead of the device by batching.Prefetcher."""
 
     def __init__(self, model, hd_num, train_transform=False):
         super().__init__()
         self.model, self.hd_num, self.train_transform = model, hd_num, train_transform
 
-    def forward(self, samples):
+    def prepare(self, samples):
         m, seqs, flags = self.model, [], []
         for s in samples:
             segments, f = data.sft_segments(m.tokenizer, s)
-            seqs.append((segments, m.load_images(s["images"], self.hd_num, self.train_transform)))
-            flags.append(torch.tensor(f, device=m.device))
+            seqs.append((segments, pinned(m.load_images(s["images"], self.hd_num, self.train_transform), m.device)))
+            flags.append(torch.tensor(f))
+        return seqs, flags
+
+    def forward(self, prepared):
+        m, (seqs, flags) = self.model, prepared
         batch = m.embed_batch(seqs)
         labels = torch.full_like(batch["ids"], -100)
         for b, f in enumerate(flags):
             text = (batch["ids"][b] != -100).nonzero().squeeze(1)  # text positions in order (images, padding: -100)
-            labels[b, text[f]] = batch["ids"][b, text[f]]
+            labels[b, text[f.to(m.device)]] = batch["ids"][b, text[f.to(m.device)]]
         logits = m(batch["embeds"], batch["im_mask"], batch["attention_mask"])
         target = labels[:, 1:]
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
         return (ce.sum(1) / (target != -100).sum(1)).sum()
+
+
+def pinned(pixels, device):
+    """Pixel tensors in page-locked memory when they go to a GPU, so that their copy does not block the host."""
+    return [p.pin_memory() for p in pixels] if device.type == "cuda" else pixels
 
 
 def sft_data(a):
@@ -200,7 +214,8 @@ def train_sft(a, rank, n_proc, device):
     samples, held = sft_data(a)
     lengths = [sample_length(model.tokenizer, s, model.cfg.vision.image_size, model.cfg.vision.grid, a.hd_num)
                for s in samples]
-    fwd = common.wrap(SFTObjective(model, a.hd_num, a.train_transform), n_proc, a.fsdp)
+    objective = SFTObjective(model, a.hd_num, a.train_transform)
+    fwd, fwd_prepare = common.wrap(objective, n_proc, a.fsdp), objective.prepare
     opt = common.make_optimizer(model, a.lr, a.weight_decay, a.beta2)
     amp = common.autocast(device, a.autocast)
     run = common.Run(a, out, rank, n_proc, model, opt, ["loss", "grad_norm", "lr", "heldout_accuracy"], "SFT")
@@ -219,9 +234,10 @@ def train_sft(a, rank, n_proc, device):
         mine, micro = run.share(epoch_order(run.step // per_epoch), per_epoch, lengths, device)
         model.train()
         loss_total = 0.0
-        for k, mb in enumerate(micro):
+        prepared = batching.Prefetcher(lambda mb: fwd_prepare([samples[mine[i]] for i in mb]), micro, a.prefetch)
+        for k, batch in enumerate(prepared):
             with common.no_sync_unless(k == len(micro) - 1, fwd), amp():
-                loss = fwd([samples[mine[i]] for i in mb])
+                loss = fwd(batch)
                 (loss * n_proc / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss.item()
         run.stop_if_not_finite(loss_total)
@@ -264,9 +280,13 @@ class PairRewards(nn.Module):
         self.model, self.hd_num, self.train_transform = rm, hd_num, train_transform
         self.max_length, self.share_prefix = max_length, share_prefix
 
-    def forward(self, pairs):
-        seqs = [self.model.sequence(data.reward_template(conv), p["images"], self.hd_num, self.train_transform)
-                for p in pairs for conv in (p["chosen"], p["rejected"])]
+    def prepare(self, pairs):
+        """The host's part, run ahead of the device by batching.Prefetcher: tokens, decoded and tiled images."""
+        return [(segments, pinned(pixels, self.model.device)) for segments, pixels in
+                (self.model.sequence(data.reward_template(conv), p["images"], self.hd_num, self.train_transform)
+                 for p in pairs for conv in (p["chosen"], p["rejected"]))]
+
+    def forward(self, seqs):
         if not self.share_prefix:
             r = self.model.rewards_alone(seqs, self.max_length)
         else:  # the same rewards and gradients, less compute (tests/test_train.py compares them)
@@ -298,16 +318,26 @@ def rm_data(a, rank):
     return pairs_kept, held
 
 
+# a pair's two answers run together: its padded width is twice its longer side's, and the batcher's per-forward
+# overhead (batching.token_budget_batches) doubles with it, which keeps the cuts those of the pair's own length
+PAIR_OVERHEAD = 64
+
+
+def pair_widths(rm, pairs, hd_num):
+    return [2 * sample_length(rm.tokenizer, p, rm.cfg.vision.image_size, rm.cfg.vision.grid, hd_num) for p in pairs]
+
+
 @torch.no_grad()
-def eval_rm(objective, pairs, batch=32):
+def eval_rm(objective, pairs, token_budget=8192, hd_num=9):
     """Held-out accuracy (chosen scored above rejected), overall, per rejection kind, per failure family (the
-    world's pairs) and per question kind of the wrong-value pairs."""
+    world's pairs) and per question kind of the wrong-value pairs; scored in micro-batches of the token budget."""
     objective.eval()
-    chosen, rejected = [], []
-    for s in range(0, len(pairs), batch):
-        c, r = objective(pairs[s:s + batch])
-        chosen += c.tolist()
-        rejected += r.tolist()
+    chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
+    widths = pair_widths(objective.model, pairs, hd_num)
+    for mb in batching.token_budget_batches(widths, token_budget, shuffle=False, overhead=PAIR_OVERHEAD):
+        c, r = objective(objective.prepare([pairs[i] for i in mb]))
+        for i, ci, ri in zip(mb, c.tolist(), r.tolist()):
+            chosen[i], rejected[i] = ci, ri
     ok = [c > r for c, r in zip(chosen, rejected)]
     by_kind, by_family, by_question = {}, {}, {}
     for p, o in zip(pairs, ok):
@@ -325,7 +355,7 @@ def eval_rm(objective, pairs, batch=32):
             "reward_mean": allr.mean().item(), "reward_std": allr.std().item()}
 
 
-def blank_image_check(objective, held):
+def blank_image_check(objective, held, token_budget=8192, hd_num=9):
     """Does the reward model use the image? The held-out perception pairs (the world's, which need the image)
     scored with each image as it is and replaced by a blank one of its size: with the image they should be
     judged better than chance, blank at chance."""
@@ -342,8 +372,9 @@ def blank_image_check(objective, held):
                 Image.new("RGB", (w, h), "white").save(name)
             return str(name)
         blanked = [dict(p, images=[blank(im) for im in p["images"]]) for p in need]
-        return {"image_check": {"pairs": len(need), "accuracy_with_image": eval_rm(objective, need)["heldout_accuracy"],
-                                "accuracy_blank_image": eval_rm(objective, blanked)["heldout_accuracy"]}}
+        accuracy = lambda pairs: eval_rm(objective, pairs, token_budget, hd_num)["heldout_accuracy"]  # noqa: E731
+        return {"image_check": {"pairs": len(need), "accuracy_with_image": accuracy(need),
+                                "accuracy_blank_image": accuracy(blanked)}}
 
 
 def train_rm(a, rank, n_proc, device):
@@ -353,7 +384,7 @@ def train_rm(a, rank, n_proc, device):
     rm.model.gradient_checkpointing = a.grad_ckpt
     freeze_vision(rm, a.freeze_vision != "no")
     pairs, held = rm_data(a, rank)
-    lengths = [sample_length(rm.tokenizer, p, rm.cfg.vision.image_size, rm.cfg.vision.grid, a.hd_num) for p in pairs]
+    lengths = pair_widths(rm, pairs, a.hd_num)
     objective = PairRewards(rm, a.hd_num, a.train_transform, a.max_length, a.share_prefix)
     fwd = common.wrap(objective, n_proc, a.fsdp)  # under FSDP2 the same module, sharded in place
     opt = common.make_optimizer(rm, a.lr, a.weight_decay, a.beta2)
@@ -366,9 +397,9 @@ def train_rm(a, rank, n_proc, device):
         if not held or not (rank == 0 or a.fsdp):
             return {}
         with amp():
-            result = eval_rm(objective, held)
+            result = eval_rm(objective, held, a.token_budget, a.hd_num)
             if final:
-                result.update(blank_image_check(objective, held))
+                result.update(blank_image_check(objective, held, a.token_budget, a.hd_num))
         if a.fsdp and n_proc > 1:
             fwd.reshard()  # FSDP2 leaves the root gathered after a forward, for a backward that is not coming
         return result
@@ -378,12 +409,13 @@ def train_rm(a, rank, n_proc, device):
     epoch_order = functools.lru_cache(maxsize=1)(
         lambda epoch: data.mix_image_text([bool(p["images"]) for p in pairs], a.seed + epoch))
     while run.step < a.steps:
-        mine, micro = run.share(epoch_order(run.step // per_epoch), per_epoch, lengths, device)
+        mine, micro = run.share(epoch_order(run.step // per_epoch), per_epoch, lengths, device, PAIR_OVERHEAD)
         fwd.train()
         loss_total, n_correct = 0.0, 0
-        for k, mb in enumerate(micro):
+        prepared = batching.Prefetcher(lambda mb: objective.prepare([pairs[mine[i]] for i in mb]), micro, a.prefetch)
+        for k, seqs in enumerate(prepared):
             with common.no_sync_unless(k == len(micro) - 1, fwd), amp():
-                chosen, rejected = fwd([pairs[mine[i]] for i in mb])  # r(x, y_w), r(x, y_l)
+                chosen, rejected = fwd(seqs)  # r(x, y_w), r(x, y_l)
                 loss = bt_loss(chosen, rejected, a.center_coef)  # Eq. 1 (+ centring: the logged loss too)
                 (loss * n_proc / a.batch).backward()  # DDP and FSDP average over ranks: the global mean
             loss_total += loss.item()
@@ -394,7 +426,7 @@ def train_rm(a, rank, n_proc, device):
         grad_norm = common.clip_and_step(trainable, opt, a.clip)
         run.step += 1
         # a pair's two answers both run: twice its (longer side's) tokens
-        run.log_step(loss_total, [[2 * lengths[mine[i]] for i in mb] for mb in micro], grad_norm, lr,
+        run.log_step(loss_total, [[lengths[mine[i]] for i in mb] for mb in micro], grad_norm, lr,
                 accuracy=n_correct / len(mine))
         if run.save_evaluate_or_stop(evaluate):
             return None
