@@ -19,7 +19,7 @@ import threading
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------
 # Token-budget cuts
@@ -110,38 +110,55 @@ def micro_batches(lengths, budget, n_proc, fsdp, device, overhead=32):
 # Log-probs by chunks of tokens
 
 
-def _chunk_logprobs(head, h, targets, temperature):
-    logits = head(h).float() / temperature
-    lse = torch.logsumexp(logits, -1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    with torch.no_grad():  # entropy is logged, never differentiated
+class ChunkLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] and the entropy, for a chunk of tokens. The backward recomputes the chunk's
+    logits from h instead of keeping them (d logp / d logits = onehot(target) - softmax, over T), so that only h
+    outlives the forward; the entropy is logged, never differentiated. Under autocast the recomputation takes the
+    forward's casts, so the gradient is the one of the forward's numbers."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        ctx.amp = (h.device.type, torch.is_autocast_enabled(h.device.type),
+                   torch.get_autocast_dtype(h.device.type))
+        logits = F.linear(h, weight).float() / temperature
+        lse = torch.logsumexp(logits, -1)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp, entropy
+        ctx.save_for_backward(h, weight, targets)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):
+        h, weight, targets = ctx.saved_tensors
+        device_type, amp, amp_dtype = ctx.amp
+        with torch.autocast(device_type, amp_dtype, enabled=amp):
+            logits = F.linear(h, weight).float() / ctx.temperature
+        grad = torch.softmax(logits, -1).mul_(-grad_logp[:, None])
+        grad.scatter_add_(-1, targets[:, None], grad_logp[:, None]).div_(ctx.temperature)
+        grad = grad.to(amp_dtype if amp else weight.dtype)
+        grad_h = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ h.to(grad.dtype) if ctx.needs_input_grad[1] else None
+        return (grad_h.to(h.dtype) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None, None)
 
 
-# tokens per chunk of the log-probs' logits: 1024 x 92,544 fp32 is 380 MB
-LOGPROB_CHUNK = 1024
+# tokens per chunk of the log-probs' logits: 512 x 92,544 fp32 is 190 MB
+LOGPROB_CHUNK = 512
 
 
 def token_logprobs(head, h, targets, temperature=1.0, chunk=LOGPROB_CHUNK):
     """log softmax(head(h) / T)[target] and the entropy of that distribution, for h [B, T, D] and targets [B, T],
-    `chunk` tokens at a time: the fp32 logits never exist for more than `chunk` tokens (at vocabulary 92,544 and
-    1024 tokens, 380 MB, not B x T x V x 4 bytes). Under autograd each chunk is recomputed in the backward
-    (activation checkpointing), so the forward keeps only h: the LM head's matmul runs twice, the memory stays
-    bounded."""
+    `chunk` tokens at a time (`head`: a bias-free Linear, the LM head): the fp32 logits never exist for more than
+    `chunk` tokens, in the forward or the backward, where the whole [B, T, V] log-softmax took B x T x V x 4 bytes
+    several times over. The price: the LM head's matmul runs once more in the backward."""
     B, T, D = h.shape
     h, targets = h.reshape(B * T, D), targets.reshape(B * T)
     temperature = max(temperature, 1e-6)
-    logps, entropies = [], []
-    for s in range(0, B * T, chunk):
-        args = (head, h[s:s + chunk], targets[s:s + chunk], temperature)
-        if torch.is_grad_enabled() and h.requires_grad:
-            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            logp, entropy = _chunk_logprobs(*args)
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps).view(B, T), torch.cat(entropies).view(B, T)
+    parts = [ChunkLogprobs.apply(h[s:s + chunk], head.weight, targets[s:s + chunk], temperature)
+             for s in range(0, B * T, chunk)]
+    return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
 # ----------------------------------------------------------------------------------------------------------------

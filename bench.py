@@ -69,11 +69,22 @@ QUICK = dict(
     train_seq=128, train_reps=2, matmul=512,
     ckpt=dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
               num_hidden_layers=2, plora_rank=32))
+# --gpu-check on one CUDA GPU: InternLM2-7B's decoder for inference (random bf16 weights: nothing can be
+# downloaded there), a model that fits a training step for the RM step's MFU
+GPU = dict(FULL, decoder=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=92544),
+           seq=4096, decode_ctx=(512, 2048, 4096), decode_steps=32, crops=10,
+           vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=560, patch_size=14),
+           bon=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8), bon_tokens=64, matmul=8192, train_seq=2048)
+GPU_TRAIN = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=92544)
 # keys shown in the table, with (comparison, target[, sub-key]) or None; other keys go to --json only
 TARGETS = {"prefill_vs_hf": (">=", 1.0), "prefill_plora_vs_hf": None, "vision_vs_hf": (">=", 1.0),
            "decode_ms_per_token": None, "decode_flatness": ("<=", 1.2), "bon_cost": ("<=", 2.0, "4"),
            "rm_train_mfu": (">=", 0.5), "rm_train_mfu_bf16": None, "rm_shared_prefix_speedup": None,
-           "padding_waste": ("<=", 0.10),
+           "padding_waste": ("<=", 0.10), "logprob_peak_ratio": ("<=", 0.5), "logprob_time_ratio": None,
            "load_rss_ratio": ("<=", 1.15), "load_vs_read": ("<=", 1.5)}
 # dense bf16 tensor-core peaks (FLOP/s) by device name, most specific first; other GPUs use a measured matmul
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -282,6 +293,29 @@ def bench_rm_train(s, dev, dt):
         out.update(rm_train_mfu_bf16=achieved16 / bf_peak, bf16_peak_flops_per_s=bf_peak)
         note += f"; bf16 {achieved16 / 1e12:.1f} TFLOP/s vs {bf_peak / 1e12:.0f} ({name})"
     return out, note
+
+
+def bench_logprobs(s, dev, dt):
+    """PPO's log-prob pass over the real vocabulary (92,544), forward + backward: batching.token_logprobs (chunks of
+    batching.LOGPROB_CHUNK tokens, recomputed in the backward) against the whole [B, T, V] log-softmax it replaced, in the same
+    process: peak tensor bytes (bench.peak_tensor_bytes) and time."""
+    B, T, D, V = 4, 512, s["decoder"]["hidden_size"], 92544  # 4 chunks: a micro-batch of 4 responses of 512
+    head = build(nn.Linear(D, V, bias=False), dev, torch.float32)
+    h = torch.randn(B, T, D, device=dev, requires_grad=True)
+    targets = torch.randint(V, (B, T), device=dev)
+
+    def whole():
+        logp = torch.log_softmax(head(h).float(), -1)
+        (-(logp.exp() * logp).sum(-1)).detach()
+        logp.gather(-1, targets[..., None]).sum().backward()
+
+    def chunked():
+        batching.token_logprobs(head, h, targets)[0].sum().backward()
+    peaks = {k: peak_tensor_bytes(f) for k, f in (("whole", whole), ("chunked", chunked))}
+    t = medians({"whole": whole, "chunked": chunked}, s["reps"], dev)
+    return {"logprob_peak_ratio": peaks["chunked"] / peaks["whole"], "logprob_time_ratio": t["chunked"] / t["whole"]}, \
+        f"peak {peaks['whole'] / 2**20:.0f} -> {peaks['chunked'] / 2**20:.0f} MiB, {t['whole'] * 1e3:.0f} -> " \
+        f"{t['chunked'] * 1e3:.0f} ms ({B} x {T} tokens, V {V}, fwd + bwd)"
 
 
 def bench_padding(s, dev, dt):
@@ -653,12 +687,69 @@ def check_ppo_memory(train_args):
     return line
 
 
+def gpu_check(out, quick=False):
+    """One command for the GPU path (docs/scale.md): the tests that need CUDA, 2 PPO iterations of the world under
+    bf16 autocast with the first iteration's KL (0 exactly when the reference computes through the policy's casts),
+    prefill and decode tokens/s, the RM step's bf16 MFU, best-of-4 against one sample, and PPO's measured peak
+    memory against the memory model; at InternLM2-7B's shapes for inference, a smaller model for training. Without
+    CUDA it runs the same code at the quick sizes and says what it skipped. Writes one JSON to `out`."""
+    import subprocess
+    import tempfile
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    report = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+              "matmul_gflops_fp32": round(matmul_flops(2048 if cuda else 512, dev, torch.float32, 3) / 1e9, 1),
+              "skipped": []}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], cwd=ROOT,
+                       capture_output=True, text=True)
+    report["cuda_tests"] = {"exit_code": r.returncode, "summary": r.stdout.strip().splitlines()[-1:]}
+    if not cuda:
+        report["skipped"].append("the CUDA tests (tests/test_cuda.py skips them without a GPU)")
+    with tempfile.TemporaryDirectory() as tmp:
+        launch = ["--world-dir", str(Path(tmp) / "world"), "--init", str(WORLD_SFT), "--batch", "8",
+                  "--save-every", "100"]
+        subprocess.run([sys.executable, "train.py", "--stage", "rm", "--steps", "2", "--out", f"{tmp}/rm", *launch],
+                       cwd=ROOT, check=True, capture_output=True)
+        ppo_args = ["--stage", "ppo", "--rm", f"{tmp}/rm", "--steps", "2", "--autocast", "bf16", "--eval-every",
+                    "0", "--max-new-tokens", "16", "--out", f"{tmp}/ppo", *launch]
+        r = subprocess.run([sys.executable, "bench.py", "--ppo-memory-check", *ppo_args], cwd=ROOT,
+                           capture_output=True, text=True)
+        lines = [json.loads(x.split(" ", 1)[1]) for x in r.stdout.splitlines() if x.startswith("ppo_memory_check ")]
+        iters = [json.loads(x) for x in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()] \
+            if r.returncode == 0 else []
+        report["ppo_bf16"] = {"exit_code": r.returncode, "kl_iteration_0": iters[0]["kl"] if iters else None,
+                              "ratio_iteration_0": iters[0]["ratio"] if iters else None,
+                              "memory_modelled_over_measured": lines[0]["ratio"] if lines else None,
+                              "error": r.stderr[-2000:] if r.returncode else None}
+    s = GPU if cuda and not quick else QUICK
+    train = dict(s, decoder=GPU_TRAIN) if cuda and not quick else s
+    for name, fn, sizes in (("prefill", bench_prefill, s), ("decode", bench_decode, s), ("bon", bench_bon, s),
+                            ("rm_train", bench_rm_train, train)):
+        try:
+            result, note = fn(sizes, dev, torch.bfloat16 if cuda else torch.float32)
+        except Exception as e:  # one broken measurement must not hide the others
+            result, note = {}, f"failed: {type(e).__name__}: {e}"
+        report[name] = {**result, "note": note}
+        if note.startswith("skipped"):
+            report["skipped"].append(f"{name}: {note}")
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:
+        report["skipped"].append("sizes: the quick ones (InternLM2-7B's shapes need a GPU); bf16 MFU: CUDA only")
+    report["seconds"] = round(time.time() - t0, 1)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 MEASUREMENTS = {"prefill_vs_hf": bench_prefill, "prefill_plora_vs_hf": bench_prefill, "vision_vs_hf": bench_vision,
                 "decode_ms_per_token": bench_decode, "decode_flatness": bench_decode, "bon_cost": bench_bon,
                 "rm_train_mfu": bench_rm_train, "rm_shared_prefix_speedup": bench_rm_shared_prefix,
-                "padding_waste": bench_padding, "load_rss_ratio": bench_load,
+                "padding_waste": bench_padding, "logprob_peak_ratio": bench_logprobs, "load_rss_ratio": bench_load,
                 "load_vs_read": bench_load}
 
 
@@ -693,12 +784,17 @@ def main(argv=None):
     p.add_argument("--ppo-memory-check", nargs=argparse.REMAINDER, metavar="TRAIN_ARGS", help="run train.py with "
                    "these arguments (--stage ppo ...; under torchrun on every rank) and print its measured peak "
                    "tensor memory next to the model's; on GPUs: the check of the 7B table")
+    p.add_argument("--gpu-check", metavar="FILE", help="the GPU path in one command (docs/scale.md): CUDA tests, "
+                   "bf16 PPO, prefill/decode, RM MFU, best-of-4, memory; writes FILE (without CUDA: small, and says "
+                   "what it skipped)")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
         return load_child(a.load_child)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.gpu_check:
+        return gpu_check(a.gpu_check, a.quick)
     if a.ppo_memory:
         return print_ppo_memory(None if a.ppo_memory == "7b" else a.ppo_memory)
     if a.ppo_memory_check is not None:
