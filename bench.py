@@ -712,6 +712,7 @@ def gpu_check(out, quick=False):
         subprocess.run([sys.executable, "train.py", "--stage", "rm", "--steps", "2", "--out", f"{tmp}/rm", *launch],
                        cwd=ROOT, check=True, capture_output=True)
         ppo_args = ["--stage", "ppo", "--rm", f"{tmp}/rm", "--steps", "2", "--autocast", "bf16", "--eval-every",
+                    "0", "--mini-batches", "1", "--ppo-epochs", "1",  # iteration 0: one update of the rollout's policy
                     "0", "--max-new-tokens", "16", "--out", f"{tmp}/ppo", *launch]
         r = subprocess.run([sys.executable, "bench.py", "--ppo-memory-check", *ppo_args], cwd=ROOT,
                            capture_output=True, text=True)
