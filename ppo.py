@@ -469,8 +469,8 @@ def ppo_update(fwd_pi, fwd_v, rollout, opt_pi, opt_v, args, device, n_proc, amp=
 
     def log_mean(name, x, mask):
         total = stats.setdefault(name, [0.0, 0.0])
-        total[0] = total[0] + (x * mask).sum()
-        total[1] = total[1] + mask.sum()
+        total[0] = total[0] + (x * mask).sum().double()
+        total[1] = total[1] + mask.sum().double()
 
     for minibatches in shuffled_minibatches(rollout, args, n_proc):  # one list per epoch
         for minibatch in minibatches:
@@ -505,8 +505,7 @@ def ppo_update(fwd_pi, fwd_v, rollout, opt_pi, opt_v, args, device, n_proc, amp=
                 if fwd is not None:
                     common.clip_and_step([p for p in fwd.parameters() if p.requires_grad], opt, args.clip)
     names = sorted(stats)
-    totals = common.sum_over_ranks(torch.stack([torch.stack([stats[k][0], stats[k][1]]) for k in names]).double(),
-                                   n_proc)
+    totals = common.sum_over_ranks(torch.stack([torch.stack(stats[k]) for k in names]), n_proc)
     return {k: total / n.clamp(min=1.0) for k, (total, n) in zip(names, totals)}
 
 
