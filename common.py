@@ -337,13 +337,18 @@ def trim_metrics(path, step):
 
 class Run:
     """Resuming from --out, a step's share of the data, the metrics line, checkpoints, evaluation, --stop-after and
-    the summary. FSDP: every rank gathers its shards for a checkpoint, rank 0 writes."""
+    the summary, for every stage (PPO's step is an iteration). `parts`: more (sub-directory, model, optimizer)
+    saved and resumed beside the main one (PPO's critic). FSDP: every rank gathers its shards for a checkpoint,
+    rank 0 writes; DDP: the ranks must hold the same weights (a gradient that missed the all-reduce shows here)."""
 
-    def __init__(self, a, out, rank, n_proc, model, opt, curve_keys, title):
+    def __init__(self, a, out, rank, n_proc, model, opt, curve_keys, title, parts=(), xlabel=None):
         self.a, self.out, self.rank, self.n_proc, self.model, self.opt = a, out, rank, n_proc, model, opt
         self.curve_keys, self.title, self.step, self.saved_step = curve_keys, title, 0, None
+        self.parts = [("", model, opt)] + [p for p in parts if p[1] is not None]
+        self.xlabel = xlabel
         if a.resume:
-            self.step = self.saved_step = load_checkpoint(out, model, opt)
+            for sub, m, o in self.parts:
+                self.step = self.saved_step = load_checkpoint(out / sub, m, o)
             log(rank, f"resumed {out} at step {self.step}")
             if rank == 0:
                 trim_metrics(out / "metrics.jsonl", self.step)
@@ -386,8 +391,12 @@ class Run:
             append_jsonl(self.out / "metrics.jsonl", rec)
 
     def save(self):
-        if self.rank == 0 or (self.a.fsdp and self.n_proc > 1):
-            save_checkpoint(self.out, self.model, self.opt, self.step, write=self.rank == 0)
+        fsdp = self.a.fsdp and self.n_proc > 1
+        for sub, model, opt in self.parts:
+            if not fsdp:
+                check_replicas(model, self.n_proc, sub or "model")
+            if self.rank == 0 or fsdp:
+                save_checkpoint(self.out / sub, model, opt, self.step, write=self.rank == 0)
         self.saved_step = self.step
 
     def save_evaluate_or_stop(self, evaluate):
@@ -411,7 +420,7 @@ class Run:
                    "matmul_gflops": matmul_gflops(), "processes": self.n_proc,
                    "command": " ".join(sys.argv), "seed": self.a.seed, **metrics}
         if self.rank == 0:
-            figures.write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}")
+            figures.write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}", xlabel=self.xlabel)
             data.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
             print(json.dumps(summary, indent=2))
         return summary

@@ -550,10 +550,12 @@ def train(args, rank, n_proc, device):
     # after wrapping: FSDP replaces the parameters by their shards
     opt_pi = common.make_optimizer(policy, args.lr, args.weight_decay, args.beta2)
     opt_v = common.make_optimizer(critic, critic_lr, args.weight_decay, args.beta2) if critic is not None else None
-    step = resume(args, out, rank, policy, opt_pi, critic, opt_v) if args.resume else 0
+    run = common.Run(args, out, rank, n_proc, policy, opt_pi, CURVES, f"PPO ({args.algo})",
+                     parts=[("critic", critic, opt_v)], xlabel="PPO iteration")  # resumes both under --resume
     per_prompt = args.rloo_k if args.algo == "rloo" else 1
-    t0, tokens_done, first_step, stats = time.time(), 0, step, None
-    while step < args.steps:
+    t0, tokens_done, stats = time.time(), 0, None
+    while run.step < args.steps:
+        step = run.step
         checked = check_heldout(policy, held, args, step, rank, fsdp)  # the gold score, before this iteration
         mine, index = step_prompts(prompts, args, step, rank, n_proc)
         # one generator per response, seeded by its place in the global batch: resume and process count change
@@ -576,7 +578,7 @@ def train(args, rank, n_proc, device):
             if m is not None:
                 m.train()
         stats.update(ppo_update(fwd_pi, fwd_v, rollout, opt_pi, opt_v, args, device, n_proc, amp))
-        step += 1
+        run.step = step = step + 1
         tokens_done += sum(map(len, rollout.ids))
         stats.update(response_length=rollout.mask.sum() / len(rollout), eos_rate=rollout.stopped.float().mean())
         if critic is not None:
@@ -587,14 +589,10 @@ def train(args, rank, n_proc, device):
         stats = read_stats(stats, n_proc)
         stats.update(step=step, tokens_per_s=tokens_done * n_proc / (time.time() - t0), rollout_s=t_roll)
         log_iteration(out, stats, checked, args, rank)
-        stop = args.stop_after and step - first_step >= args.stop_after and step < args.steps
-        if step % args.save_every == 0 or step == args.steps or stop:
-            save(out, [("", policy, opt_pi), ("critic", critic, opt_v)], step, rank, n_proc, fsdp)
-        if stop:
-            common.log(rank, f"stopped after {args.stop_after} iterations at {step}; continue with --resume")
+        if run.save_evaluate_or_stop(dict):  # the held-out checks run at an iteration's start, above
             return None
     # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
-    return finish(args, out, rank, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats, t0)
+    return finish(run, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats)
 
 
 def read_stats(stats, n_proc):
@@ -607,22 +605,13 @@ def read_stats(stats, n_proc):
 
 def start_summary(args, out, rank, n_proc, fsdp, policy, held):
     """The run's summary, with the checker's verdict on the starting policy (written now: kept across a resume)."""
-    summary = {"stage": "ppo", "algo": args.algo, "processes": n_proc, "fsdp": fsdp, "seed": args.seed, "kl_coef": args.kl_coef}
+    summary = {"stage": "ppo", "algo": args.algo, "processes": n_proc, "fsdp": fsdp, "seed": args.seed,
+               "kl_coef": args.kl_coef}
     if held and rank == 0 and not args.resume:
         summary.update(checker.tagged(checker.eval_policy(policy, held, args.hd_num), "before"))
         common.log(rank, f"held-out greedy accuracy before: {summary['accuracy_before']:.3f}")
         data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def resume(args, out, rank, policy, opt_pi, critic, opt_v):
-    step = common.load_checkpoint(out, policy, opt_pi)
-    if critic is not None:
-        common.load_checkpoint(out / "critic", critic, opt_v)
-    if rank == 0:
-        common.trim_metrics(out / "metrics.jsonl", step)
-    common.log(rank, f"resumed {out} at step {step}")
-    return step
 
 
 def check_heldout(policy, held, args, step, rank, fsdp):
@@ -708,21 +697,13 @@ def ppo_prompts(args):
     return [(data.sft_prompt(r), r["images"], r) for r in rows], held
 
 
-def save(out, models, step, rank, n_proc, fsdp):
-    """Each (sub-directory, model, optimizer) to out/sub. DDP: the ranks must hold the same weights (a gradient that
-    missed the all-reduce shows here), rank 0 writes; FSDP: every rank gathers its shards, rank 0 writes."""
-    for sub, model, opt in models:
-        if model is None:
-            continue
-        if not fsdp:
-            common.check_replicas(model, n_proc, sub or "policy")
-        if rank == 0 or fsdp:
-            common.save_checkpoint(out / sub, model, opt, step, write=rank == 0)
+# the learning curves PPO draws (figures.write_curves), against the iteration
+CURVES = ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"]
 
 
-def finish(args, out, rank, policy, held, summary, stats, t0):
+def finish(run, policy, held, summary, stats):
     """summary.json (held-out accuracy before and after, the last KL), curves.svg and overoptimisation.svg."""
-    summary["seconds"], summary["matmul_gflops"] = round(time.time() - t0, 1), common.matmul_gflops()
+    args, out, rank = run.a, run.out, run.rank
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
@@ -731,11 +712,7 @@ def finish(args, out, rank, policy, held, summary, stats, t0):
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
             before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
             summary.update({k: v for k, v in before.items() if "_before" in k})
-    if rank == 0:
-        figures.write_curves(out, ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_length"],
-                            f"PPO ({args.algo}): {out.name}", xlabel="PPO iteration")
-        data.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        if held and args.eval_every:  # the held-out checks, from step 0 on
-            data.atomic_write_text(out / "overoptimisation.svg", figures.overoptimisation_svg([out]))
-        print(json.dumps(summary, indent=2))
+    summary = run.finish(summary)
+    if rank == 0 and held and args.eval_every:  # the held-out checks, from step 0 on
+        data.atomic_write_text(out / "overoptimisation.svg", figures.overoptimisation_svg([out]))
     return summary
