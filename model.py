@@ -358,17 +358,29 @@ class InternLMXComposer2(nn.Module):
     def splice(self, segments, images):
         """Official splicing: token-id segments and image indices -> embeds [L, D], im_mask [L] (PLoRA on image
         tokens, separators included) and ids [L] (-100 at image tokens)."""
-        parts, masks, ids = [], [], []
-        for seg in segments:
-            if isinstance(seg, int):
-                e = images[seg]
-                ids.append(torch.full((e.shape[0],), -100, dtype=torch.long, device=self.device))
-            else:  # token ids: a list, or a tensor already on the device (batching.ids_to_device)
-                ids.append(seg if torch.is_tensor(seg) else torch.tensor(seg, dtype=torch.long, device=self.device))
-                e = self.model.tok_embeddings(ids[-1])
-            parts.append(e)
-            masks.append(torch.full((e.shape[0],), isinstance(seg, int), dtype=torch.bool, device=self.device))
-        return torch.cat(parts), torch.cat(masks), torch.cat(ids)
+        return self.splice_rows([(segments, images)])[0]
+
+    def splice_rows(self, rows):
+        """`splice` of many rows ((segments, images) each) with one token-embedding lookup for all their text: the
+        backward of every lookup adds a dense vocab x hidden gradient (190 MB at 92,544 x 512), so one per batch,
+        not one per segment. Token ids: lists, or tensors already on the device (batching.ids_to_device)."""
+        texts = [seg if torch.is_tensor(seg) else torch.tensor(seg, dtype=torch.long, device=self.device)
+                 for segments, _ in rows for seg in segments if not isinstance(seg, int)]
+        looked_up = iter(self.model.tok_embeddings(torch.cat(texts)).split([len(t) for t in texts]) if texts else [])
+        texts, out = iter(texts), []
+        for segments, images in rows:
+            parts, masks, ids = [], [], []
+            for seg in segments:
+                if isinstance(seg, int):
+                    e = images[seg]
+                    ids.append(torch.full((e.shape[0],), -100, dtype=torch.long, device=self.device))
+                else:
+                    ids.append(next(texts))
+                    e = next(looked_up)
+                parts.append(e)
+                masks.append(torch.full((e.shape[0],), isinstance(seg, int), dtype=torch.bool, device=self.device))
+            out.append((torch.cat(parts), torch.cat(masks), torch.cat(ids)))
+        return out
 
     def embed(self, segments, pixel_list=(), max_length=None):
         embeds, im_mask, _ = self.splice(segments, self.encode_images(pixel_list) if len(pixel_list) else [])
@@ -380,16 +392,17 @@ class InternLMXComposer2(nn.Module):
         images = self.encode_images(pixels) if pixels else []
         rows, k = [], 0
         for segments, px in seqs:
-            rows.append(self.splice(segments, images[k:k + len(px)]))
+            rows.append((segments, images[k:k + len(px)]))
             k += len(px)
-        return self.pad_batch(rows, left_pad)
+        return self.pad_batch(self.splice_rows(rows), left_pad)
 
     def pad_batch(self, rows, left_pad=False):
         """Rows of (embeds, im_mask[, ids]) -> batch with the pad token's embedding, attention_mask 0, im_mask 0,
         ids -100 on padding, and position ids that count real tokens only (so left padding changes nothing)."""
         L = max(r[0].shape[0] for r in rows)
         B, D = len(rows), rows[0][0].shape[1]
-        pad = self.model.tok_embeddings.weight[self.cfg.pad_token_id]
+        # detached: padding reaches no output, so its gradient is 0, but its lookup's backward would be dense
+        pad = self.model.tok_embeddings.weight[self.cfg.pad_token_id].detach()
         embeds = pad.expand(B, L, D).clone()
         im_mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         attention_mask = torch.zeros(B, L, dtype=torch.long, device=self.device)

@@ -224,8 +224,8 @@ class Rollout:
 def model_batch(model, rollout, role, device):
     """[left-padded prompt | right-padded response] for `model`, with its own image embeddings (`role`). Without
     padding (every row as long as the others) no attention mask is passed, so SDPA takes its fused causal kernel."""
-    rows = [model.splice(seg, [e.to(model.dtype) for e in ims])
-            for seg, ims in zip(rollout.segments, rollout.images[role])]
+    rows = model.splice_rows([(seg, [e.to(model.dtype) for e in ims])
+                              for seg, ims in zip(rollout.segments, rollout.images[role])])
     prompt = model.pad_batch(rows, left_pad=True)
     response, response_mask = rollout.response, rollout.mask.long()
     padded = len({r[0].shape[0] for r in rows}) > 1 or len({len(r) for r in rollout.ids}) > 1  # host-side shapes
@@ -345,8 +345,8 @@ def reward_rows(rm, rollout, role, device):
         resp = resp[:-1] if resp[-1:] == [tok.eos_id] else resp
         ends.append((resp if resp[-1:] == [tok.eot_id] else resp + [tok.eot_id]) + suffix)
     ends = batching.ids_to_device(ends, device)
-    return [rm.splice(seg + [end], [e.to(rm.dtype) for e in ims])
-            for seg, end, ims in zip(rollout.segments, ends, rollout.images[role])]
+    return rm.splice_rows([(seg + [end], [e.to(rm.dtype) for e in ims])
+                           for seg, end, ims in zip(rollout.segments, ends, rollout.images[role])])
 
 
 def reward_scores(rms, rollout, device, normalize):

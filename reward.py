@@ -112,11 +112,8 @@ class RewardModel(InternLMXComposer2):
         cache = PrefixKV(self.cfg)
         h = self.model(pre["embeds"], pre["im_mask"], pre["attention_mask"], pre["position_ids"], cache)
         cache.repeat(2)
-        rows = []
-        for f, d in zip(flat, cuts):
-            ids = torch.tensor(f[d:], dtype=torch.long, device=self.device)
-            rows.append((self.model.tok_embeddings(ids), torch.zeros(len(ids), dtype=torch.bool, device=self.device)))
-        cont = self.pad_batch(rows)
+        cont = self.pad_batch([(e, torch.zeros(len(e), dtype=torch.bool, device=self.device))
+                               for e, _, _ in self.splice_rows([([f[d:]], []) for f, d in zip(flat, cuts)])])
         position_ids = cont["position_ids"] + pre_len[:, None]
         rewards = self(cont["embeds"], cont["im_mask"], cont["attention_mask"], position_ids, cache)
         # the prefix's last-layer outputs reach no reward; keeping them in the graph gives the weights only they use

@@ -206,7 +206,7 @@ def test_reward_input_ends_like_the_template(roles, monkeypatch):
     tok = rm.tokenizer
     seen = []
     monkeypatch.setattr(type(rm), "score_embedded", lambda self, rows: seen.append(rows) or torch.zeros(len(rows)))
-    monkeypatch.setattr(type(rm), "splice", lambda self, segments, images: segments[-1])
+    monkeypatch.setattr(type(rm), "splice_rows", lambda self, rows: [segments[-1] for segments, _ in rows])
     answer = tok.encode("The triangle is red.", add_special_tokens=False)
     ro = ppo.Rollout.start([answer + [tok.eos_id], answer + [tok.eot_id], answer], [True, True, False], 0,
                            [[[5]]] * 3, {"rm0": [[]] * 3}, [1] * 3, [None] * 3, [0, 1, 2])
