@@ -105,12 +105,8 @@ def wrap(objective, world, fsdp=False):
 
 def shard(objective, whole):
     """FSDP2 in place: each decoder layer of `objective.model` a unit, the rest of the decoder the root's; the
-    parameters `whole(objective)` stay unsharded on every rank.
-
-    A checkpoint read on the CPU gives parameters that view the file's bytes in memory, and once anything asks
-    for their storage (fully_shard does), that buffer is never freed (torch 2.13, safetensors 0.8): on the CPU each
-    parameter gets a copy of its own first, so that the buffer goes with the model's original parameters. On a
-    GPU, loading already copied each tensor."""
+    parameters `whole(objective)` stay unsharded on every rank. On the CPU each parameter is copied first, so that
+    the checkpoint's bytes are freed (docs/scale.md, Sharding on the CPU)."""
     for module in objective.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.device.type == "cpu":

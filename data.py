@@ -1,7 +1,7 @@
 """Tokenizer, prompt templates, data readers and batching for IXC-2.5 / IXC-2.5-Reward (no nn.Module here).
 
 The tokenizer reproduces the official slow `InternLM2Tokenizer` under transformers 4.33.2, the version the
-official reward-training README names and the one that produced ../shared/golden (spec ixc25.md §3, golden §8).
+official reward-training README names and the one behind the official reference outputs (docs/testing.md).
 """
 import argparse
 import json
@@ -167,7 +167,7 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Templates (spec §7)
+# Templates (the reward remote code's apply_chat_template, modeling_internlm_xcomposer2.py)
 
 
 def reward_template(conversation):

@@ -4,7 +4,7 @@
     python reward.py eval --bench vl_rewardbench --data FILE (--ckpt DIR [--images DIR] | --scores FILE)
 
 The score is `score(norm(h))` read at the last real position, which with the reward template holds the reward token
-`[UNUSED_TOKEN_130]` (spec ixc25.md §10). API semantics follow the official remote code, including its quirks:
+`[UNUSED_TOKEN_130]` (the official remote code). API semantics follow the official remote code, including its quirks:
 several images force hd_num 6, truncation at max_length can cut the reward token, `rank` returns indices best first.
 """
 import argparse

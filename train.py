@@ -129,10 +129,7 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --center-coef must be >= 0 (it penalises a pair's summed reward), got "
                          f"{a.center_coef}")
     if a.stage == "rm" and (a.fsdp or a.grad_ckpt):
-        # FSDP2 re-gathers a layer for backward from hooks on the layer's outputs; a shared prefix's keys/values
-        # leave a layer without passing through its output, so their backward would find the weights already freed.
-        # Checkpointing recomputes a layer in backward, which would append the prefix's keys/values a second time
-        a.share_prefix = 0
+        a.share_prefix = 0   # a shared prefix breaks FSDP2's and checkpointing's backward (docs/scale.md, Shared prompt)
     if a.stage == "ppo" and a.rm is None and a.data is None:
         if not (Path(DEFAULT_RM) / "config.json").is_file():
             raise SystemExit(f"error: no reward model in {DEFAULT_RM}; train it first: torchrun --standalone "
