@@ -57,6 +57,15 @@ def _raised_here(e):
     return Path(__file__).resolve().parent in path.parents and "site-packages" not in path.parts
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every entry point: the docstring as written, and each flag's default after its help, unless the
+    help states it (a default that depends on other flags) or the flag is a switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        silent = action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in action.help
+        return action.help if silent else f"{action.help} (default: %(default)s)"
+
+
 def positive_int(text):
     """argparse type for counts and sizes (--n, --hd-num, --max-length, ...)."""
     value = int(text)
