@@ -84,6 +84,7 @@ class RewardModel(InternLMXComposer2):
             batch = {k: v[:, :max_length] for k, v in batch.items()}
         return pool_last(self(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
 
+    # --stage rm's default path (--share-prefix 1) is an optimisation only: read rewards_alone, above, for the math
     def pair_rewards(self, seqs, max_length=None):
         """rewards_alone's numbers for [c0, r0, c1, r1, ...] ((segments, pixels) each; a pair shares its images),
         computed faster. A pair's common prefix (image and prompt, most of its tokens) runs once and both
