@@ -3,7 +3,7 @@
 
     torchrun --standalone --nproc_per_node 2 train.py --stage rm      # the built-in world, 2 CPU processes
     torchrun --standalone --nproc_per_node 2 train.py --stage ppo     # PPO against the reward model in runs/rm
-    torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b-reward \\
+    torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b \\
         --data data.txt --fsdp --grad-ckpt --out runs/rm7b             # the official recipe, on GPUs
 
 With --data a stage runs the official recipe (train.py's RECIPE); without it, the built-in world (the world
