@@ -1,6 +1,7 @@
 """The world's own models, built from scratch as IXC-2.5 was before the paper starts from it: each command writes an
 initial checkpoint (config.json, model.safetensors, tokenizer.model: what `train.py --init` reads) and the SFT data
-file, then runs train.py's SFT stage on them, the settings that built the shipped checkpoints (their summary.json).
+file, then runs train.py's SFT stage on them, the settings that build the shipped checkpoints from scratch (the
+command in their summary.json; the shipped bytes' own history is beside it).
 
     python -m world build-policy --out runs/policy   # the tiny policy: 4 layers, width 128 (checkpoints/world-sft)
     python -m world build-judge --out runs/judge     # the judge trunk (checkpoints/world-judge): 8 layers, the
