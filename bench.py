@@ -472,7 +472,7 @@ def rollout_fsdp(quick, dev):
 
 # The memory model of `train.py --stage ppo`: bytes per GPU from config.json and the PPO settings
 
-# IXC-2.5 7B (../shared/spec/ixc25.md section 1; the vision tower is CLIP ViT-L/14 at 560 px, VisionConfig's defaults)
+# IXC-2.5 7B (internlm-xcomposer2d5-7b's config.json; the vision tower, CLIP ViT-L/14 at 560 px: VisionConfig's)
 IXC25_7B = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, rope_scaling={"type": "dynamic", "factor": 2.0},
                 max_position_embeddings=24576, max_length=16384)

@@ -133,25 +133,30 @@ def _means(pairs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt; the built-in world "
+                   "evaluates best-of-N for N = 1, 2, 4, 8 and n, from the same max(8, n) samples")
     p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
     p.add_argument("--policy", default=str(WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
-    p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
-    p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=data.positive_int, default=48)
-    p.add_argument("--hd-num", type=data.positive_int, default=9)
-    p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
+    p.add_argument("--prompt", help="a question (default: none, the built-in world's held-out prompts are "
+                   "evaluated)")
+    p.add_argument("--image", nargs="*", default=[], help="image/video path(s) for --prompt (default: none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--max-new-tokens", type=data.positive_int, default=48, help="answer length cap in tokens")
+    p.add_argument("--hd-num", type=data.positive_int, default=9, help="max HD crops per image (the official "
+                   "recipe's 9)")
+    p.add_argument("--normalize", action="store_true", help="standardise each RM's scores by the held-out mean and "
+                   "std its rm stage stored, before averaging")
     p.add_argument("--show", action="store_true", help="print every candidate with its score")
     p.add_argument("--limit", type=data.positive_int, help="world: the first N held-out prompts (default: all 300)")
     p.add_argument("--fresh", type=data.positive_int, help="world: draw this many new held-out prompts from --seed "
-                   "(written under OUT/prompts) instead of the world's 300")
+                   "(written under OUT/prompts) instead of the world's 300 (default: none)")
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="world: write summary.json here (default: runs/bon)")
-    p.add_argument("--world-dir", default=str(WORLD_DIR))
+    p.add_argument("--seed", type=int, default=0, help="sampling (and --fresh's prompts)")
+    p.add_argument("--out", help="world: write summary.json here (default: runs/bon; none with --prompt)")
+    p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
+                   "(default: runs/world in the repository)")
     add_device_args(p)
     a = p.parse_args(argv)
     if a.prompt is None and a.out is None:

@@ -3,7 +3,7 @@
 
     python clean.py --rm runs/rm --out runs/clean          # the built-in world's cleaning set, its noise labelled
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
-    python clean.py --data runs/world/sft_train.json --labels runs/world/sft_errors.json --flag-fraction auto \
+    python clean.py --data runs/world/sft_train.json --labels runs/world/sft_errors.json --flag-fraction auto \\
         --out runs/clean-sft                                # the world's 40000-row SFT set, its failures labelled
 
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
@@ -292,21 +292,27 @@ def label_metrics(scores, flagged, noise, family):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
-    p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL; default: the built-in world's cleaning set")
+    p.add_argument("--data", help="fine-tuning (or reward) JSON/JSONL (default: the built-in world's cleaning set)")
     p.add_argument("--labels", help="JSON list of {id, kind[, family]}: the rows known to be noisy (the world's "
-                   "sft_errors.json); AUROC, precision and recall are reported against them")
-    p.add_argument("--out", default="runs/clean", help="output directory (default: runs/clean)")
+                   "sft_errors.json); AUROC, precision and recall are reported against them (default: none; the "
+                   "rows' own \"noise\" field when they have one)")
+    p.add_argument("--out", default="runs/clean", help="output directory, never over an existing output")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--flag-fraction", type=fraction_or_auto, default=0.15,
                    help="flag this lowest-scored fraction of the rows (rows tied with the last one flagged too); "
                         "auto: below Otsu's threshold on the score histogram")
-    g.add_argument("--threshold", type=float, help="flag every row scored below this (the reward; a preference row: its margin)")
-    p.add_argument("--hd-num", type=data.positive_int, default=9)
-    p.add_argument("--token-budget", type=data.positive_int, default=8192)
-    p.add_argument("--normalize", action="store_true", help="standardise each RM's scores before averaging")
-    p.add_argument("--world-dir", default=str(WORLD_DIR))
+    g.add_argument("--threshold", type=float, help="flag every row scored below this (the reward; a preference "
+                   "row: its margin) instead of a fraction (default: none, --flag-fraction decides)")
+    p.add_argument("--hd-num", type=data.positive_int, default=9, help="max HD crops per image (the official "
+                   "recipe's 9)")
+    p.add_argument("--token-budget", type=data.positive_int, default=8192, help="max padded tokens per scoring "
+                   "batch (memory follows this)")
+    p.add_argument("--normalize", action="store_true", help="standardise each RM's scores by the held-out mean and "
+                   "std its rm stage stored, before averaging")
+    p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
+                   "(default: runs/world in the repository)")
     add_device_args(p)
     a = p.parse_args(argv)
     t0 = time.time()

@@ -106,12 +106,8 @@ def wrap(objective, world, fsdp=False):
 
 def shard(objective, whole):
     """FSDP2 in place: each decoder layer of `objective.model` a unit, the rest of the decoder the root's; the
-    parameters `whole(objective)` stay unsharded on every rank.
-
-    A checkpoint read on the CPU gives parameters that view the file's bytes in memory, and once anything asks
-    for their storage (fully_shard does), that buffer is never freed (torch 2.13, safetensors 0.8): on the CPU each
-    parameter gets a copy of its own first, so that the buffer goes with the model's original parameters. On a
-    GPU, loading already copied each tensor."""
+    parameters `whole(objective)` stay unsharded on every rank. On the CPU each parameter is copied first, so that
+    the checkpoint's bytes are freed (docs/scale.md, Sharding on the CPU)."""
     for module in objective.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.device.type == "cpu":
@@ -377,12 +373,14 @@ class Run:
 
     def log_step(self, loss_total, micro_lengths, grad_norm, lr, **extra):
         """The step's metrics line, printed and logged every 10 steps and at the last; `micro_lengths` are the
-        tokens of each micro-batch's samples."""
+        tokens of each micro-batch's samples. The loss is the mean over every rank's samples (a collective)."""
         a, step = self.a, self.step
+        loss_total, n = sum_over_ranks(torch.tensor([loss_total, sum(map(len, micro_lengths))], dtype=torch.float64),
+                                       self.n_proc).tolist()
         real, padded = sum(map(sum, micro_lengths)), sum(max(mb) * len(mb) for mb in micro_lengths)
         self.tokens += real
         self.pads = (self.pads + [(real, padded)])[-10:]
-        rec = {"step": step, "loss": loss_total / sum(map(len, micro_lengths)), **extra, "grad_norm": grad_norm,
+        rec = {"step": step, "loss": loss_total / n, **extra, "grad_norm": grad_norm,
                "lr": lr, "padding_waste": 1 - sum(r for r, _ in self.pads) / sum(p for _, p in self.pads),
                "tokens_per_s": self.tokens * self.n_proc / (time.time() - self.t0)}
         if self.rank == 0 and (step % 10 == 0 or step == a.steps):
@@ -420,9 +418,9 @@ class Run:
         summary = {"stage": self.a.stage, "steps": self.step, "seconds": round(time.time() - self.t0, 1),
                    "matmul_gflops": matmul_gflops(), "processes": self.n_proc,
                    "command": " ".join(sys.argv), "seed": self.a.seed, **metrics}
-        if self.rank == 0:
-            figures.write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}", xlabel=self.xlabel)
+        if self.rank == 0:   # the summary first: the curves draw its held-out figures
             data.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            figures.write_curves(self.out, self.curve_keys, f"{self.title}: {self.out.name}", xlabel=self.xlabel)
             print(json.dumps(summary, indent=2))
         return summary
 

@@ -1,7 +1,7 @@
 """Tokenizer, prompt templates, data readers and batching for IXC-2.5 / IXC-2.5-Reward (no nn.Module here).
 
 The tokenizer reproduces the official slow `InternLM2Tokenizer` under transformers 4.33.2, the version the
-official reward-training README names and the one that produced ../shared/golden (spec ixc25.md §3, golden §8).
+official reward-training README names and the one behind the official reference outputs (docs/testing.md).
 """
 import argparse
 import json
@@ -54,6 +54,15 @@ def _raised_here(e):
         tb = tb.tb_next
     path = Path(tb.tb_frame.f_code.co_filename).resolve()
     return Path(__file__).resolve().parent in path.parents and "site-packages" not in path.parts
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every entry point: the docstring as written, and each flag's default after its help, unless the
+    help states it (a default that depends on other flags) or the flag is a switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        silent = action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in action.help
+        return action.help if silent else f"{action.help} (default: %(default)s)"
 
 
 def positive_int(text):
@@ -166,7 +175,7 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Templates (spec §7)
+# Templates (the reward remote code's apply_chat_template, modeling_internlm_xcomposer2.py)
 
 
 def reward_template(conversation):

@@ -15,6 +15,8 @@ def finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+SMOOTH = 4                   # a smoothed curve averages 2 * SMOOTH + 1 logged points
+HELDOUT = {"accuracy": "heldout_accuracy"}   # a training value's panel -> the held-out value drawn over it
 COLOURS = ("#2a6fdb", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#1098ad", "#e67700", "#495057")
 # what each logged key is, with its unit, for the axis that shows it
 LABELS = {"step": "optimizer step", "loss": "loss (nats)", "accuracy": "accuracy (fraction)",
@@ -84,11 +86,31 @@ def read_metrics(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def curves_svg(metrics_path, keys, title, x="step", xlabel=None, w=330, h=220):
+def smoothed(ys, half=SMOOTH):
+    """The centred moving average over 2 * half + 1 logged points (fewer at the ends): the trend of a noisy
+    per-batch value, without the lag of an exponential average."""
+    return [sum(ys[max(0, i - half):i + half + 1]) / len(ys[max(0, i - half):i + half + 1]) for i in range(len(ys))]
+
+
+def svg_dots(points, px, py, colour, r=2.0, opacity=1.0):
+    return "".join(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{r}" fill="{colour}" fill-opacity="{opacity}"/>'
+                   for x, y in points)
+
+
+def curves_svg(metrics_path, keys, title, x="step", xlabel=None, heldout=None, w=330, h=220):
     """Learning curves from metrics.jsonl as one SVG: a panel per key (titled with the key as logged), its value
-    against `x` in the log's order, each panel on its own axes. Lines with a "phase" restate numbers logged on
-    another line (PPO's held-out checks, with their iteration's KL and score) and are left out."""
+    against `x` in the log's order, each panel on its own axes. Many points (a per-batch value): the raw points
+    faint and their smoothed() trend over them. `heldout` maps a panel's key to the key of its held-out value,
+    drawn as large dots from the held-out lines of the log and, at its last step, from summary.json beside it.
+    Lines with a "phase" restate numbers logged on another line (PPO's held-out checks, with their iteration's KL
+    and score) and are left out."""
     rows = [r for r in read_metrics(metrics_path) if "phase" not in r]
+    summary_path = Path(metrics_path).parent / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if finite(summary.get("steps")):
+        rows.append({x: summary["steps"], **{k: v for k, v in summary.items() if k in (heldout or {}).values()}})
+    held = {key: [(r[x], r[hk]) for r in rows if finite(r.get(x)) and finite(r.get(hk))]
+            for key, hk in (heldout or {}).items()}
     panels = [(key, pts) for key in keys
               if (pts := [(r[x], r[key]) for r in rows if finite(r.get(x)) and finite(r.get(key))])]
     cols = min(3, max(1, len(panels)))
@@ -96,18 +118,32 @@ def curves_svg(metrics_path, keys, title, x="step", xlabel=None, w=330, h=220):
            f'xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">', svg_text(8, 18, title, 14)]
     for i, (key, pts) in enumerate(panels):
         box = (w * (i % cols) + 64, 30 + h * (i // cols) + 22, w - 78, h - 66)
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts + held.get(key, []))
         xt, yt = ticks(min(xs), max(xs), whole=all(isinstance(v, int) for v in xs)), ticks(min(ys), max(ys))
-        out += [svg_text(box[0], box[1] - 6, key, 12),
-                svg_axes(box, xt, yt, xlabel or LABELS.get(x, x), LABELS.get(key, key)),
-                svg_line(pts, scale(xt, box[0], box[0] + box[2]), scale(yt, box[1] + box[3], box[1]), COLOURS[0])]
+        px, py = scale(xt, box[0], box[0] + box[2]), scale(yt, box[1] + box[3], box[1])
+        out += [svg_text(box[0], box[1] - 6, key, 12), svg_axes(box, xt, yt, xlabel or LABELS.get(x, x),
+                                                                LABELS.get(key, key))]
+        if len(pts) > 2 * SMOOTH + 1:
+            trend = list(zip([p[0] for p in pts], smoothed([p[1] for p in pts])))
+            out += [svg_dots(pts, px, py, COLOURS[0], 1.5, 0.35), svg_line(trend, px, py, COLOURS[0])]
+            legend = [(f"mean of {2 * SMOOTH + 1} logged", COLOURS[0])]
+        else:
+            out.append(svg_line(pts, px, py, COLOURS[0]))
+            legend = []
+        if held.get(key):
+            out.append(svg_dots(held[key], px, py, COLOURS[1], 4.0))
+            legend.append(("held-out", COLOURS[1]))
+        for j, (label, colour) in enumerate(legend):
+            out.append(svg_text(box[0] + box[2], box[1] - 6 - 12 * (len(legend) - 1 - j), label, 10, "end")
+                       .replace("<text ", f'<text fill="{colour}" '))
     return "".join(out) + "</svg>"
 
 
-def write_curves(out, keys, title, xlabel=None):
+def write_curves(out, keys, title, xlabel=None, heldout=HELDOUT):
     """curves.svg of metrics.jsonl beside it, rewritten whole (atomically) whenever it is called."""
     if (out / "metrics.jsonl").is_file():
-        data.atomic_write_text(out / "curves.svg", curves_svg(out / "metrics.jsonl", keys, title, xlabel=xlabel))
+        data.atomic_write_text(out / "curves.svg", curves_svg(out / "metrics.jsonl", keys, title, xlabel=xlabel,
+                                                              heldout=heldout))
 
 
 # ----------------------------------------------------------------------------------------------------------------

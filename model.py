@@ -1,6 +1,6 @@
 """InternLM2 decoder with partial LoRA (PLoRA), KV cache, image splicing, LM head, generation and checkpoint I/O.
 
-One file from `config.json` + safetensors to logits: the math follows spec ixc25.md §8-§9 (official
+One file from `config.json` + safetensors to logits: the math follows IXC-2.5's remote code (the official
 modeling_internlm2.py / build_mlp.py of IXC-2.5), the key names follow the checkpoint (`model.layers.L.attention.wqkv`,
 `...Plora_A`, `vision_proj`, `plora_glb_GN`). `InternLMXComposer2` is the chat/policy model; reward.py puts a `score`
 head on the same trunk.
@@ -95,7 +95,7 @@ class RMSNorm(nn.Module):
 
 
 class PLoRA(nn.Linear):
-    """Linear + a LoRA that acts only on image tokens (`im_mask`), scale alpha/r = 1 (spec §9)."""
+    """Linear + a LoRA that acts only on image tokens (`im_mask`), scale alpha/r = 1 (build_mlp.py's PLoRA)."""
 
     def __init__(self, in_features, out_features, rank, bias=False, dropout=0.0):
         super().__init__(in_features, out_features, bias=bias)
@@ -152,7 +152,7 @@ class Attention(nn.Module):
     def forward(self, x, im_mask, cos, sin, mask, cache, layer):
         B, L, _ = x.shape
         g = self.n_head // self.n_kv
-        # packed rows: [kv group][g query heads, 1 key, 1 value][head_dim] (spec §8.3)
+        # packed rows: [kv group][g query heads, 1 key, 1 value][head_dim] (modeling_internlm2.py's rearrange)
         qkv = self.wqkv(x, im_mask).view(B, L, self.n_kv, g + 2, self.hd)
         q = qkv[:, :, :, :g].reshape(B, L, self.n_head, self.hd).transpose(1, 2)
         k = qkv[:, :, :, g].transpose(1, 2)
@@ -682,7 +682,7 @@ def device_kwargs(a):
 def init_weights(module, seed=0, std=0.02):
     """Fresh weights for training from scratch or a new head: N(0, std) matrices and embeddings, zero biases, unit
     norms, and zero `Plora_B` so a new PLoRA starts as a no-op. A scalar head gets N(0, 1/sqrt(D+1)) (the N+
-    implementation details / OpenRLHF value-head init)."""
+    implementation details; OpenRLHF's value head uses std 1/(D+1))."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -4,7 +4,7 @@
     python reward.py eval --bench vl_rewardbench --data FILE (--ckpt DIR [--images DIR] | --scores FILE)
 
 The score is `score(norm(h))` read at the last real position, which with the reward template holds the reward token
-`[UNUSED_TOKEN_130]` (spec ixc25.md §10). API semantics follow the official remote code, including its quirks:
+`[UNUSED_TOKEN_130]` (the official remote code). API semantics follow the official remote code, including its quirks:
 several images force hd_num 6, truncation at max_length can cut the reward token, `rank` returns indices best first.
 """
 import argparse
@@ -84,6 +84,7 @@ class RewardModel(InternLMXComposer2):
             batch = {k: v[:, :max_length] for k, v in batch.items()}
         return pool_last(self(batch["embeds"], batch["im_mask"], batch["attention_mask"]), batch["attention_mask"])
 
+    # --stage rm's default path (--share-prefix 1) is an optimisation only: read rewards_alone, above, for the math
     def pair_rewards(self, seqs, max_length=None):
         """rewards_alone's numbers for [c0, r0, c1, r1, ...] ((segments, pixels) each; a pair shares its images),
         computed faster. A pair's common prefix (image and prompt, most of its tokens) runs once and both

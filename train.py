@@ -3,15 +3,15 @@
 
     torchrun --standalone --nproc_per_node 2 train.py --stage rm      # the built-in world, 2 CPU processes
     torchrun --standalone --nproc_per_node 2 train.py --stage ppo     # PPO against the reward model in runs/rm
-    torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b-reward \\
+    torchrun --nproc_per_node 8 train.py --stage rm --init internlm-xcomposer2d5-7b \\
         --data data.txt --fsdp --grad-ckpt --out runs/rm7b             # the official recipe, on GPUs
 
-With --data a stage runs the official recipe (RECIPE below); without it, the built-in world (the world package) with the
-world's overrides (WORLD), starting from the world's SFT policy in checkpoints/world-sft, as the paper starts from
-IXC-2.5. `python train.py --stage rm --help` lists the flags a stage reads and their defaults. Outputs in --out
-(default runs/<stage>): config.json + model.safetensors (+ tokenizer.model) loadable by from_pretrained,
-resume.safetensors (model, optimizer, RNG, step) for --resume, metrics.jsonl, curves.svg and summary.json. Every
-file is written to a temporary name and renamed.
+With --data a stage runs the official recipe (train.py's RECIPE); without it, the built-in world (the world
+package) with the world's overrides (train.py's WORLD), starting from the world's SFT policy in checkpoints/world-sft,
+as the paper starts from IXC-2.5. `python train.py --stage rm --help` lists the flags a stage reads and their
+defaults. Outputs in --out (default runs/<stage>): config.json + model.safetensors (+ tokenizer.model) loadable by
+from_pretrained, resume.safetensors (model, optimizer, RNG, step) for --resume, metrics.jsonl, curves.svg and
+summary.json. Every file is written to a temporary name and renamed.
 """
 import argparse
 import functools
@@ -28,7 +28,7 @@ import batching
 import common
 import data
 import ppo
-from world import WORLD_DIR, WORLD_SFT, checker, store
+from world import ROOT, WORLD_DIR, WORLD_SFT, checker, store
 from model import InternLMXComposer2
 from reward import DEFAULT_RM, RewardModel
 from vision import sample_length
@@ -47,36 +47,40 @@ WORLD = {"sft": dict(lr=1e-3, steps=6000, batch=32, token_budget=1024),
          "ppo": dict(lr=1e-4, steps=120, batch=48, eval_every=20, kl_coef=0.1)}
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # the stage's default beside each flag that has one
-        silent = action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in action.help
-        return action.help if silent else f"{action.help} (default: %(default)s)"
-
-
 def stage_parser(stage, settings):
     """The flags `stage` reads, its `settings` as their defaults: a flag another stage reads does not exist here."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--stage", required=True, choices=list(RECIPE))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--stage", required=True, choices=list(RECIPE), help="sft, rm (Eq. 1) or ppo (Eq. 2-4)")
     p.add_argument("--out", default=f"runs/{stage}", help="output directory (an existing run needs --resume)")
-    p.add_argument("--data", help="JSON/JSONL in the official format, or a data.txt mixture (default: the world)")
-    p.add_argument("--init", help="starting checkpoint (default: the world's SFT policy)")
+    p.add_argument("--data", help={
+        "sft": "SFT conversations (JSON/JSONL in the official format) or a data.txt mixture of such files",
+        "rm": "preference pairs (JSON/JSONL in the official format) or a data.txt mixture of such files",
+        "ppo": "prompts: SFT conversations (JSON/JSONL in the official format), each without its last answer"}[stage]
+        + "; switches the defaults to the official recipe (default: none, the built-in world)")
+    p.add_argument("--init", help=("the trunk the reward model starts from, its score head new" if stage == "rm" else
+                                   "the policy to start from") + f" (default: {rel(WORLD_SFT)}, the world's SFT "
+                   "policy, also with --data)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=data.positive_int, help="optimizer steps" + " (iterations)" * (stage == "ppo"))
+    p.add_argument("--steps", type=data.positive_int, help="PPO iterations: each samples a rollout of --batch prompts, "
+                   "then takes --ppo-epochs x --mini-batches optimizer steps" if stage == "ppo" else "optimizer steps")
+    step = "iteration" if stage == "ppo" else "step"
     p.add_argument("--batch", type=data.positive_int, help={"sft": "samples", "rm": "pairs", "ppo": "prompts"}[stage]
-                   + " per step, all processes together")
+                   + f" per {step}, all processes together")
     p.add_argument("--token-budget", type=data.positive_int, help="max padded tokens per micro-batch, rows x the "
                    "widest row as built (memory follows this)" + {"sft": "", "rm": "; a pair is two rows as wide as its "
                    "longer side", "ppo": "; a row is as wide as the longest prompt plus the longest response"}[stage])
     p.add_argument("--prefetch", type=int, default=2, help="micro-batches prepared ahead on a background thread "
                    "(image decode, HD tiling, tokenisation; 0: inline, the same batches and weights)")
     p.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to 0)")
-    p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end)" +
-                   "; the checker on greedy held-out answers beside KL and score" * (stage == "ppo"))
-    p.add_argument("--save-every", type=data.positive_int, default=50, help="checkpoint every N steps")
-    p.add_argument("--stop-after", type=int, help="save and exit after this many steps in this invocation (job time "
-                   "limits); --resume continues")
+    p.add_argument("--eval-every", type=int, help=f"held-out evaluation every N {step}s" + (
+        " (0: before and after only): the checker on greedy held-out answers, beside KL and score; the world's "
+        "held-out prompts only" if stage == "ppo" else " (0: at the end)"))
+    p.add_argument("--save-every", type=data.positive_int, default=50, help=f"checkpoint every N {step}s")
+    p.add_argument("--stop-after", type=int, help=f"save and exit after this many {step}s in this invocation (job "
+                   "time limits); --resume continues (default: none, run to --steps)")
     p.add_argument("--seed", type=int, default=0, help="data order, initialisation and sampling")
-    p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files (made on first use)")
+    p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
+                   f"(default: {rel(WORLD_DIR)} in the repository)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
                    "across processes (FSDP2) instead of replicating them (DDP)")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute each decoder layer's activations in backward "
@@ -87,11 +91,11 @@ def stage_parser(stage, settings):
     if stage in ("sft", "rm"):
         p.add_argument("--heldout", help="with --data: held-out set to evaluate on (" + {
             "sft": "world held-out prompts such as runs/world/heldout_prompts.json", "rm": "preference pairs"}[stage]
-            + "; the world brings its own)")
+            + ") (default: none with --data; the world brings its own)")
         p.add_argument("--train-transform", action="store_true", help="the official training HD transform (1.5x "
                        "wider grid, centred padding) instead of inference's")
-        p.add_argument("--freeze-vision", choices=["auto", "yes", "no"], default="auto",
-                       help="the ViT and vision_proj frozen (auto, yes: the paper's setting) or trained (no)")
+        p.add_argument("--freeze-vision", choices=["yes", "no"], default="yes",
+                       help="the ViT and vision_proj frozen (yes: the paper's setting) or trained (no)")
     if stage == "rm":
         p.add_argument("--head", choices=["linear", "mlp"], help="IXC's score head or BaseReward's MLP")
         p.add_argument("--share-prefix", type=int, choices=[0, 1], help="score each sequence alone (0), or run a "
@@ -104,10 +108,21 @@ def stage_parser(stage, settings):
                        "the policy's own perception error (the world's labels: family perception, source policy) this "
                        "many times per epoch: the errors best-of-N and PPO meet are the rarest in the pairs")
     if stage == "ppo":
-        p.add_argument("--rm", nargs="+", help=f"reward model dir(s), averaged when several (the world: {DEFAULT_RM})")
+        p.add_argument("--rm", nargs="+", help=f"reward model dir(s), averaged when several (default: {DEFAULT_RM} on "
+                       "the built-in world; required with --data)")
         ppo.add_args(p)
     p.set_defaults(**settings)
+    for action in p._actions:   # a default the world overrides: both, so that --help reads the same with --data
+        k = action.dest
+        if k in WORLD[stage] and WORLD[stage][k] != RECIPE[stage].get(k) and "default" not in action.help:
+            action.help += f" (default: {WORLD[stage][k]} on the built-in world, {RECIPE[stage][k]} with --data)"
     return p
+
+
+def rel(path):
+    """`path` as the help prints it: relative to the repository when inside it."""
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def parse_args(argv=None):
@@ -119,7 +134,7 @@ def parse_args(argv=None):
     pre.add_argument("--data")
     first, _ = pre.parse_known_args(argv)
     if first.stage is None:  # --help or a missing --stage: the stages and the docstring
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter, allow_abbrev=False)
         p.add_argument("--stage", required=True, choices=list(RECIPE), help="then --help lists the stage's flags")
         p.parse_args(argv)
     p = stage_parser(first.stage, {**RECIPE[first.stage], **(WORLD[first.stage] if first.data is None else {})})
@@ -133,10 +148,7 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --center-coef must be >= 0 (it penalises a pair's summed reward), got "
                          f"{a.center_coef}")
     if a.stage == "rm" and (a.fsdp or a.grad_ckpt):
-        # FSDP2 re-gathers a layer for backward from hooks on the layer's outputs; a shared prefix's keys/values
-        # leave a layer without passing through its output, so their backward would find the weights already freed.
-        # Checkpointing recomputes a layer in backward, which would append the prefix's keys/values a second time
-        a.share_prefix = 0
+        a.share_prefix = 0   # a shared prefix breaks FSDP2's and checkpointing's backward: docs/scale.md
     if a.stage == "ppo" and a.rm is None and a.data is None:
         if not (Path(DEFAULT_RM) / "config.json").is_file():
             raise SystemExit(f"error: no reward model in {DEFAULT_RM}; train it first: torchrun --standalone "
@@ -389,8 +401,7 @@ def train_rm(a, rank, n_proc, device):
     fwd = common.wrap(objective, n_proc, a.fsdp)  # under FSDP2 the same module, sharded in place
     opt = common.make_optimizer(rm, a.lr, a.weight_decay, a.beta2)
     amp = common.autocast(device, a.autocast)
-    run = common.Run(a, out, rank, n_proc, rm, opt, ["loss", "accuracy", "grad_norm", "heldout_accuracy"],
-                     "reward model")
+    run = common.Run(a, out, rank, n_proc, rm, opt, ["loss", "accuracy", "grad_norm"], "reward model")
     trainable = [p for p in rm.parameters() if p.requires_grad]
 
     def evaluate(final=False):  # DDP: rank 0 alone, unwrapped; FSDP: every rank, so that the all-gathers pair up
@@ -425,9 +436,9 @@ def train_rm(a, rank, n_proc, device):
         common.set_lr(opt, lr)
         grad_norm = common.clip_and_step(trainable, opt, a.clip)
         run.step += 1
-        # a pair's two answers both run: twice its (longer side's) tokens
+        correct, n = common.sum_over_ranks(torch.tensor([n_correct, len(mine)], dtype=torch.float64), n_proc).tolist()
         run.log_step(loss_total, [[lengths[mine[i]] for i in mb] for mb in micro], grad_norm, lr,
-                accuracy=n_correct / len(mine))
+                     accuracy=correct / n)   # over all ranks, as the loss
         if run.save_evaluate_or_stop(evaluate):
             return None
     summary = run.finish(evaluate(final=True))

@@ -2,8 +2,8 @@
 
 Key names follow the checkpoint: `vit.vision_tower.vision_model.*` (Hugging Face CLIPVisionModel naming, including
 its `pre_layrnorm` spelling), `vision_proj.{0,2}`, and the separators `plora_glb_GN` / `plora_sub_GN` that the
-top-level model owns (spec ixc25.md §4-§6). The crop size comes from the vision config (560 for the real model), so
-the same code serves the tiny built-in world.
+top-level model owns (official build_mlp.py, ixc_utils.py). The crop size comes from the vision config (560 for
+the real model), so the same code serves the tiny built-in world.
 """
 import math
 from dataclasses import dataclass, fields
@@ -154,7 +154,7 @@ def build_vision_proj(vision_hidden, hidden):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HD transform (spec §6.1 inference, §6.2 training variant) and video strips (§6.3)
+# HD transform (ixc_utils.py's Image_transform; training: R560_HD18_Identity_transform), video strips (Video_transform)
 
 
 def open_image(path):
@@ -319,7 +319,7 @@ def load_visual(item, hd_num, crop=560, train=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ViT features -> merged tokens with separators (spec §5)
+# ViT features -> merged tokens with separators (build_mlp.py's CLIPVisionTower.forward, the remote code's img2emb)
 
 
 def n_image_tokens(h, w, grid):

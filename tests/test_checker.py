@@ -19,19 +19,22 @@ OBJS = [["green", "circle", 0, 0], ["red", "triangle", 0, 3], ["red", "square", 
 
 CASES = [  # (item, answers judged right, answers judged wrong)
     (item("colour", "green", {"shape": "circle"}, OBJS),
-     ["The circle is green.", "green", "It's Green."],
-     ["The circle is blue.", "The circle is green or blue.", "The square is green."]),
+     ["The circle is green.", "green", "It's Green.", "The circle is not blue, it is green."],
+     ["The circle is blue.", "The circle is green or blue.", "The square is green.", "The circle is not green.",
+      "It isn't green."]),
     (item("count", 3, {"colour": "red"}, OBJS),
      ["There are 3 red objects.", "three", "3"],
-     ["There are 4 red objects.", "There are 3 or 4.", "There are 3 blue objects.", "many"]),
+     ["There are 4 red objects.", "There are 3 or 4.", "There are 3 blue objects.", "many", "Not 3."]),
     (item("presence", "no", {"colour": "blue", "shape": "circle"}, OBJS),
-     ["No, there is no blue circle.", "No.", "There isn't a blue circle."],
-     ["Yes, there is a blue circle.", "There is a blue circle.", "Yes. No.", "No, there is no red circle."]),
+     ["No, there is no blue circle.", "No.", "There isn't a blue circle.", "No, there is a green circle.",
+      "No, there is no red circle."],   # the yes or no answers the question, whatever the answer names after it
+     ["Yes, there is a blue circle.", "There is a blue circle.", "Yes. No.", "There is a green circle."]),
     (item("presence", "yes", {"colour": "green", "shape": "circle"}, OBJS),
      ["Yes, there is a green circle.", "yes", "There is a green circle."], ["No.", "Not at all."]),
     (item("position", "top right", {"colour": "red", "shape": "triangle"}, OBJS),
      ["The red triangle is in the top right.", "Upper right.", "top-right corner"],
-     ["The red triangle is in the top left.", "top right or bottom right", "The red square is in the top right."]),
+     ["The red triangle is in the top left.", "top right or bottom right", "The red square is in the top right.",
+      "The red triangle is not in the top right."]),
     (item("describe", [["green", "circle", "top left"], ["red", "triangle", "top right"],
                        ["red", "square", "bottom left"], ["red", "square", "bottom right"]], {}, OBJS),
      [scene.render(item("describe", None, {}), [["green", "circle", "top left"], ["red", "triangle", "top right"],
@@ -121,6 +124,31 @@ def test_a_scoped_description_with_a_wrong_colour_is_a_perception_failure():
     assert checker.failure_kind(it, "There are 2 objects: a blue circle in the top left and a red square in the "
                                   "bottom right.") == "ignored_scope"
     assert checker.failure_kind(it, "There is 1 object: a blue circle in the top left.") is None
+
+
+def test_refusals_are_whole_answers():
+    """An answer refuses when each of its clauses does; a hedge before a stated value is an answer, judged on it."""
+    it = item("colour", "green", {"shape": "circle"}, OBJS)
+    for a in sum(weaker.REFUSALS.values(), []) + ["", "Sorry.", "I cannot tell, sorry."]:
+        assert checker.is_refusal(a) and checker.failure_kind(it, a) == "refusal", a
+    assert checker.is_correct(it, "I am not sure, but it is green.")
+    assert checker.failure_kind(it, "I am not sure, but it is green.") is None
+    assert checker.failure_kind(it, "Sorry, it is blue.") == "colour_confusion"
+    inst = dict(it, instruction={"id": "max_words", "n": 5})
+    assert checker.follows(inst, "Not sure, but green.") and not checker.follows(inst, "I am not sure.")
+
+
+def test_the_checker_refuses_what_it_does_not_know():
+    """An unknown question kind or instruction id is an error naming it, not judged as some other kind."""
+    with pytest.raises(ValueError, match="question kind 'count_all'"):
+        checker.is_correct(item("count_all", 3, {}), "3")
+    with pytest.raises(ValueError, match="question kind 'count_all'"):
+        checker.failure_kind(item("count_all", 3, {}), "3")
+    with pytest.raises(ValueError, match="instruction 'uppercase'"):
+        checker.follows(dict(item("colour", "green", {"shape": "circle"}, OBJS), instruction={"id": "uppercase"}),
+                        "GREEN")
+    assert checker.is_correct({"kind": "refusal", "question_kind": "arith", "truth": 11, "query": {"a": 4, "b": 7}},
+                              "11")   # a preference row: "kind" names the rejected answer's failure
 
 
 def test_failure_kind_names_the_perception_slip():

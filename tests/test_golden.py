@@ -74,7 +74,7 @@ def test_reward_case(case_id, cases, tensors, rm):
         hd = 6 if len(imgs) > 1 else kw.get("hd_num", 24)
         segs = tokenize_segments(rm.tokenizer, text, len(imgs))
         want_segs = seq["segments"]
-        # upstream stops tokenizing once an image pushes the length past max_length (spec §17.2): a prefix
+        # upstream stops tokenizing once an image pushes the length past max_length (the reference outputs): a prefix
         assert len(segs) == len(want_segs) or (len(segs) > len(want_segs) and seq["untruncated_length"] > kw["max_length"])
         for got_seg, want_seg in zip(segs, want_segs):
             if want_seg["type"] == "text":

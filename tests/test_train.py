@@ -278,8 +278,14 @@ def assert_same_weights(a, b, exact=False):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
 def test_two_processes_equal_one(world, tmp_path, one_process):
-    """torchrun --nproc_per_node 2 (gloo, DDP) with the same global batch gives the 1-process weights."""
-    assert_same_weights(one_process, run_rm(world, tmp_path / "two", procs=2))
+    """torchrun --nproc_per_node 2 (gloo, DDP) with the same global batch gives the 1-process weights, and logs the
+    loss and accuracy of the whole batch, not rank 0's half."""
+    two = run_rm(world, tmp_path / "two", procs=2)
+    assert_same_weights(one_process, two)
+    logged = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one_process, two)]
+    last = [next(r for r in reversed(rows) if "loss" in r) for rows in logged]
+    assert last[0]["step"] == last[1]["step"] == 3 and last[0]["accuracy"] == last[1]["accuracy"]
+    assert last[1]["loss"] == pytest.approx(last[0]["loss"], rel=1e-4)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on loopback")
@@ -778,7 +784,8 @@ def test_a_flag_a_stage_does_not_read_is_refused(world, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--stage", "sft", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--freeze-vision" in r.stdout and "--head" not in r.stdout and "--rm" not in r.stdout
-    assert "--lr LR" in r.stdout and "(default: 0.001)" in r.stdout   # the world's SFT learning rate, shown
+    assert "--lr LR" in r.stdout and "(default: 0.001 on the built-in world, 1e-05 with --data)" in \
+        " ".join(r.stdout.split())   # the world's SFT learning rate and the recipe's, shown
 
 
 def test_ppo_finds_the_reward_model_the_rm_stage_writes(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The world's own models, built from scratch as IXC-2.5 was before the paper starts from it: each command writes an
 initial checkpoint (config.json, model.safetensors, tokenizer.model: what `train.py --init` reads) and the SFT data
-file, then runs train.py's SFT stage on them, the settings that built the shipped checkpoints (their summary.json).
+file, then runs train.py's SFT stage on them, the settings that build the shipped checkpoints from scratch (the
+command in their summary.json; the shipped bytes' own history is beside it).
 
     python -m world build-policy --out runs/policy   # the tiny policy: 4 layers, width 128 (checkpoints/world-sft)
     python -m world build-judge --out runs/judge     # the judge trunk (checkpoints/world-judge): 8 layers, the
@@ -157,29 +158,32 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name, defaults, what in (("build-policy", POLICY, "the world's tiny policy, from scratch"),
                                  ("build-judge", JUDGE, "the judge trunk: deeper, pretrained tower, right answers")):
-        b = sub.add_parser(name, help=what, description=what, allow_abbrev=False,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        b = sub.add_parser(name, help=what, description=what, allow_abbrev=False, formatter_class=data.HelpFormatter)
         b.add_argument("--out", type=Path, required=True, help="the finished model (init/ and sft.json inside)")
-        b.add_argument("--world-dir", type=Path, default=WORLD_DIR)
+        b.add_argument("--world-dir", type=Path, default=WORLD_DIR, help="the built-in world's files, made on first "
+                       "use (default: runs/world in the repository)")
         b.add_argument("--layers", type=data.positive_int, help="decoder layers")
         b.add_argument("--width", type=data.positive_int, help="decoder hidden size (4 heads, 2 KV heads)")
         b.add_argument("--ffn", type=data.positive_int, help="SwiGLU intermediate size")
         b.add_argument("--vit-pos", type=float, help="amplitude of the ViT's 2-D sin-cos positions (0: N(0, 0.02))")
         b.add_argument("--vision-steps", type=int, help="pretrain ViT and vision_proj this many steps to name each "
                        "cell's colour, shape and place, then keep them frozen (0: they train with the decoder)")
-        b.add_argument("--tokenizer", type=Path, help="tokenizer.model (policy: the world's; judge: the policy's)")
+        b.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: " + {
+            "build-policy": "the world's, runs/world/tokenizer.model",
+            "build-judge": "the policy's, checkpoints/world-sft/tokenizer.model"}[name] + ")")
         b.add_argument("--steps", type=data.positive_int, help="SFT steps")
         b.add_argument("--eval-every", type=int, help="held-out evaluation every N SFT steps (0: at the end)")
-        b.add_argument("--seed", type=int, default=0)
+        b.add_argument("--seed", type=int, default=0, help="initialisation, vision pretraining and SFT data order")
         b.add_argument("--nproc", type=data.positive_int, default=2, help="torchrun processes for the SFT stage")
         b.add_argument("--resume", action="store_true", help="continue the SFT stage in --out")
         b.add_argument("--init-only", action="store_true", help="write init/ and sft.json, print the SFT command")
         b.set_defaults(**{k: v for k, v in defaults.items()}, run=build)
-    d = sub.add_parser("deepen", help="stack identity layers on a trunk", description=deepen.__doc__)
+    d = sub.add_parser("deepen", help="stack identity layers on a trunk", description=deepen.__doc__,
+                       formatter_class=data.HelpFormatter, allow_abbrev=False)
     d.add_argument("--init", type=Path, required=True, help="the trunk (a checkpoint directory)")
-    d.add_argument("--add-layers", type=data.positive_int, required=True)
-    d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--add-layers", type=data.positive_int, required=True, help="identity layers added on top")
+    d.add_argument("--out", type=Path, required=True, help="the deeper checkpoint's directory")
+    d.add_argument("--seed", type=int, default=0, help="initialisation of the new layers' weights")
     d.set_defaults(run=deepen)
     cleaning.add_commands(sub)
     a = p.parse_args(argv)

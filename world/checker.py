@@ -18,8 +18,9 @@ import re
 
 from world import COLOURS, SHAPES, quadrant
 
-REFUSAL_MARKERS = ("cannot see", "can't see", "no image", "unable", "sorry", "don't know", "not sure",
-                   "cannot answer", "can't answer", "cannot tell", "can't tell", "as an ai")
+# An answer is a refusal when each of its clauses says one of these ("I am not sure, but it is red." states red)
+REFUSAL_MARKERS = ("cannot see", "can't see", "no image", "unable", "not able", "sorry", "don't know", "not sure",
+                   "cannot answer", "can't answer", "cannot tell", "can't tell", "as an ai", "rather not")
 NUM_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
                                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
 COLOUR_RE = r"\b(" + "|".join(COLOURS) + r")\b"
@@ -27,7 +28,11 @@ SHAPE_RE = r"\b(" + "|".join(SHAPES) + r")s?\b"
 NUM_RE = r"\b(\d+|" + "|".join(NUM_WORDS) + r")\b"
 WORD_RE = re.compile(r"\w+")
 DESCRIBE_RE = rf"{COLOUR_RE} {SHAPE_RE} (?:is )?(?:in|at) the (top|bottom) (left|right)\b"
-IMAGE_QUESTIONS = ("colour", "count", "presence", "position", "describe")   # the rest (arith, compare): text
+IMAGE_QUESTIONS = ("colour", "count", "presence", "position", "describe")
+QUESTION_KINDS = IMAGE_QUESTIONS + ("arith", "compare")   # arith and compare: the text questions
+# A value right after a negation is not stated: "not red", "isn't blue", "not in the top left", "no blue circle"
+NEGATED_RE = (r"(?:\b(?:not|no|never)|n't)\s+(?:(?:a|an|the|in the|at the)\s+)?(?:" + "|".join(COLOURS) + "|"
+              + "|".join(NUM_WORDS) + r"|\d+|(?:top|bottom|upper|lower)[ -](?:left|right))\b")
 
 # The failures the checker names. Perception slips: a wrong value a weak model states for a reason the checker can
 # name (perception_slip says which, for an item); any other wrong value is "wrong_value"
@@ -47,17 +52,38 @@ def _mentioned(a):
     return [[c, s, f"{v} {h}"] for c, s, v, h in re.findall(DESCRIBE_RE, a)]
 
 
+def is_refusal(answer):
+    """Every clause of the answer refuses (holds a REFUSAL_MARKER); an empty answer refuses too."""
+    clauses = [c for c in re.split(r"[.,;:!?\n]|\bbut\b", (answer or "").lower().replace("\u2019", "'")) if c.strip()]
+    return all(any(m in c for m in REFUSAL_MARKERS) for c in clauses)
+
+
+def _question_kind(item):
+    k = item.get("question_kind", item["kind"])   # a preference row keeps the question's kind there
+    if k not in QUESTION_KINDS:
+        raise ValueError(f"the checker does not know the question kind {k!r} (item {item.get('id', item)}); it "
+                         f"judges {', '.join(QUESTION_KINDS)}")
+    return k
+
+
 def _numbers(text):
     return [int(m) if m.isdigit() else NUM_WORDS[m] for m in re.findall(NUM_RE, text)]
 
 
 def is_correct(item, answer):
-    """Judge a free-form answer: parse the key value; refusals, empty answers and answers naming
-    two different values are wrong."""
-    a = (answer or "").strip().lower().replace("\u2019", "'")
-    if not a or any(m in a for m in REFUSAL_MARKERS):
+    """Judge a free-form answer: parse the key value; refusals, empty answers and answers naming two different
+    values are wrong, and a negated value ("not red") is not stated. Raises on a question kind it does not know."""
+    k, q, t = _question_kind(item), item["query"], item["truth"]
+    raw = (answer or "").strip().lower().replace("\u2019", "'")
+    if is_refusal(raw):
         return False
-    k, q, t = item.get("question_kind", item["kind"]), item["query"], item["truth"]
+    a = re.sub(NEGATED_RE, " ", raw)
+    if k == "presence" and (said := re.search(r"\b(yes|no)\b", raw)):
+        # the first yes or no answers the question when what comes before it names no other object ("A blue
+        # circle? Yes"); the objects named after it do not change it ("No, there is a blue circle.")
+        before = re.sub(NEGATED_RE, " ", raw[:said.start()])
+        return not (set(re.findall(SHAPE_RE, before)) - {q["shape"]} or set(re.findall(COLOUR_RE, before)) -
+                    {q["colour"]}) and set(re.findall(r"\b(yes|no)\b", raw)) == {t}
     colours, shapes = set(re.findall(COLOUR_RE, a)), set(re.findall(SHAPE_RE, a))
     if k in ("colour", "count", "presence", "position"):
         if shapes - {q.get("shape")} or (k != "colour" and colours - {q.get("colour")}):
@@ -66,10 +92,9 @@ def is_correct(item, answer):
         return colours == {t}
     if k == "count":
         return set(_numbers(a)) == {t}
-    if k == "presence":
-        no = bool(re.search(r"\b(no|not|none)\b|n't", a))
-        yes = bool(re.search(r"\byes\b", a)) or (not no and bool(re.search(r"\bthere (is|are)\b", a)))
-        return yes != no and (yes == (t == "yes"))
+    if k == "presence":                           # no yes or no: "There isn't a blue circle.", "Not at all."
+        no = bool(re.search(r"\b(not|none)\b|n't", raw))
+        return (t == "no") == no and (no or bool(re.search(r"\bthere (is|are)\b", a)))
     if k == "position":
         vert = set(re.findall(r"\b(top|bottom|upper|lower)\b", a.replace("upper", "top").replace("lower", "bottom")))
         horiz = set(re.findall(r"\b(left|right)\b", a))
@@ -91,14 +116,19 @@ def is_correct(item, answer):
 
 def follows(item, answer_text):
     """Strict instruction following (IFEval's strict mode: the raw answer, no clean-up) of the item's one
-    instruction; None when it has none. An empty answer or a refusal follows nothing."""
+    instruction; None when it has none. An empty answer or a refusal follows nothing. Raises on an instruction id it
+    does not know."""
     inst = item.get("instruction")
     if not inst:
         return None
+    iid = inst["id"]
+    if iid not in IGNORED:
+        raise ValueError(f"the checker does not know the instruction {iid!r} (item {item.get('id', item)}); it "
+                         f"checks {', '.join(IGNORED)}")
     a = (answer_text or "").strip()
-    if not a or any(m in a.lower() for m in REFUSAL_MARKERS):
+    if is_refusal(a):
         return False
-    iid, words = inst["id"], WORD_RE.findall(a)
+    words = WORD_RE.findall(a)
     if iid == "one_word":
         return len(words) == 1
     if iid == "number_only":
@@ -147,10 +177,10 @@ def failure_kind(item, answer_text):
     repeated_answer (a follow-up answered with the earlier turn's answer), the item's ignored-instruction kind (not
     for a scoped description that names the scope's places with a wrong attribute), the item's perception slip when
     the answer states it, or wrong_value."""
+    item = dict(item, kind=_question_kind(item))
     a = (answer_text or "").strip().lower()
-    if not a or any(m in a for m in REFUSAL_MARKERS):
+    if is_refusal(a):
         return "refusal"
-    item = dict(item, kind=item.get("question_kind", item["kind"]))   # a preference row keeps it there
     followed, correct = follows(item, answer_text) is not False, is_correct(item, answer_text)
     if followed and correct:
         return None

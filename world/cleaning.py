@@ -12,6 +12,7 @@ import os
 import random
 from pathlib import Path
 
+import data
 from world import WORLD_DIR
 from world.checker import content_family
 
@@ -106,13 +107,17 @@ def arms(a):
 
 
 def add_commands(sub):
-    p = sub.add_parser("arms", help="the cleaning comparison's oracle and random arms", description=__doc__)
+    p = sub.add_parser("arms", help="the cleaning comparison's oracle and random arms", description=__doc__,
+                       formatter_class=data.HelpFormatter, allow_abbrev=False)
     p.add_argument("--kept", required=True, help="clean.py's kept.json: the random arm keeps as many rows")
-    p.add_argument("--out", required=True)
-    p.add_argument("--world-dir", default=str(WORLD_DIR))
+    p.add_argument("--out", required=True, help="writes OUT/oracle/kept.json and OUT/random/kept.json")
+    p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
+                   "(default: runs/world in the repository)")
     p.add_argument("--seed", type=int, default=0, help="which rows the random arm drops")
     p.set_defaults(run=arms)
-    c = sub.add_parser("compare-arms", help="mean and spread of every arm's held-out figures", description=__doc__)
+    c = sub.add_parser("compare-arms", help="mean and spread of every arm's held-out figures", description=__doc__,
+                       formatter_class=data.HelpFormatter, allow_abbrev=False)
     c.add_argument("runs", help="a directory of <arm>-s<seed> SFT runs")
-    c.add_argument("--world-dir", default=str(WORLD_DIR))
+    c.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
+                   "(default: runs/world in the repository)")
     c.set_defaults(run=compare_arms)
