@@ -7,15 +7,20 @@ import argparse
 import json
 import math
 import random
+import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+import common
 import data
+import scoring
 from data import atomic_write_text
 from model import add_device_args, device_kwargs
 from reward import RewardModel, ensemble_scores
+from vision import sample_length
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics, as the benchmarks define them (spec rlhf_anchors.md C.7); fractions in [0, 1], ties are wrong
@@ -217,25 +222,44 @@ def finite_or_null(x):
     return x
 
 
-def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234):
-    """Score every row with the (averaged) reward model(s); returns records in the --scores file format."""
-    def scores(convs, imgs):
-        return ensemble_scores(rms, convs, imgs, hd_num)
-    out = []
+def bench_conversations(bench, row, swap, images_dir=None):
+    """A row's conversations and images as scored, and how its scores (in that order) make its record."""
+    if bench == "vl_rewardbench":
+        image = [str(Path(images_dir or ".") / row["image_path"])]
+        order = [1, 0] if swap else [0, 1]  # shown in a seeded random order, as the official script
+        return ([data.qa(row["query"], row["response"][k]) for k in order], [image, image],
+                lambda s: {"scores": [s[order.index(0)], s[order.index(1)]]})
+    if bench == "rm_bench":
+        return ([data.qa(row["prompt"], r) for r in row["chosen"] + row["rejected"]], [[]] * 6,
+                lambda s: {"scores_chosen": s[:3], "scores_rejected": s[3:]})
+    return ([data.qa(row["prompt"], row["chosen"]), data.qa(row["prompt"], row["rejected"])], [[], []],
+            lambda s: {"score_chosen": s[0], "score_rejected": s[1]})
+
+
+def score_benchmark(rms, bench, rows, images_dir=None, hd_num=9, seed=1234, indices=None):
+    """Records in the --scores file format for rows `indices` (default: all), their conversations scored in one
+    batch by the (averaged) reward model(s)."""
+    indices = range(len(rows)) if indices is None else indices
     swaps = vl_rewardbench_order(len(rows), seed)
-    for i, row in enumerate(rows):
-        if bench == "vl_rewardbench":
-            image = [str(Path(images_dir or ".") / row["image_path"])]
-            order = [1, 0] if swaps[i] else [0, 1]  # shown in a seeded random order, as the official script
-            s = scores([data.qa(row["query"], row["response"][k]) for k in order], [image, image])
-            out.append({"id": row["id"], "scores": [s[order.index(0)], s[order.index(1)]]})
-        elif bench == "rm_bench":
-            s = scores([data.qa(row["prompt"], r) for r in row["chosen"] + row["rejected"]], [[]] * 6)
-            out.append({"id": row["id"], "scores_chosen": s[:3], "scores_rejected": s[3:]})
-        else:
-            s = scores([data.qa(row["prompt"], row["chosen"]), data.qa(row["prompt"], row["rejected"])], [[], []])
-            out.append({"id": row["id"], "score_chosen": s[0], "score_rejected": s[1]})
+    parts = [bench_conversations(bench, rows[i], swaps[i], images_dir) for i in indices]
+    flat = ensemble_scores(rms, [c for convs, _, _ in parts for c in convs],
+                           [im for convs, ims, _ in parts for im in ims], hd_num)
+    out, k = [], 0
+    for i, (convs, _, record) in zip(indices, parts):
+        out.append({"id": rows[i]["id"], **record(flat[k:k + len(convs)])})
+        k += len(convs)
     return out
+
+
+def row_tokens(rm, bench, row, images_dir, hd_num):
+    """A row's tokens for the batcher: all its conversations, as scored."""
+    convs, images, _ = bench_conversations(bench, row, 0, images_dir)
+    vc = rm.cfg.vision
+    for im in images[0]:
+        if not Path(im).exists():
+            raise FileNotFoundError(f"image not found: {im}")
+    return sum(sample_length(rm.tokenizer, {"conversation": c, "images": ims}, vc.image_size, vc.grid, hd_num)
+               for c, ims in zip(convs, images))
 
 
 def benchmark_metrics(bench, rows, recs):
@@ -263,26 +287,78 @@ def main(argv=None):
     p.add_argument("--scores", help="precomputed scores, one JSON object per line")
     p.add_argument("--hd-num", type=data.positive_int, default=9, help="9 in the official evaluation scripts")
     p.add_argument("--out", help="also write the metrics JSON here (a new file)")
+    p.add_argument("--scores-dir", help="with --ckpt: a directory for the scores as they are made (scoring/, one "
+                   "file per rank) and, at the end, scores.jsonl in the --scores format and metrics.json; needed "
+                   "under torchrun and for --resume (default: a temporary directory, removed)")
+    scoring.add_scoring_args(p, budget=16384)
     add_device_args(p)
     a = p.parse_args(argv)
     if bool(a.ckpt) == bool(a.scores):
         p.error("give exactly one of --ckpt or --scores")
-    if a.out:
-        data.refuse_existing([a.out], inputs=[a.data] + ([a.scores] if a.scores else []))
+    rank, world = scoring.setup(a)
+    if a.scores or not a.scores_dir:
+        if world > 1 or a.resume:
+            p.error("torchrun and --resume score with --ckpt into --scores-dir")
+        if a.out:
+            data.refuse_existing([a.out], inputs=[a.data] + ([a.scores] if a.scores else []))
+        rows = data.read_rows(a.data)
+        check_bench_rows(a.data, a.bench, rows, scoring=bool(a.ckpt))
+        if a.scores:
+            return report(benchmark_metrics(a.bench, rows, read_scores_jsonl(a.scores, a.bench)), a.out)
+        with tempfile.TemporaryDirectory() as tmp:
+            return report(score_to_disk(a, rows, tmp, 0, 1), a.out)
+    if a.out and not a.resume:
+        data.refuse_existing([a.out], inputs=[a.data])
     rows = data.read_rows(a.data)
-    check_bench_rows(a.data, a.bench, rows, scoring=bool(a.ckpt))
-    if a.scores:
-        records = read_scores_jsonl(a.scores, a.bench)
-    else:
-        rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
-        records = score_benchmark(rms, a.bench, rows, a.images, a.hd_num)
-    result = benchmark_metrics(a.bench, rows, records)
-    text = json.dumps(finite_or_null(result), indent=2, default=float)
-    print(text)
-    if a.out:
-        atomic_write_text(a.out, text + "\n")
+    check_bench_rows(a.data, a.bench, rows, scoring=True)
+    run = {"bench": a.bench, "data": scoring.fingerprint(a.data), "images": a.images and str(Path(a.images).resolve()),
+           "ckpt": [scoring.fingerprint(c) for c in a.ckpt], "hd_num": a.hd_num, "max_length": a.max_length,
+           "dtype": str(device_kwargs(a)["dtype"])}
+    if scoring.start(a.scores_dir, run, a.resume, "metrics.json", rank, world):
+        common.teardown_distributed(world)
+        return report(json.loads(Path(a.scores_dir, "metrics.json").read_text()), None)
+    if a.out and a.resume:
+        data.refuse_existing([a.out], inputs=[a.data])
+    result = score_to_disk(a, rows, a.scores_dir, rank, world)
+    common.teardown_distributed(world)
+    return report(result, a.out) if rank == 0 else None
+
+
+def score_to_disk(a, rows, out, rank, world):
+    """Score this rank's share of the rows into OUT/scoring (scoring.py); on rank 0, merge them into
+    OUT/scores.jsonl and return the metrics, also written to OUT/metrics.json (last: it marks the run finished).
+    A row whose score is NaN counts as wrong, and the metrics count such rows (nan_rows)."""
+    rms = [RewardModel.from_pretrained(c, **device_kwargs(a)) for c in a.ckpt]
+
+    def name(i):
+        return f"{a.data} row {i + 1} (id {rows[i]['id']!r})"
+    scoring.score_rows(out, len(rows), lambda i: row_tokens(rms[0], a.bench, rows[i], a.images, a.hd_num),
+                       lambda b: [{k: v for k, v in r.items() if k != "id"} for r in
+                                  score_benchmark(rms, a.bench, rows, a.images, a.hd_num, indices=b)],
+                       name, a.token_budget, a.on_error, rank, world, a.max_length)
+    if rank != 0:
+        return None
+    records = [{"id": row["id"], **{k: v for k, v in rec.items() if k != "row"}}
+               for row, rec in zip(rows, scoring.merged(out, len(rows)))]
+    skipped = [{"id": r["id"], "row": i + 1, "reason": r["error"]} for i, r in enumerate(records) if "error" in r]
+    keep = [i for i, r in enumerate(records) if "error" not in r]
+    data.atomic_write_text(Path(out, "scores.jsonl"), "".join(
+        json.dumps(finite_or_null(r)) + "\n" for r in records))
+    result = benchmark_metrics(a.bench, [rows[i] for i in keep], [records[i] for i in keep])
+    numbers = lambda r: [x for k, v in r.items() if k != "id" for x in (v if isinstance(v, list) else [v])]  # noqa: E731
+    result.update(nan_rows=sum(any(math.isnan(x) for x in numbers(records[i])) for i in keep), skipped=skipped)
+    if result["nan_rows"]:
+        print(f"warning: {result['nan_rows']} rows have a NaN score, counted as wrong", file=sys.stderr)
+    data.atomic_write_text(Path(out, "metrics.json"), json.dumps(finite_or_null(result), indent=2, default=float))
     return result
 
+
+def report(result, out):
+    text = json.dumps(finite_or_null(result), indent=2, default=float)
+    print(text)
+    if out:
+        atomic_write_text(out, text + "\n")
+    return result
 
 if __name__ == "__main__":
     data.run_cli(main)
