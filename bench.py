@@ -669,6 +669,41 @@ def verdict(key, v):
     return f"{t[0]} {t[1]}" + (f" ({t[2]})" if len(t) > 2 else ""), "ok" if ok else "MISS"
 
 
+def scoring_ranks(clean_args, repeats):
+    """`clean.py CLEAN_ARGS` as 1 process (torch's threads), 1 process of 1 thread and 2 torchrun processes of 1
+    thread each, the three interleaved `repeats` times so that background load hits them alike (docs/scale.md,
+    scoring at scale). Wall time of the whole command (start, model load, outputs) and rows scored per second of
+    it, medians; ratios against 1 process; the load average and the summaries' matmul GFLOP/s beside them."""
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    configs = {"1 process": ([], {}), "1 process, 1 thread": ([], {"OMP_NUM_THREADS": "1"}),
+               "2 processes": (two, {"OMP_NUM_THREADS": "1"})}
+    walls, gflops, rows = {k: [] for k in configs}, {k: [] for k in configs}, None
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for name, (launcher, env) in configs.items():
+                out = Path(tmp) / f"{len(walls[name])}-{name.replace(' ', '_').replace(',', '')}"
+                t = time.perf_counter()
+                subprocess.run([sys.executable, *launcher, "clean.py", *clean_args, "--out", str(out)], cwd=ROOT,
+                               env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                walls[name].append(time.perf_counter() - t)
+                summary = json.loads((out / "summary.json").read_text())
+                rows, gflops[name] = summary["samples"], gflops[name] + [summary["matmul_gflops"]]
+                load.append(os.getloadavg()[0])
+                print(f"  {name}: {walls[name][-1]:.1f} s", file=sys.stderr, flush=True)
+    ref = statistics.median(walls["1 process"])
+    print(f"clean.py on {rows} rows, {repeats} runs each (interleaved); load average {min(load):.1f}-{max(load):.1f}")
+    results = {}
+    for name in configs:
+        w = statistics.median(walls[name])
+        results[name] = {"wall_s": [round(x, 1) for x in walls[name]], "rows_per_s": round(rows / w, 1),
+                         "speedup": round(ref / w, 2), "matmul_gflops": gflops[name]}
+        print(f"  {name:20} wall {w:7.1f} s (runs {', '.join(f'{x:.1f}' for x in walls[name])})  "
+              f"{rows / w:7.1f} rows/s  {ref / w:.2f}x  matmul GFLOP/s {gflops[name]}")
+    return results
+
+
 def main(argv=None):
     global PROFILE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -685,6 +720,10 @@ def main(argv=None):
     p.add_argument("--ppo-memory-check", nargs=argparse.REMAINDER, metavar="TRAIN_ARGS", help="run train.py with "
                    "these arguments (--stage ppo ...; under torchrun on every rank) and print its measured peak "
                    "tensor memory next to the model's; on GPUs: the check of the 7B table")
+    p.add_argument("--scoring-ranks", nargs=argparse.REMAINDER, metavar="CLEAN_ARGS", help="time clean.py with "
+                   "these arguments (--rm ... --data ...; not --out) on 1 process and on 2 under torchrun, --repeats "
+                   "times interleaved (docs/scale.md)")
+    p.add_argument("--repeats", type=int, default=2, help="--scoring-ranks: runs of each configuration")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
@@ -695,6 +734,11 @@ def main(argv=None):
         return print_ppo_memory(None if a.ppo_memory == "7b" else a.ppo_memory)
     if a.ppo_memory_check is not None:
         return check_ppo_memory(a.ppo_memory_check)
+    if a.scoring_ranks is not None:
+        results = scoring_ranks(a.scoring_ranks, a.repeats)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        return results
     if a.rollout_fsdp:
         import common
         rank, n_proc, dev = common.setup_distributed()

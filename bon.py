@@ -169,7 +169,8 @@ def _means(pairs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt")
+    p.add_argument("-n", "--n", type=data.positive_int, default=4, help="candidates per prompt (under torchrun write "
+                   "-n: torchrun's own parser takes --n for an abbreviation of its --nnodes)")
     p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
     p.add_argument("--policy", default=str(WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question; without it, the built-in world's held-out prompts are evaluated")
