@@ -226,10 +226,12 @@ def main(argv=None):
         for k, acc in result["accuracy_by_n"].items():
             print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
                   f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
-        se = {kd: "" if v is None else f" ± {v:.2f}" for kd, v in result["rm_accuracy_on_samples_se_by_kind"].items()}
+        se = {kd: "" if v is None else f" ± {v:.2f}"
+              for kd, v in result["rm_accuracy_on_samples_se_by_kind"].items()}
         print("reward model on the policy's samples, right over wrong: " + ", ".join(
             f"{kd} {v:.2f}{se[kd]} ({result['sample_pairs_by_kind'][kd]} pairs, "
-            f"{result['sample_prompts_by_kind'][kd]} prompts)" for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
+            f"{result['sample_prompts_by_kind'][kd]} prompts)"
+            for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
         if result["nan_scores"]:
             print(f"warning: {result['nan_scores']} candidates scored NaN; none of them was picked", file=sys.stderr)
         data.atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))

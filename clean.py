@@ -5,6 +5,10 @@
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
     python clean.py --data runs/world/sft_train.json --labels runs/world/sft_errors.json --flag-fraction auto \
         --out runs/clean-sft                                # the world's 40000-row SFT set, its failures labelled
+    torchrun --nproc_per_node 8 clean.py --rm RM_DIR --data finetune.json --out runs/clean [--resume]
+
+Under torchrun each rank scores its share of the rows into OUT/scoring, and a killed run continues with --resume
+(scoring.py; docs/scale.md).
 
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
 but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on

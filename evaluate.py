@@ -345,8 +345,9 @@ def score_to_disk(a, rows, out, rank, world):
     data.atomic_write_text(Path(out, "scores.jsonl"), "".join(
         json.dumps(finite_or_null(r)) + "\n" for r in records))
     result = benchmark_metrics(a.bench, [rows[i] for i in keep], [records[i] for i in keep])
-    numbers = lambda r: [x for k, v in r.items() if k != "id" for x in (v if isinstance(v, list) else [v])]  # noqa: E731
-    result.update(nan_rows=sum(any(math.isnan(x) for x in numbers(records[i])) for i in keep), skipped=skipped)
+    def nan(rec):
+        return any(math.isnan(x) for k, v in rec.items() if k != "id" for x in (v if isinstance(v, list) else [v]))
+    result.update(nan_rows=sum(nan(records[i]) for i in keep), skipped=skipped)
     if result["nan_rows"]:
         print(f"warning: {result['nan_rows']} rows have a NaN score, counted as wrong", file=sys.stderr)
     data.atomic_write_text(Path(out, "metrics.json"), json.dumps(finite_or_null(result), indent=2, default=float))

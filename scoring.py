@@ -35,8 +35,8 @@ RUN_FILE = "run.json"
 def add_scoring_args(p, budget=None):
     """--resume and --on-error; with `budget` (rows measured in tokens), --max-length and --token-budget too."""
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out: score only the rows it has not scored (a finished run is left "
-                        "as it is)")
+                   help="continue the run in the output directory: score only the rows it has not scored (a "
+                        "finished run is left as it is)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="a row that cannot be scored (a missing or unreadable image, longer than --max-length): "
                         "fail names it and stops; skip names it, leaves it out and goes on (default: fail)")

@@ -1,6 +1,6 @@
-"""Entry of the scoring resume tests: clean.py or bon.py (the first argument) whose rank KILL_RANK (default 0) writes
-KILL_AFTER batches of records, then half of the next batch's first line, and kills itself with SIGKILL, as a kill during a
-write leaves its file. Under torchrun the other ranks are then stopped by torchrun.
+"""Entry of the scoring resume tests: clean.py or bon.py (the first argument) whose rank KILL_RANK (default 0)
+writes KILL_AFTER batches of records, then half of the next batch's first line, and kills itself with SIGKILL, as a
+kill during a write leaves its file. Under torchrun, torchrun then stops the other ranks.
 
     KILL_AFTER=1 python -m torch.distributed.run --nproc_per_node 2 tests/killed_scoring.py clean.py --out OUT ...
 

@@ -173,9 +173,9 @@ def test_bon_two_processes_killed_and_resumed_equal_one(world, rm_dir, tmp_path)
 def test_evaluate_scores_resumably_into_scores_dir(rm_dir, tmp_path):  # noqa: F811
     """evaluate.py --ckpt into --scores-dir gives the metrics of a plain run, a scores.jsonl that --scores reads back
     to the same metrics, and a killed run (rows missing from its files) resumes to the same."""
-    rows = [{"id": i, "subset": ["alpacaeval-easy", "mt-bench-hard", "donotanswer"][i % 3], "prompt": f"What is {i} + 1?",
-             "chosen": f"{i} + 1 = {i + 1}.", "rejected": "I do not know." if i % 2 else f"{i} + 1 = {i + 7}."}
-            for i in range(9)]
+    subsets = ["alpacaeval-easy", "mt-bench-hard", "donotanswer"]
+    rows = [{"id": i, "subset": subsets[i % 3], "prompt": f"What is {i} + 1?", "chosen": f"{i} + 1 = {i + 1}.",
+             "rejected": "I do not know." if i % 2 else f"{i} + 1 = {i + 7}."} for i in range(9)]
     src = tmp_path / "rb.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["--bench", "rewardbench", "--data", str(src), "--ckpt", str(rm_dir), "--token-budget", "200"]
@@ -183,7 +183,8 @@ def test_evaluate_scores_resumably_into_scores_dir(rm_dir, tmp_path):  # noqa: F
     saved = evaluate.main(base + ["--scores-dir", str(tmp_path / "s")])
     null = evaluate.finite_or_null   # NaN != NaN: an empty section's NaN compared as null
     assert null(saved) == null(plain) and saved["nan_rows"] == 0 and saved["skipped"] == []
-    again = evaluate.main(["--bench", "rewardbench", "--data", str(src), "--scores", str(tmp_path / "s" / "scores.jsonl")])
+    again = evaluate.main(["--bench", "rewardbench", "--data", str(src), "--scores",
+                           str(tmp_path / "s" / "scores.jsonl")])
     assert null(again) == null({k: v for k, v in plain.items() if k not in ("nan_rows", "skipped")})
     part = tmp_path / "s" / "scoring" / "rank-0.jsonl"
     lines = part.read_text().splitlines(keepends=True)
