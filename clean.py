@@ -84,6 +84,7 @@ def score_samples(rms, samples, hd_num, normalize=False):
 
 
 def sample_tokens(rm, sample, hd_num):
+    """A sample's tokens for the batcher; a missing image fails its row here (read with images_must_exist off)."""
     missing = [p for p in sample["images"] if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"image not found: {missing[0]}")

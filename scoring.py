@@ -172,10 +172,10 @@ def score_rows(out, n, length, score, name, budget, on_error, rank, world, max_l
     length or batch raises (a batch that raises is scored row by row to find it), is reported: on_error "fail"
     stops there, "skip" records it as {"error": reason} and goes on."""
     done = read_records(out)
-    barrier(world)  # every rank reads the same rows as done before any rank adds to them
     todo = [i for i in range(n) if i not in done]
     mine = todo[rank::world]
     progress = Progress(out, len(todo), world) if rank == 0 else None
+    barrier(world)  # every rank reads the same rows as done before any rank adds to them
     common.log(rank, f"scoring {len(todo)} of {n} rows on {world} process(es)" +
                (f" ({n - len(todo)} already scored)" if len(todo) < n else ""))
     with _open_own(out, rank) as f:
