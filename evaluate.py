@@ -295,6 +295,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if bool(a.ckpt) == bool(a.scores):
         p.error("give exactly one of --ckpt or --scores")
+    if a.scores and a.scores_dir:
+        p.error("--scores-dir holds the scores --ckpt makes; --scores reads a file of them")
     rank, world = scoring.setup(a)
     if a.scores or not a.scores_dir:
         if world > 1 or a.resume:
@@ -317,7 +319,7 @@ def main(argv=None):
     if scoring.start(a.scores_dir, run, a.resume, "metrics.json", rank, world):
         common.teardown_distributed(world)
         return report(json.loads(Path(a.scores_dir, "metrics.json").read_text()), None)
-    if a.out and a.resume:
+    if a.out and a.resume:   # checked after `start`: a finished run's report names no --out and writes nothing
         data.refuse_existing([a.out], inputs=[a.data])
     result = score_to_disk(a, rows, a.scores_dir, rank, world)
     common.teardown_distributed(world)

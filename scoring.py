@@ -86,10 +86,10 @@ def start(out, run, resume, finished, rank, world):
         if saved != run:
             differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
             raise ValueError(f"{out} holds the scores of another run (its {', '.join(differ)} differ); choose "
-                             f"another --out")
+                             f"another output directory")
         if not resume:
             raise ValueError(f"{out} already holds this run's scores; pass --resume to continue it or choose "
-                             f"another --out")
+                             f"another output directory")
         done = Path(out, finished).is_file()
         if done:
             common.log(rank, f"{out}: finished already; nothing to score")
