@@ -770,6 +770,50 @@ def verdict(key, v):
     return f"{t[0]} {t[1]}" + (f" ({t[2]})" if len(t) > 2 else ""), "ok" if ok else "MISS"
 
 
+def scoring_ranks(clean_args, repeats, threads=None):
+    """`clean.py CLEAN_ARGS` as 1 process (torch's threads; left out with --threads 1), 1 process of 1 thread and 2
+    torchrun processes of 1 thread each, interleaved `repeats` times so that background load hits them alike
+    (docs/scale.md, scoring at scale). Medians of the whole command's wall time (process start included) and of the
+    time clean.py states in its summary (from its start: reading, model load, scoring, outputs), rows per second of
+    each, ratios against the first configuration; the load average and the summaries' matmul GFLOP/s beside them."""
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    configs = {"1 process": ([], {}), "1 process, 1 thread": ([], {"OMP_NUM_THREADS": "1"}),
+               "2 processes": (two, {"OMP_NUM_THREADS": "1"})}
+    if threads == 1:
+        del configs["1 process"]
+    walls, inside, gflops = ({k: [] for k in configs} for _ in range(3))
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for name, (launcher, env) in configs.items():
+                out = Path(tmp) / f"{r}-{name.replace(' ', '_').replace(',', '')}"
+                t = time.perf_counter()
+                subprocess.run([sys.executable, *launcher, "clean.py", *clean_args, "--out", str(out)], cwd=ROOT,
+                               env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                walls[name].append(time.perf_counter() - t)
+                summary = json.loads((out / "summary.json").read_text())
+                rows = summary["samples"]
+                inside[name].append(summary["seconds"])
+                gflops[name].append(summary["matmul_gflops"])
+                load.append(os.getloadavg()[0])
+                print(f"  {name}: {walls[name][-1]:.1f} s ({summary['seconds']} s in clean.py)", file=sys.stderr,
+                      flush=True)
+    first = next(iter(configs))
+    ref_wall, ref_in = statistics.median(walls[first]), statistics.median(inside[first])
+    print(f"clean.py on {rows} rows, {repeats} runs each (interleaved); load average {min(load):.1f}-{max(load):.1f}")
+    results = {}
+    for name in configs:
+        w, t = statistics.median(walls[name]), statistics.median(inside[name])
+        results[name] = {"wall_s": [round(x, 1) for x in walls[name]], "clean_py_s": inside[name],
+                         "rows_per_s_wall": round(rows / w, 1), "rows_per_s_in_clean_py": round(rows / t, 1),
+                         "speedup_wall": round(ref_wall / w, 2), "speedup_in_clean_py": round(ref_in / t, 2),
+                         "matmul_gflops": gflops[name]}
+        print(f"  {name:20} wall {w:7.1f} s {rows / w:6.1f} rows/s {ref_wall / w:5.2f}x | in clean.py {t:7.1f} s "
+              f"{rows / t:6.1f} rows/s {ref_in / t:5.2f}x | matmul GFLOP/s {gflops[name]}")
+    return results
+
+
 def main(argv=None):
     global PROFILE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -789,6 +833,10 @@ def main(argv=None):
     p.add_argument("--gpu-check", metavar="FILE", help="the GPU path in one command (docs/scale.md): CUDA tests, "
                    "bf16 PPO, prefill/decode, RM MFU, best-of-4, memory; writes FILE (without CUDA: small, and says "
                    "what it skipped)")
+    p.add_argument("--scoring-ranks", nargs=argparse.REMAINDER, metavar="CLEAN_ARGS", help="time clean.py with "
+                   "these arguments (--rm ... --data ...; not --out) on 1 process and on 2 under torchrun, --repeats "
+                   "times interleaved; --threads 1 leaves out 1 process with torch's threads (docs/scale.md)")
+    p.add_argument("--repeats", type=int, default=2, help="--scoring-ranks: runs of each configuration")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
@@ -801,6 +849,11 @@ def main(argv=None):
         return print_ppo_memory(None if a.ppo_memory == "7b" else a.ppo_memory)
     if a.ppo_memory_check is not None:
         return check_ppo_memory(a.ppo_memory_check)
+    if a.scoring_ranks is not None:
+        results = scoring_ranks(a.scoring_ranks, a.repeats, a.threads)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        return results
     if a.rollout_fsdp:
         import common
         rank, n_proc, dev = common.setup_distributed()

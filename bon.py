@@ -8,6 +8,7 @@ N rows, N responses sampled in one batch, all N scored by the reward model in on
 import argparse
 import collections
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 import common
 import data
+import scoring
 from world import WORLD_DIR, WORLD_SFT, checker, scene, store
 from model import InternLMXComposer2, add_device_args, device_kwargs
 from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
@@ -24,13 +26,20 @@ from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
 
 @torch.no_grad()
 def sample_candidates(policy, prompts, n, hd_num=9, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, first=0):
-    """[(query, images[, history])] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat). Candidate j
-    of prompt `first + i` has a generator of its own, so its sample does not depend on how prompts are batched (and
-    the first candidate of the first prompt draws from `seed` itself: best-of-1 is plain sampling)."""
-    gens = [torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * ((first + i) * 65_537 + j))
-            for i in range(len(prompts)) for j in range(n)]
+    """[(query, images[, history])] -> n sampled answers per prompt; one shared prefill per prompt (KVCache.repeat).
+    Candidate j of the prompt at place q in its file (`first + i`, or `first[i]` when `first` lists the places) has
+    a generator of its own, so its sample does not depend on how prompts are batched or dealt to ranks (and the
+    first candidate of the first prompt draws from `seed` itself: best-of-1 is plain sampling)."""
+    places = range(first, first + len(prompts)) if isinstance(first, int) else first
+    gens = [torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * (q * 65_537 + j))
+            for q in places for j in range(n)]
     answers = policy.answer(prompts, hd_num, max_new_tokens, temperature, top_p, n=n, generator=gens)
     return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def pick_best(scores, k):
+    """The best of the first k candidates; a NaN score (a broken forward) never wins, and is counted."""
+    return max(range(k), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
 
 
 def best_of_n(policy, rms, query, images=(), n=4, hd_num=24, temperature=1.0, top_p=1.0, max_new_tokens=512,
@@ -39,40 +48,65 @@ def best_of_n(policy, rms, query, images=(), n=4, hd_num=24, temperature=1.0, to
     images = list(images)
     candidates = sample_candidates(policy, [(query, images)], n, hd_num, temperature, top_p, max_new_tokens, seed)[0]
     scores = ensemble_scores(rms, [data.qa(query, c) for c in candidates], [images] * n, hd_num, normalize)
-    best = max(range(n), key=lambda i: scores[i])
-    return candidates[best], candidates, scores
+    return candidates[pick_best(scores, n)], candidates, scores
 
 
-def world_eval(policy, rms, a):
+def world_items(a, rank, world):
+    """The held-out prompts evaluated: --prompts, --fresh ones (written by rank 0 under OUT/prompts) or the world's."""
+    if a.fresh:
+        path = Path(a.out) / "prompts" / "heldout_prompts.json"
+        if rank == 0 and not path.is_file():
+            store.write_heldout(path.parent, a.fresh, a.seed)
+        scoring.barrier(world)
+        return store.heldout_items(path)
+    return store.heldout_items(a.prompts or store.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
+
+
+def world_eval(policy, rms, a, rank=0, world=1):
     """Held-out world prompts: sample max(N) candidates once; best-of-k uses the first k (nested, so the curve is
     monotone in expectation and cheap). Reports accuracy and the chosen answers' mean length per k. With --fresh,
-    the prompts are new held-out ones drawn from --seed, so that each seed is an independent replicate."""
-    if a.fresh:
-        items = store.heldout_items(store.write_heldout(Path(a.out) / "prompts", a.fresh, a.seed))
-    else:
-        items = store.heldout_items(store.ensure_world(a.world_dir)["heldout_prompts"])[:a.limit]
+    the prompts are new held-out ones drawn from --seed, so that each seed is an independent replicate. Each rank
+    samples and scores its share of the prompts into OUT/scoring (scoring.py); rank 0 merges and returns the
+    summary (the others None)."""
+    items = world_items(a, rank, world)
     ks = sorted({1, 2, 4, 8, a.n})
+    K = max(ks)
     prompts = [checker.prompt(it, it["_dir"]) for it in items]
     t0 = time.time()
-    cands, scores = [], []
-    for s in range(0, len(prompts), a.batch):
-        chunk = prompts[s:s + a.batch]
-        cs = sample_candidates(policy, chunk, max(ks), a.hd_num, a.temperature, a.top_p, a.max_new_tokens,
-                               a.seed, first=s)
-        convs = [data.from_official(scene.turns(it, c)) for it, row in zip(items[s:s + a.batch], cs) for c in row]
-        imgs = [ims for (_, ims, _), row in zip(chunk, cs) for _ in row]
+
+    def score(rows):
+        cs = sample_candidates(policy, [prompts[q] for q in rows], K, a.hd_num, a.temperature, a.top_p,
+                               a.max_new_tokens, a.seed, first=rows)
+        convs = [data.from_official(scene.turns(items[q], c)) for q, row in zip(rows, cs) for c in row]
+        imgs = [prompts[q][1] for q, row in zip(rows, cs) for _ in row]
         flat = ensemble_scores(rms, convs, imgs, a.hd_num, a.normalize)
-        cands += cs
-        scores += [flat[i * max(ks):(i + 1) * max(ks)] for i in range(len(chunk))]
-        print(f"\rbest-of-{max(ks)}: {min(s + a.batch, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr)
-    print(file=sys.stderr)
+        return [{"candidates": row, "scores": flat[i * K:(i + 1) * K]} for i, row in enumerate(cs)]
+
+    def name(q):
+        return f"prompt {q + 1} ({items[q]['kind']}: {items[q]['question']!r})"
+
+    # every prompt counts as 1 token: --batch prompts per generation call
+    scoring.score_rows(a.out, len(items), lambda q: 1, score, name, a.batch, a.on_error, rank, world)
+    if rank != 0:
+        return None
+    records = scoring.merged(a.out, len(items))
+    skipped = [{"prompt": q + 1, "reason": r["error"]} for q, r in enumerate(records) if "error" in r]
+    items = [it for it, r in zip(items, records) if "error" not in r]
+    cands = [r["candidates"] for r in records if "error" not in r]
+    scores = [r["scores"] for r in records if "error" not in r]
+    return summarize(items, cands, scores, ks, a, skipped, round(time.time() - t0, 1), world)
+
+
+def summarize(items, cands, scores, ks, a, skipped=(), seconds=None, world=1):
+    """Best-of-k accuracy and the reward model's right-over-wrong rate on the policy's samples, from each prompt's
+    candidates and their scores."""
     # right: correct content and following the instruction; a wrong sample's failure kind names what is wrong
     fails = [[checker.failure_kind(it, c) for c in cs] for it, cs in zip(items, cands)]
     right = [[f is None for f in fs] for fs in fails]
     result = {"accuracy_by_n": {}, "oracle_by_n": {}, "mean_length_by_n": {}, "accuracy_by_n_by_kind": {},
               "accuracy_by_n_by_family": {}}
     for k in ks:
-        picks = [max(range(k), key=lambda i: sc[i]) for sc in scores]
+        picks = [pick_best(sc, k) for sc in scores]
         ok = [r[p] for r, p in zip(right, picks)]
         result["accuracy_by_n"][str(k)] = sum(ok) / len(ok)
         result["oracle_by_n"][str(k)] = sum(any(r[:k]) for r in right) / len(right)  # a perfect reward model
@@ -103,8 +137,9 @@ def world_eval(policy, rms, a):
     # a wrong value spans families: the same pairs per family, then per kind within it
     result["rm_accuracy_on_samples_by_family_and_kind"] = {
         fam: _means((kd, h) for kd, f, h, _ in hits if f == fam) for fam in result["rm_accuracy_on_samples_by_family"]}
-    result.update(n=a.n, prompts=len(items), fresh=bool(a.fresh), seconds=round(time.time() - t0, 1), rm=a.rm,
-                  policy=str(a.policy), seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops())
+    result.update(n=a.n, prompts=len(items), fresh=bool(a.fresh), seconds=seconds, rm=a.rm, policy=str(a.policy),
+                  seed=a.seed, temperature=a.temperature, matmul_gflops=common.matmul_gflops(), processes=world,
+                  nan_scores=sum(math.isnan(x) for sc in scores for x in sc), skipped=list(skipped))
     return result
 
 
@@ -134,8 +169,9 @@ def _means(pairs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    p.add_argument("--n", type=data.positive_int, default=4, help="candidates per prompt; the built-in world "
-                   "evaluates best-of-N for N = 1, 2, 4, 8 and n, from the same max(8, n) samples")
+    p.add_argument("-n", "--n", type=data.positive_int, default=4, help="candidates per prompt; the built-in world "
+                   "evaluates best-of-N for N = 1, 2, 4, 8 and n, from the same max(8, n) samples (under torchrun "
+                   "write -n: torchrun's own parser takes --n for an abbreviation of its --nnodes)")
     p.add_argument("--rm", nargs="+", help=f"reward model dir(s); several are averaged (default: {DEFAULT_RM})")
     p.add_argument("--policy", default=str(WORLD_SFT), help="chat model dir (default: the world's SFT policy)")
     p.add_argument("--prompt", help="a question (default: none, the built-in world's held-out prompts are "
@@ -155,18 +191,33 @@ def main(argv=None):
     p.add_argument("--batch", type=data.positive_int, default=32, help="world: prompts per generation call")
     p.add_argument("--seed", type=int, default=0, help="sampling (and --fresh's prompts)")
     p.add_argument("--out", help="world: write summary.json here (default: runs/bon; none with --prompt)")
+    p.add_argument("--prompts", help="world: a file of held-out prompts in the world's format (default: the "
+                   "world's heldout_prompts.json)")
     p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
                    "(default: runs/world in the repository)")
+    scoring.add_scoring_args(p)
     add_device_args(p)
     a = p.parse_args(argv)
     if a.prompt is None and a.out is None:
         a.out = "runs/bon"
-    if a.fresh and a.limit:
-        p.error("--fresh N draws N prompts: --limit applies to the world's own")
-    if a.out:
-        data.refuse_existing([Path(a.out) / "summary.json"])
+    if a.fresh and (a.limit or a.prompts):
+        p.error("--fresh N draws N prompts: --limit and --prompts apply to a file's")
+    rank, world = scoring.setup(a)
+    if a.out and not a.resume:
+        data.refuse_existing([Path(a.out) / "summary.json"], inputs=[a.prompts] if a.prompts else [])
+    a.rm = reward_dirs(a.rm)
+    if a.prompt is None:
+        prompts = {"fresh": a.fresh} if a.fresh else scoring.fingerprint(
+            a.prompts or store.ensure_world(a.world_dir)["heldout_prompts"])
+        run = {"prompts": prompts, "limit": a.limit, "policy": scoring.fingerprint(a.policy),
+               "rm": [scoring.fingerprint(d) for d in a.rm], "dtype": str(device_kwargs(a)["dtype"]),
+               **{k: getattr(a, k) for k in ("n", "seed", "temperature", "top_p", "max_new_tokens", "hd_num",
+                                             "normalize")}}
+        if scoring.start(a.out, run, a.resume, "summary.json", rank, world):
+            common.teardown_distributed(world)
+            return json.loads((Path(a.out) / "summary.json").read_text())
     policy = InternLMXComposer2.from_pretrained(a.policy, **device_kwargs(a))
-    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in reward_dirs(a.rm)]
+    rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
     if a.prompt is not None:
         best, cands, scores = best_of_n(policy, rms, a.prompt, a.image, a.n, a.hd_num, a.temperature, a.top_p,
                                         a.max_new_tokens, a.seed, a.normalize)
@@ -175,19 +226,22 @@ def main(argv=None):
                 print(f"{s:+.4f}  {c}")
         print(best)
         return best
-    result = world_eval(policy, rms, a)
-    for k, acc in result["accuracy_by_n"].items():
-        print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
-              f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
-    se = {kd: "" if v is None else f" ± {v:.2f}" for kd, v in result["rm_accuracy_on_samples_se_by_kind"].items()}
-    print("reward model on the policy's samples, right over wrong: " + ", ".join(
-        f"{kd} {v:.2f}{se[kd]} ({result['sample_pairs_by_kind'][kd]} pairs, {result['sample_prompts_by_kind'][kd]} "
-        f"prompts)" for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
+    result = world_eval(policy, rms, a, rank, world)
+    if rank == 0:
+        for k, acc in result["accuracy_by_n"].items():
+            print(f"best-of-{k}: accuracy {acc:.3f} (a perfect reward model: {result['oracle_by_n'][k]:.3f}), "
+                  f"mean answer length {result['mean_length_by_n'][k]:.1f} chars")
+        se = {kd: "" if v is None else f" ± {v:.2f}"
+              for kd, v in result["rm_accuracy_on_samples_se_by_kind"].items()}
+        print("reward model on the policy's samples, right over wrong: " + ", ".join(
+            f"{kd} {v:.2f}{se[kd]} ({result['sample_pairs_by_kind'][kd]} pairs, "
+            f"{result['sample_prompts_by_kind'][kd]} prompts)"
+            for kd, v in result["rm_accuracy_on_samples_by_kind"].items()))
+        if result["nan_scores"]:
+            print(f"warning: {result['nan_scores']} candidates scored NaN; none of them was picked", file=sys.stderr)
         data.atomic_write_text(Path(a.out) / "summary.json", json.dumps(result, indent=2))
+    common.teardown_distributed(world)
     return result
-
 
 if __name__ == "__main__":
     data.run_cli(main)

@@ -5,6 +5,10 @@
     python clean.py --rm RM_DIR --data finetune.json --out runs/clean --flag-fraction 0.05
     python clean.py --data runs/world/sft_train.json --labels runs/world/sft_errors.json --flag-fraction auto \\
         --out runs/clean-sft                                # the world's 40000-row SFT set, its failures labelled
+    torchrun --nproc_per_node 8 clean.py --rm RM_DIR --data finetune.json --out runs/clean [--resume]
+
+Under torchrun each rank scores its share of the rows into OUT/scoring, and a killed run continues with --resume
+(scoring.py; docs/scale.md).
 
 Writes into --out (never over the input): kept.json and flagged.json (the input rows in the input's format, unchanged
 but for relative image paths, rewritten to resolve from --out, so that `train.py --data OUT/kept.json` trains on
@@ -37,8 +41,8 @@ import torch
 from PIL import Image
 
 import common
-import batching
 import data
+import scoring
 from world import WORLD_DIR, store
 from data import atomic_write_text
 from model import add_device_args, device_kwargs
@@ -46,14 +50,14 @@ from reward import DEFAULT_RM, RewardModel, ensemble_scores, reward_dirs
 from vision import sample_length
 
 
-def load_samples(path):
+def load_samples(path, images_must_exist=True):
     """Fine-tuning rows (conversations + image), or reward rows whose chosen and rejected sides are scored apart."""
     rows = data.read_rows(path)
     if rows and isinstance(rows[0], dict) and "conversations_a" in rows[0]:
-        pairs = data.read_preference(path)
+        pairs = data.read_preference(path, images_must_exist)
         return rows, [{"row": i, "side": side, "conversation": p[side], "images": p["images"], "id": p["id"]}
                       for i, p in enumerate(pairs) for side in ("chosen", "rejected")]
-    return rows, [{"row": i, "side": None, **s} for i, s in enumerate(data.read_sft(path))]
+    return rows, [{"row": i, "side": None, **s} for i, s in enumerate(data.read_sft(path, images_must_exist))]
 
 
 def rebase_images(row, src_dir, out_dir):
@@ -73,31 +77,31 @@ def row_scores(samples, scores):
 
 
 @torch.no_grad()
-def score_samples(rms, samples, hd_num, token_budget, normalize=False):
-    """Reward of every sample, in length-sorted batches of at most `token_budget` padded tokens."""
-    tok, vc = rms[0].tokenizer, rms[0].cfg.vision
-    lengths = [sample_length(tok, s, vc.image_size, vc.grid, hd_num) for s in samples]
-    scores = [0.0] * len(samples)
-    batches = batching.token_budget_batches(lengths, token_budget, shuffle=False)
-    t0, done, shown = time.time(), 0, 0.0
-    for b in batches:
-        try:
-            out = ensemble_scores(rms, [samples[i]["conversation"] for i in b], [samples[i]["images"] for i in b],
-                                  hd_num, normalize)
-        except (OSError, ValueError) as e:  # e.g. a truncated image that passed the header check: name its row
-            bad = next((samples[i] for i in b if any(str(p) in str(e) for p in samples[i]["images"])), None)
-            where = f"row {bad['row'] + 1} (id {bad['id']!r}): " if bad else ""
-            raise ValueError(f"{where}{e}") from None
-        for i, s in zip(b, out):
-            scores[i] = s
-        done += len(b)
-        rate = done / (time.time() - t0)
-        if time.time() - shown > 1.0 or done == len(samples):  # redraw the progress line at most once a second
-            shown = time.time()
-            print(f"\rscoring {done}/{len(samples)} ({rate:.0f}/s, eta {(len(samples) - done) / rate:.0f}s)", end="",
-                  file=sys.stderr)
-    print(file=sys.stderr)
-    return scores
+def score_samples(rms, samples, hd_num, normalize=False):
+    """Reward of each sample of a batch (one right-padded forward per reward model)."""
+    return ensemble_scores(rms, [s["conversation"] for s in samples], [s["images"] for s in samples], hd_num,
+                           normalize)
+
+
+def sample_tokens(rm, sample, hd_num):
+    """A sample's tokens for the batcher; a missing image fails its row here (read with images_must_exist off)."""
+    missing = [p for p in sample["images"] if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]}")
+    vc = rm.cfg.vision
+    return sample_length(rm.tokenizer, sample, vc.image_size, vc.grid, hd_num)
+
+
+def score_to_disk(rms, samples, out, a, rank, world):
+    """Every sample's record ({"score"} or {"error"}) in input order on rank 0 (None on the others): this rank's
+    share scored into OUT/scoring (scoring.py), then the ranks' files merged."""
+    def name(i):
+        return f"{a.data} row {samples[i]['row'] + 1} (id {samples[i]['id']!r})"
+    scoring.score_rows(out, len(samples), lambda i: sample_tokens(rms[0], samples[i], a.hd_num),
+                       lambda b: [{"score": x} for x in score_samples(rms, [samples[i] for i in b], a.hd_num,
+                                                                      a.normalize)],
+                       name, a.token_budget, a.on_error, rank, world, a.max_length)
+    return scoring.merged(out, len(samples)) if rank == 0 else None
 
 
 def auroc(pos, neg):
@@ -307,54 +311,80 @@ def main(argv=None):
                    "row: its margin) instead of a fraction (default: none, --flag-fraction decides)")
     p.add_argument("--hd-num", type=data.positive_int, default=9, help="max HD crops per image (the official "
                    "recipe's 9)")
-    p.add_argument("--token-budget", type=data.positive_int, default=8192, help="max padded tokens per scoring "
-                   "batch (memory follows this)")
     p.add_argument("--normalize", action="store_true", help="standardise each RM's scores by the held-out mean and "
                    "std its rm stage stored, before averaging")
     p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
                    "(default: runs/world in the repository)")
+    scoring.add_scoring_args(p, budget=8192)
     add_device_args(p)
     a = p.parse_args(argv)
+    rank, world = scoring.setup(a)
     t0 = time.time()
     a.rm = reward_dirs(a.rm)
     if a.data is None:
         a.data = str(store.ensure_world(a.world_dir)["clean_set"])
     src, out = Path(a.data).resolve(), Path(a.out).resolve()
-    data.refuse_existing([out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html",
-                                            "summary.json")], inputs=[src] + ([a.labels] if a.labels else []))
-    rows, samples = load_samples(src)
+    inputs = [src] + ([a.labels] if a.labels else [])
+    outputs = [out / n for n in ("kept.json", "flagged.json", "scores.jsonl", "report.html", "summary.json")]
+    data.refuse_existing([] if a.resume else outputs, inputs=inputs)
+    rows, samples = load_samples(src, images_must_exist=a.on_error == "fail")
     if not rows:
         raise ValueError(f"{src}: no rows to score")
     noise, family = row_labels(rows, a.labels)
+    run = {"data": scoring.fingerprint(src), "labels": a.labels and scoring.fingerprint(a.labels),
+           "rm": [scoring.fingerprint(d) for d in a.rm], "hd_num": a.hd_num, "normalize": a.normalize,
+           "max_length": a.max_length, "dtype": str(device_kwargs(a)["dtype"]),
+           "flag_fraction": a.flag_fraction, "threshold": a.threshold}
+    if scoring.start(out, run, a.resume, "summary.json", rank, world):
+        common.teardown_distributed(world)
+        return json.loads((out / "summary.json").read_text())
     rms = [RewardModel.from_pretrained(d, **device_kwargs(a)) for d in a.rm]
-    sample_scores = score_samples(rms, samples, a.hd_num, a.token_budget, a.normalize)
+    records = score_to_disk(rms, samples, out, a, rank, world)
+    if rank == 0:
+        summary = write_outputs(a, src, out, rows, samples, records, noise, family)
+        summary.update(seconds=round(time.time() - t0, 1), processes=world, matmul_gflops=common.matmul_gflops())
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))   # last: it marks the run finished
+        print(json.dumps(summary, indent=2))
+    common.teardown_distributed(world)
+    return summary if rank == 0 else None
+
+
+def write_outputs(a, src, out, rows, samples, records, noise, family):
+    """kept.json, flagged.json, scores.jsonl and report.html from every sample's record; the summary's figures.
+    A row whose sample failed (--on-error skip) is in neither kept.json nor flagged.json: the summary names it."""
+    failed = {}
+    for s, rec in zip(samples, records):
+        if "error" in rec:
+            failed.setdefault(s["row"], {"id": s["id"], "reason": rec["error"]})
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"],
+                                                                "score": scoring.finite(rec.get("score")),
+                                                                **({"error": rec["error"]} if "error" in rec else {})})
+                                                    + "\n" for s, rec in zip(samples, records)))
+    live = [r for r in range(len(rows)) if r not in failed]
+    at = {r: k for k, r in enumerate(live)}
+    rows = [rebase_images(rows[r], src.parent, out) for r in live]
+    scored = [(dict(s, row=at[s["row"]]), rec["score"]) for s, rec in zip(samples, records) if s["row"] in at]
+    samples, sample_scores = [s for s, _ in scored], [x for _, x in scored]
+    noise, family = (None, None) if noise is None else ([noise[r] for r in live], [family[r] for r in live])
     scores = row_scores(samples, sample_scores)
     flagged, rule, flag_at = flag_rows(scores, a.flag_fraction, a.threshold)
     if a.threshold is None and a.flag_fraction != "auto" and len(flagged) > 1.5 * a.flag_fraction * len(scores) + 1:
         print(f"note: {len(flagged)} rows flagged for the {a.flag_fraction:.0%} asked: rows tied at the cut "
               f"({rule}) are flagged together", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [rebase_images(row, src.parent, out) for row in rows]
     atomic_write_text(out / "flagged.json", json.dumps([rows[r] for r in sorted(flagged)], indent=1,
                                                        ensure_ascii=False))
     atomic_write_text(out / "kept.json", json.dumps([row for r, row in enumerate(rows) if r not in flagged],
                                                     indent=1, ensure_ascii=False))
-    atomic_write_text(out / "scores.jsonl", "".join(json.dumps({"id": s["id"], "side": s["side"],
-                                                                "score": sc if math.isfinite(sc) else None}) + "\n"
-                                                    for s, sc in zip(samples, sample_scores)))
     write_report(out / "report.html", samples, sample_scores, scores, flagged, rule, flag_at,
                  f"Reward scores of {src.name}", noise=noise)
     summary = {"data": str(src), "rows": len(rows), "samples": len(samples), "flagged": len(flagged), "rule": rule,
-               "seconds": round(time.time() - t0, 1), "matmul_gflops": common.matmul_gflops(),
                "threshold": flag_at if math.isfinite(flag_at) else None,
                "broken_scores": sum(map(broken, scores)),
+               "skipped": [failed[r] for r in sorted(failed)],
                "score": "margin" if samples and samples[0]["side"] else "reward", "rm": a.rm}
     if noise is not None:
         summary.update(label_metrics(scores, flagged, noise, family), labels=a.labels or "the rows' noise field")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
     return summary
-
 
 if __name__ == "__main__":
     data.run_cli(main)

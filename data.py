@@ -322,7 +322,7 @@ def read_rows(path):
     return rows
 
 
-def _images(row, base, where):
+def _images(row, base, where, must_exist=True):
     image = row.get("image", [])
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(im, str) and im.strip() for im in images):
@@ -331,7 +331,7 @@ def _images(row, base, where):
     out = []
     for im in images:
         p = (base / im) if not Path(im).is_absolute() else Path(im)
-        if not p.exists():
+        if must_exist and not p.exists():
             raise FileNotFoundError(f"{where}: image not found: {p}")
         out.append(str(p))
     return out
@@ -350,9 +350,10 @@ def _check_placeholders(conversation, n_images, where):
         raise ValueError(f"{where}: {e}") from None
 
 
-def read_preference(path):
+def read_preference(path, images_must_exist=True):
     """Official reward-training rows -> [{"id", "chosen", "rejected", "images", "kind", "question_kind", "family",
-    "source"}] (role/content messages; the last four are the built-in world's labels, empty for other data)."""
+    "source"}] (role/content messages; the last four are the built-in world's labels, empty for other data). A
+    missing image is an error here unless `images_must_exist` is off (scoring that skips such rows)."""
     path = Path(path)
     out = []
     for i, row in enumerate(read_rows(path)):
@@ -363,7 +364,7 @@ def read_preference(path):
             chosen, rejected = from_official(row["conversations_a"]), from_official(row["conversations_b"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        images = _images(row, path.parent, where)
+        images = _images(row, path.parent, where, images_must_exist)
         for conv in (chosen, rejected):
             _check_placeholders(conv, len(images), where)
         out.append({"id": row.get("id", i), "chosen": chosen, "rejected": rejected, "images": images,
@@ -372,8 +373,9 @@ def read_preference(path):
     return out
 
 
-def read_sft(path):
-    """Official fine-tuning rows -> [{"id", "conversation", "images", ...ground truth kept}]."""
+def read_sft(path, images_must_exist=True):
+    """Official fine-tuning rows -> [{"id", "conversation", "images", ...ground truth kept}]; a missing image as in
+    read_preference."""
     path = Path(path)
     out = []
     for i, row in enumerate(read_rows(path)):
@@ -388,7 +390,7 @@ def read_sft(path):
         if not turns or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2):
             raise ValueError(f"{where}: expected user and assistant turns in alternation, ending with the "
                              f"assistant's answer (after an optional system turn), got {[m['role'] for m in turns]}")
-        images = _images(row, path.parent, where)
+        images = _images(row, path.parent, where, images_must_exist)
         _check_placeholders(conversation, len(images), where)
         out.append({**row, "id": row.get("id", i), "conversation": conversation, "images": images})
     return out

@@ -99,7 +99,7 @@ def test_world_bon_summary(world, rm_dir, tmp_path, capsys):  # noqa: F811
         bon.main(["--rm", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
 
 
-def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
+def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch, tmp_path):
     """Two prompts, 8 candidates each (world_eval samples max(1, 2, 4, 8, n)); the statistics against a hand count."""
     items = [{"kind": "colour", "question": "q0", "_dir": ""}, {"kind": "arith", "question": "q1", "_dir": ""}]
     # one failure kind in two families: a wrong colour is perception, a wrong sum text
@@ -112,7 +112,8 @@ def test_rm_accuracy_on_samples_counts_right_wrong_pairs(monkeypatch):
     monkeypatch.setattr(bon.store, "ensure_world", lambda d: {"heldout_prompts": ""})
     monkeypatch.setattr(bon.store, "heldout_items", lambda w: items)
     a = argparse.Namespace(world_dir="", limit=2, n=4, batch=8, hd_num=9, temperature=1.0, top_p=1.0,
-                           max_new_tokens=4, seed=0, normalize=False, rm=[], policy="", fresh=None)
+                           max_new_tokens=4, seed=0, normalize=False, rm=[], policy="", fresh=None, prompts=None,
+                           out=str(tmp_path), on_error="fail")
     r = bon.world_eval(None, [], a)
     # colour: right 0 (1.0) beats 5 of the 6 wrong, right 2 (-1.0) beats 4: 9/12; arith: right 3 beats 3 of 7
     assert r["rm_accuracy_on_samples_by_kind"] == {"wrong_value": 12 / 19}
@@ -227,7 +228,8 @@ def test_clean_broken_scores_are_flagged_and_written_as_null(world, rm_dir, tmp_
         r.pop("image", None)
         r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<ImageHere>", "")
     src.write_text(json.dumps(rows))
-    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: [1.0, float("nan"), 2.0, 0.5])
+    by_id = {r["id"]: x for r, x in zip(rows, [1.0, float("nan"), 2.0, 0.5])}
+    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: [by_id[s["id"]] for s in samples])
     s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c"), "--flag-fraction", "0.25"])
     strict = dict(parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     lines = [json.loads(x, **strict) for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
@@ -246,7 +248,10 @@ def test_clean_flags_preference_rows_by_margin(world, rm_dir, tmp_path, monkeypa
     src.write_text(json.dumps([dict(r, image=str(world / "world" / r["image"])) if "image" in r else r
                                for r in rows]))
     side_scores = [1.0, -5.0, 2.0, -4.0, -1.0, 3.0, 0.5, -6.0]   # chosen, rejected per row; row 2 is mislabelled
-    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: side_scores[:len(samples)])
+    by_side = {(r["id"], side): x for r, pair in zip(rows, zip(side_scores[::2], side_scores[1::2]))
+               for side, x in zip(("chosen", "rejected"), pair)}
+    monkeypatch.setattr(clean, "score_samples", lambda rms, samples, *a, **k: [by_side[s["id"], s["side"]]
+                                                                              for s in samples])
     s = clean.main(["--rm", str(rm_dir), "--data", str(src), "--out", str(tmp_path / "c"), "--flag-fraction", "0.25"])
     flagged = json.loads((tmp_path / "c" / "flagged.json").read_text())
     assert s["score"] == "margin" and [r["id"] for r in flagged] == [rows[2]["id"]]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS
-from reward import (benchmark_metrics, main, read_scores_jsonl, rewardbench_metrics, rm_bench_matrix,
+from evaluate import (benchmark_metrics, main, read_scores_jsonl, rewardbench_metrics, rm_bench_matrix,
                     rm_bench_metrics, vl_rewardbench_category, vl_rewardbench_correct_from_scores,
                     vl_rewardbench_metrics, vl_rewardbench_order)
 
@@ -192,7 +192,7 @@ def test_read_scores_jsonl_errors_name_file_and_line(tmp_path, bad, bench):
 
 
 def test_eval_cli_on_scores_file(vlrb, tmp_path, capsys):
-    """`python reward.py eval --scores` end to end: scores that rank exactly as the official run did."""
+    """`python evaluate.py --scores` end to end: scores that rank exactly as the official run did."""
     rows, res = vlrb
     lines = []
     for row, ok in zip(rows, res["out_all"]):
@@ -203,14 +203,14 @@ def test_eval_cli_on_scores_file(vlrb, tmp_path, capsys):
     scores = tmp_path / "scores.jsonl"
     scores.write_text("\n".join(lines))
     out = tmp_path / "metrics.json"
-    result = main(["eval", "--bench", "vl_rewardbench", "--data", str(ASSETS / "preference/vl_rewardbench_data.jsonl"),
+    result = main(["--bench", "vl_rewardbench", "--data", str(ASSETS / "preference/vl_rewardbench_data.jsonl"),
                    "--scores", str(scores), "--out", str(out)])
     assert round(result["overall"], 4) == 0.6456 and round(result["macro"], 4) == 0.6931
     assert json.loads(out.read_text())["overall"] == result["overall"]
     before = out.read_bytes()
     for target in (out, scores):  # an earlier result, or the scores themselves: never overwritten
         with pytest.raises(ValueError, match="refusing to"):
-            main(["eval", "--bench", "vl_rewardbench", "--data", str(ASSETS / "preference/vl_rewardbench_data.jsonl"),
+            main(["--bench", "vl_rewardbench", "--data", str(ASSETS / "preference/vl_rewardbench_data.jsonl"),
                   "--scores", str(scores), "--out", str(target)])
     assert out.read_bytes() == before
 
@@ -220,16 +220,16 @@ def test_eval_cli_names_bad_rows_and_writes_valid_json(tmp_path, capsys):
     data_file.write_text(json.dumps({"id": 1, "subset": "alpacaeval-easy"}) + "\n" + json.dumps({"id": 2}) + "\n")
     scores.write_text("".join(json.dumps({"id": i, "score_chosen": 1.0, "score_rejected": 0.0}) + "\n" for i in (1, 2)))
     with pytest.raises(ValueError, match="rb.jsonl row 2: field 'subset' must be a string"):
-        main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
+        main(["--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
     data_file.write_text(json.dumps({"id": 1, "subset": "alpacaeval-easy"}) + "\n")
     scores.write_text(json.dumps({"id": 1, "score_chosen": 1.0, "score_rejected": 0.0}) + "\n")
-    main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores), "--out",
+    main(["--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores), "--out",
           str(tmp_path / "m.json")])
     saved = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert saved["chat"] == 1.0 and saved["safety"] is None and saved["score"] is None
     data_file.write_text("")
     with pytest.raises(ValueError, match="no benchmark rows"):
-        main(["eval", "--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
+        main(["--bench", "rewardbench", "--data", str(data_file), "--scores", str(scores)])
 
 
 def test_scores_must_align_with_rows():
