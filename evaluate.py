@@ -23,7 +23,7 @@ from reward import RewardModel, ensemble_scores
 from vision import sample_length
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics, as the benchmarks define them (spec rlhf_anchors.md C.7); fractions in [0, 1], ties are wrong
+# Metrics, as each benchmark's official script defines them (named below); fractions in [0, 1], ties are wrong
 
 # VL-RewardBench (IXC evaluation/vl_rewardbench/inference.py)
 

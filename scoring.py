@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import common
 import batching
+import common
 import data
 
 RUN_FILE = "run.json"
