@@ -11,13 +11,14 @@ load hits both alike. `python bench.py --peers [--json FILE]` runs it; `--quick`
                      vs generate(num_return_sequences=4) and the twin reward model; prompts/s
 
 The ratio is ours over theirs in throughput: above 1 we are faster. Text only, so both sides run one architecture:
-InternLM2's decoder is Llama's with a packed `wqkv` (tests/test_reference.py maps one onto the other). Prompts are
-token ids (no tokenizer needed); the peers read them through a word-level tokenizer whose word i is id i, and the
-models' vocabulary has no id for its end-of-sequence word, so that no response on either side stops early: both
-sides decode exactly max_new_tokens. MFU: each side's executed model FLOPs (matmuls + attention, 2 per MAC; a
-backward twice the forward) over this machine's fp32 matmul peak (common.matmul_gflops), measured at the start.
+InternLM2's decoder is Llama's with a packed `wqkv` (tests/test_reference.py maps one onto the other). Weights are
+random (init_weights); prompts are random token ids (the RL rows: random text in the world's tokenizer, shipped in
+checkpoints/, which our PPO tokenizes), so nothing in ../shared is needed. The peers read ids through a word-level
+tokenizer whose word i is id i, and whose end-of-sequence word has no id in the models' vocabulary: no response on
+either side stops early, both sides decode exactly max_new_tokens. MFU: each side's executed model FLOPs (matmuls
+and attention, 2 per multiply-add, a backward twice its forward) over the fp32 matmul speed common.matmul_gflops
+measures just before the row (other jobs share these cores).
 """
-import contextlib
 import functools
 import statistics
 import tempfile
@@ -45,14 +46,13 @@ SIZES = {"tiny": dict({k: v for k, v in WORLD_CONFIG.items() if k != "plora_rank
 # steps, RL settings (ppo.add_args names), and how many timed runs (plus one warm-up) of each
 WORK = {"tiny": dict(prompts=4, prompt_len=64, new_tokens=32, pairs=8, pair_prompt=96, pair_answer=32, rm_steps=1,
                      rl_prompts=4, rl_new_tokens=24, epochs=2, mini_batches=2, rloo_k=4, runs=3),
-        "100m": dict(prompts=4, prompt_len=64, new_tokens=32, pairs=4, pair_prompt=128, pair_answer=32, rm_steps=1,
-                     rl_prompts=4, rl_new_tokens=24, epochs=2, mini_batches=2, rloo_k=4, runs=3)}
+        "100m": dict(prompts=4, prompt_len=64, new_tokens=32, bon_prompts=2, pairs=4, pair_prompt=128, pair_answer=32,
+                     rm_steps=1, rl_prompts=2, rl_new_tokens=16, epochs=2, mini_batches=2, rloo_k=4, runs=3)}
 QUICK = dict(prompts=2, prompt_len=8, new_tokens=4, pairs=2, pair_prompt=8, pair_answer=4, rm_steps=1,
              rl_prompts=2, rl_new_tokens=4, epochs=1, mini_batches=1, rloo_k=4, runs=1)
 QUICK_SIZE = dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, vision_config=bench.TINY_VISION)
 LR, TEMPERATURE = 1e-5, 1.0
-KEYS = ("generate_vs_hf", "bon4_vs_hf", "rm_train_vs_trl", "rloo_vs_trl", "ppo_vs_trl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def generate_vs_hf(tf, cfg_kw, w, peak):
 
     def theirs():  # sampling from the full distribution, as ours: no top-k (transformers' default is 50)
         return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE,
-                           top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T, use_cache=True)
+                           top_k=0, top_p=1.0, max_new_tokens=T, use_cache=True)
     t = timed({"ours": ours, "theirs": theirs}, w["runs"])
     assert ours().shape == (B, T) and theirs().shape == (B, P + T)
     flops = generate_flops(cfg, B, P, T)
@@ -203,7 +203,7 @@ def bon4_vs_hf(tf, cfg_kw, w, peak, n=4):
     pi, rm = models["output"], models["score"]
     hf_pi, hf_rm = llama_twin(tf, pi, tf.LlamaForCausalLM), llama_twin(tf, rm, tf.LlamaForSequenceClassification)
     cfg, g = pi.cfg, torch.Generator().manual_seed(1)
-    prompts = [random_ids(g, w["prompt_len"], cfg.vocab_size) for _ in range(w["prompts"])]
+    prompts = [random_ids(g, w["prompt_len"], cfg.vocab_size) for _ in range(w.get("bon_prompts", w["prompts"]))]
     P, T = w["prompt_len"], w["new_tokens"]
 
     def ours():  # bon.best_of_n per prompt: one prefill, n rows sampled (bon.sample_candidates), n scored at once
@@ -223,7 +223,7 @@ def bon4_vs_hf(tf, cfg_kw, w, peak, n=4):
         for p in prompts:
             ids = torch.tensor([p])
             out = hf_pi.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE,
-                                 top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T, num_return_sequences=n)
+                                 top_k=0, top_p=1.0, max_new_tokens=T, num_return_sequences=n)
             with torch.no_grad():
                 scores = hf_rm(out).logits.squeeze(-1)
             best.append(int(scores.argmax()))
@@ -574,8 +574,9 @@ def run(quick=False, only=None):
             w = QUICK if quick else WORK[size]
             torch.manual_seed(0)
             t0 = time.perf_counter()
+            row_peak = common.matmul_gflops() * 1e9  # the machine's speed now: other jobs share these cores
             try:
-                r = ROWS[key](tf, cfg_kw, w, peak)
+                r = dict(ROWS[key](tf, cfg_kw, w, row_peak), matmul_gflops=row_peak / 1e9)
             except ImportError as e:
                 r = {"skipped": f"{e}"}
             results.setdefault(key, {})[size] = r
@@ -590,4 +591,7 @@ def fmt_row(key, size, r, seconds):
     unit = next(k for k in o if k.endswith("_per_s"))
     lo, hi = r["ratio_range"]
     return (f"{key:16} {size:5} x{r['ratio']:.2f} ({lo:.2f}-{hi:.2f})  ours {o[unit]:.3g} {unit} MFU {o['mfu']:.1%}"
-            f"  theirs {t[unit]:.3g} MFU {t['mfu']:.1%}  [{seconds:.0f} s] {r['work']}")
+            f"  theirs {t[unit]:.3g} MFU {t['mfu']:.1%}  (mm {r['matmul_gflops']:.0f} GFLOP/s, {seconds:.0f} s) "
+            f"{r['work']}" + "".join(f"\n{'':23}{s} phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                          r[s]["phases"].items())
+                                     for s in ("ours", "theirs") if "phases" in r[s]))
