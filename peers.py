@@ -249,7 +249,7 @@ def rm_pairs(cfg, w, seed=2):
     """Pairs sharing a prompt: chosen answer of pair_answer tokens, rejected of half that (padding on both sides)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(w["pairs"] * (w["rm_steps"] * (w["runs"] + 1) + 1)):
+    for _ in range(w["pairs"] * w["rm_steps"] * (w["runs"] + 1)):
         prompt = random_ids(g, w["pair_prompt"], cfg.vocab_size)
         out.append((prompt + random_ids(g, w["pair_answer"], cfg.vocab_size),
                     prompt + random_ids(g, w["pair_answer"] // 2, cfg.vocab_size)))
@@ -284,7 +284,7 @@ def rm_train_vs_trl(tf, cfg_kw, w, peak):
     import trl
     rm = build_models(cfg_kw, ["score"])["score"].train()
     hf = llama_twin(tf, rm, tf.LlamaForSequenceClassification).train()
-    cfg, B, steps = rm.cfg, w["pairs"], w["rm_steps"] * (w["runs"] + 1) + 1
+    cfg, B, steps = rm.cfg, w["pairs"], w["rm_steps"] * (w["runs"] + 1)  # a warm-up run, then the timed ones
     pairs = rm_pairs(cfg, w)
     budget = 2 * B * (w["pair_prompt"] + w["pair_answer"])  # --token-budget: the step's pairs in one micro-batch
     # train.py --stage rm: AdamW as make_optimizer builds it; TRL's defaults: weight decay 0, betas (0.9, 0.999)
@@ -324,7 +324,7 @@ def rm_train_vs_trl(tf, cfg_kw, w, peak):
             return loss
         trainer.compute_loss = logged
         trainer.train()
-    runs = [slice(1 + r * w["rm_steps"], 1 + (r + 1) * w["rm_steps"]) for r in range(w["runs"])]
+    runs = [slice((r + 1) * w["rm_steps"], (r + 2) * w["rm_steps"]) for r in range(w["runs"])]
     t_ours, t_theirs = [sum(ours_times[s]) for s in runs], [sum(timer.times[s]) for s in runs]
     P, R = w["pair_prompt"], w["pair_answer"]
     n = w["rm_steps"] * B
