@@ -379,7 +379,6 @@ def rl_setup(tf, cfg_kw, w, algo, out):
                           "--max-new-tokens", str(T), "--ppo-epochs", str(w["epochs"]), "--mini-batches",
                           str(w["mini_batches"]), "--rloo-k", str(w["rloo_k"]), "--lr", str(LR), "--kl-coef", "0.05",
                           "--temperature", str(TEMPERATURE), "--no-normalize-reward", "--out", str(out / "ours")])
-    a.token_budget = n_resp * (w["prompt_len"] + T + 16)  # every forward over the whole batch, as TRL's
     dev = torch.device("cpu")
     policy = ppo.trained(policy, a)
     roles = ppo.Roles(ppo.PolicyLogprobs(policy, a.temperature, dev), ppo.PolicyLogprobs(ref, a.temperature, dev),
@@ -389,6 +388,8 @@ def rl_setup(tf, cfg_kw, w, algo, out):
     texts = [tok.decode(random_ids(g, w["prompt_len"], tok.vocab_size)) for _ in range(w["rl_prompts"])]
     prompts = [(t, [], None) for t in texts]
     ids = [policy.sequence(t)[0][0] for t in texts]
+    # --token-budget: every forward over the whole batch (the reward template adds 4 tokens), as TRL runs them
+    a.token_budget = n_resp * (max(map(len, ids)) + T + 8)
     for twin, name, cls in ((policy, "policy", tf.LlamaForCausalLM), (rm, "rm", tf.LlamaForSequenceClassification)):
         llama_twin(tf, twin, cls).save_pretrained(out / name)
         id_tokenizer(tf, twin.cfg.vocab_size, twin.cfg.pad_token_id).save_pretrained(out / name)
