@@ -4,6 +4,7 @@
     python bench.py --quick                # every size shrunk: a smoke run
     python bench.py --only prefill_vs_hf decode_flatness --json bench.json
     python bench.py --quick --only bon_cost --profile      # also the top ops of each timed callable
+    python bench.py --peers --json peers.json   # ours vs TRL and transformers on the same weights (peers.py)
 
 Every number is printed next to its target; nothing is asserted (timings depend on the machine and its load).
 Comparisons with transformers load the same weights into both models and interleave their runs (a, b, a, b, ...)
@@ -837,6 +838,8 @@ def main(argv=None):
                    "these arguments (--rm ... --data ...; not --out) on 1 process and on 2 under torchrun, --repeats "
                    "times interleaved; --threads 1 leaves out 1 process with torch's threads (docs/scale.md)")
     p.add_argument("--repeats", type=int, default=2, help="--scoring-ranks: runs of each configuration")
+    p.add_argument("--peers", nargs="*", metavar="KEY", help="instead: our loops against TRL's trainers and "
+                   "transformers' generate on the same weights, at two sizes (peers.py; needs trl); KEYs pick rows")
     p.add_argument("--load-child", help=argparse.SUPPRESS)  # internal: the fresh process of load_rss_ratio
     a = p.parse_args(argv)
     if a.load_child:
@@ -845,6 +848,12 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.gpu_check:
         return gpu_check(a.gpu_check, a.quick)
+    if a.peers is not None:
+        import peers
+        results = peers.run(a.quick, a.peers or None)
+        if a.json:
+            data.atomic_write_text(Path(a.json), json.dumps(results, indent=2) + "\n")
+        return results
     if a.ppo_memory:
         return print_ppo_memory(None if a.ppo_memory == "7b" else a.ppo_memory)
     if a.ppo_memory_check is not None:
