@@ -42,29 +42,32 @@ def add_args(p):
     """PPO hyper-parameters; defaults follow TRL / the N+ details (gamma 1, lambda 0.95, clip 0.2, k1 KL). Returns
     the names of the flags only this stage reads."""
     g = p.add_argument_group("ppo")
-    g.add_argument("--algo", choices=["ppo", "rloo"], default="ppo", help="rloo: critic-free, leave-one-out baseline")
-    g.add_argument("--kl-coef", type=float, help="beta of the per-token KL penalty in the reward (default: TRL's 0.05; "
-                   "the world: 0.1, chosen from its over-optimisation curve)")
+    g.add_argument("--algo", choices=["ppo", "rloo"], default="ppo", help="ppo: clipped policy and value losses with a critic (Eq. 2-4); rloo: critic-free, "
+                   "the other samples of the prompt as the baseline")
+    g.add_argument("--kl-coef", type=float, help="beta of the per-token KL penalty in the reward (TRL's 0.05 with "
+                   "--data; the world's 0.1 is chosen from its over-optimisation curve)")
     g.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1",
                    help="per-token KL: k1 log-ratio, k3 Schulman's")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount (Eq. 2)")
     g.add_argument("--lam", type=float, default=0.95, help="GAE lambda (Eq. 2)")
     g.add_argument("--clip-ratio", type=float, default=0.2, help="policy ratio clip epsilon (Eq. 3)")
     g.add_argument("--value-clip", type=float, default=0.2, help="value clip around the rollout's values (Eq. 4)")
-    g.add_argument("--critic-lr", type=float, help="default: 5 x the policy lr")
+    g.add_argument("--critic-lr", type=float, help="the critic's peak learning rate (default: 5 x --lr)")
     g.add_argument("--ppo-epochs", type=data.positive_int, default=2, help="passes over each rollout (K)")
-    g.add_argument("--mini-batches", type=data.positive_int, default=2, help="optimizer steps per pass")
+    g.add_argument("--mini-batches", type=data.positive_int, default=2, help="mini-batches per pass over the rollout, one optimizer step each")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; PPO and RLOO take only 1 (off), since "
                    "their ratio and KL use the full softmax (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=data.positive_int, default=48, help="response length cap")
-    g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted when no stop token came")
+    g.add_argument("--max-new-tokens", type=data.positive_int, default=48, help="response length cap, in tokens")
+    g.add_argument("--missing-eos-penalty", type=float, default=1.0, help="subtracted from the reward of a response that "
+                   "reached --max-new-tokens without a stop token")
     g.add_argument("--normalize-reward", action=argparse.BooleanOptionalAction, default=True,
-                   help="(score - mean) / std with the held-out statistics the RM stage stored in its config")
-    g.add_argument("--rloo-k", type=data.positive_int, default=4, help="rloo: samples per prompt")
+                   help="(score - mean) / std with the held-out statistics the RM stage stored in its config; a "
+                   "reward model without them is used as it is, said once (default: on)")
+    g.add_argument("--rloo-k", type=data.positive_int, default=4, help="rloo: samples per prompt (k)")
     g.add_argument("--rloo-whiten", action="store_true", help="rloo: whiten the leave-one-out advantages over the "
                    "batch's tokens (default: off, as TRL and OpenRLHF; whitening weighs long answers more)")
-    g.add_argument("--rollout-chunk", type=data.positive_int, default=32, help="prompts per generation call")
+    g.add_argument("--rollout-chunk", type=data.positive_int, default=32, help="prompts per generation call (the KV cache is sized by it)")
     return {a.dest for a in g._group_actions}
 
 
