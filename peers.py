@@ -20,6 +20,7 @@ and attention, 2 per multiply-add, a backward twice its forward) over the fp32 m
 measures just before the row (other jobs share these cores).
 """
 import functools
+import runpy
 import statistics
 import tempfile
 import time
@@ -28,13 +29,16 @@ from pathlib import Path
 
 import torch
 
+import batching
 import bench
 import common
 import ppo
-import train
 from model import Config, InternLMXComposer2, init_weights
 from reward import RewardModel
 from world import WORLD_CONFIG
+
+# the launcher's own functions (Eq. 1, its parser), read from its file as torchrun runs it: nothing imports train.py
+LAUNCHER = runpy.run_path(str(Path(__file__).resolve().parent / "train.py"), run_name="peers")
 
 # The two sizes: the world's policy shape (its vocabulary of 640), and ~117M parameters with the real vocabulary,
 # where the embedding and LM head (2 x 47M) outweigh the 8 decoder layers (23M)
@@ -297,10 +301,10 @@ def rm_train_vs_trl(tf, cfg_kw, w, peak):
         mine = list(range(k * B, (k + 1) * B))
         lengths = [len(pairs[i][0]) for i in mine]
         total = 0.0
-        for mb in common.micro_batches(lengths, budget, 1, False, torch.device("cpu")):
+        for mb in batching.micro_batches(lengths, budget, 1, False, torch.device("cpu")):
             seqs = [([s], []) for i in mb for s in pairs[mine[i]]]
             r = rm.pair_rewards(seqs)
-            loss = train.bt_loss(r[0::2], r[1::2])
+            loss = LAUNCHER["bt_loss"](r[0::2], r[1::2])
             (loss / B).backward()
             total += loss.item()
         common.clip_and_step(trainable, opt, 1.0)
@@ -375,7 +379,7 @@ def rl_setup(tf, cfg_kw, w, algo, out):
             m.tokenizer = tok
     k = w["rloo_k"] if algo == "rloo" else 1
     n_resp, T = w["rl_prompts"] * k, w["rl_new_tokens"]
-    a = train.parse_args(["--stage", "ppo", "--algo", algo, "--rm", str(out / "rm"), "--batch", str(n_resp),
+    a = LAUNCHER["parse_args"](["--stage", "ppo", "--algo", algo, "--rm", str(out / "rm"), "--batch", str(n_resp),
                           "--max-new-tokens", str(T), "--ppo-epochs", str(w["epochs"]), "--mini-batches",
                           str(w["mini_batches"]), "--rloo-k", str(w["rloo_k"]), "--lr", str(LR), "--kl-coef", "0.05",
                           "--temperature", str(TEMPERATURE), "--no-normalize-reward", "--out", str(out / "ours")])

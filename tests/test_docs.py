@@ -60,7 +60,7 @@ def test_every_flag_says_what_it_does_and_its_default(monkeypatch):
             shown = formatter._get_help_string(action) % dict(vars(action), prog=p.prog)
             assert "default" in shown, f"{flag}: its help does not name its default: {shown!r}"
             seen.add(flag)
-    assert {"train.py --stage ppo --steps", "bon.py --n", "clean.py --flag-fraction",
+    assert {"train.py --stage ppo --steps", "bon.py -n/--n", "clean.py --flag-fraction",
             "python -m world build-policy --layers", "python -m world arms --seed"} <= seen
 
 
