@@ -3,8 +3,8 @@
 Every stage cuts its rows into micro-batches by a token budget: the padded tensor a micro-batch builds (rows x the
 widest row, counted the way the stage pads) never exceeds --token-budget, so memory follows the flag
 (`token_budget_batches`). Under FSDP the ranks run equally many forwards (`micro_batches`). The log-probs and
-entropy over a 92,544-token vocabulary are computed a chunk of tokens at a time, so that the [B, T, V] fp32 tensor
-never exists whole (`token_logprobs`). Host-to-device copies go through pinned memory without blocking
+entropy over the vocabulary (92,544 tokens at 7B) are computed a chunk of tokens at a time, so that the
+[B, T, V] fp32 tensor never exists whole (`token_logprobs`). Host-to-device copies go through pinned memory without blocking
 (`to_device`); the data of the next micro-batch (image decode, HD tiling, tokenisation, pinning) is prepared on a
 background thread while the device computes the current one (`Prefetcher`). Anything read back to the host is read
 once per tensor, never per row: on a GPU each read waits for every kernel queued before it.
@@ -43,8 +43,8 @@ def token_budget_batches(lengths, budget, seed=0, shuffle=True, bucket=64, overh
     ints, or tuples of parts padded separately (`width`). Sorting inside windows of `bucket` * (typical batch)
     samples keeps padding low while the order stays random; each sorted window is then cut where padded tokens +
     `overhead` tokens per micro-batch (a forward call's fixed cost) is least, instead of filling every micro-batch
-    to the budget, which pads short samples to long ones whenever the lengths spread: a world RM step's share pads
-    18% filled, 7% cut, in the same wall time. A single row wider than the budget stands alone."""
+    to the budget, which pads short samples to long ones whenever the lengths spread: on a world RM step's share,
+    filling wastes 18% of the tokens on padding and the cheapest cuts 7%, in the same wall time. A single row wider than the budget stands alone."""
     order = list(range(len(lengths)))
     rng = random.Random(seed)
     if shuffle:

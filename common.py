@@ -2,8 +2,8 @@
 its schedule, atomic checkpoints with exact resume, the bookkeeping around the sft and rm loops (Run) and the metrics
 log (its pictures: figures.py).
 
-It exists so that `train.py` (sft, rm) and `ppo.py` can each hold one visible loop without importing one another;
-nanochat keeps the same kind of module (`common.py`). Nothing here knows a stage.
+It exists so that `train.py` (sft, rm) and `ppo.py` can each hold one visible loop without importing one another.
+Nothing here knows a stage.
 """
 import contextlib
 import gc

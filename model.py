@@ -668,7 +668,8 @@ def load_weights(model, files, dtype, device, skip=()):
 def add_device_args(p):
     """--device / --dtype for the inference entry points (bon.py, clean.py, reward.py): the GPU in bf16 when there
     is one, as the official checkpoints are meant to run."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights' dtype; auto: bfloat16 on CUDA, float32 on CPU")
 

@@ -592,7 +592,7 @@ def train(args, rank, n_proc, device):
         stats = read_stats(stats, n_proc)
         stats.update(step=step, tokens_per_s=tokens_done * n_proc / (time.time() - t0), rollout_s=t_roll)
         log_iteration(out, stats, checked, args, rank)
-        if run.save_evaluate_or_stop(dict):  # the held-out checks run at an iteration's start, above
+        if run.save_evaluate_or_stop(lambda: {}):  # the held-out checks run at an iteration's start, above
             return None
     # FSDP: every rank gathers a whole copy for the held-out evaluation (rank 0 runs it)
     return finish(run, common.unsharded_copy(policy) if fsdp and held else policy, held, summary, stats)
@@ -710,6 +710,10 @@ def finish(run, policy, held, summary, stats):
     if stats is None:  # resumed a finished run: its last logged iteration
         stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary["kl"] = stats["kl"]
+    if rank == 0:  # the README's KL: the mean over the last 20 iterations, steadier than the last one
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        kls = [m["kl"] for m in lines if "phase" not in m][-20:]
+        summary["kl_last_20"] = sum(kls) / len(kls)
     if held and rank == 0:
         summary.update(checker.tagged(checker.eval_policy(policy, held, args.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then

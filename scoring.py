@@ -39,7 +39,8 @@ def add_scoring_args(p, budget=None):
                    help="continue the run in the output directory: score only the rows it has not scored (a "
                         "finished run is left as it is)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a row that cannot be scored (a missing or unreadable image, longer than --max-length): "
+                   help="a row that cannot be scored (a missing or unreadable image" + (", longer than --max-length"
+                        if budget else "") + "): "
                         "fail names it and stops; skip names it, leaves it out and goes on (default: fail)")
     if budget:
         p.add_argument("--max-length", type=data.positive_int, default=16384,

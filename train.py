@@ -55,7 +55,8 @@ def stage_parser(stage, settings):
     p.add_argument("--data", help={
         "sft": "SFT conversations (JSON/JSONL in the official format) or a data.txt mixture of such files",
         "rm": "preference pairs (JSON/JSONL in the official format) or a data.txt mixture of such files",
-        "ppo": "prompts: SFT conversations (JSON/JSONL in the official format), each without its last answer"}[stage]
+        "ppo": "prompts: SFT conversations (JSON/JSONL in the official format); each one's last answer is dropped "
+               "and PPO answers its question"}[stage]
         + "; switches the defaults to the official recipe (default: none, the built-in world)")
     p.add_argument("--init", help=("the trunk the reward model starts from, its score head new" if stage == "rm" else
                                    "the policy to start from") + f" (default: {rel(WORLD_SFT)}, the world's SFT "
@@ -64,8 +65,8 @@ def stage_parser(stage, settings):
     p.add_argument("--steps", type=data.positive_int, help="PPO iterations: each samples a rollout of --batch prompts, "
                    "then takes --ppo-epochs x --mini-batches optimizer steps" if stage == "ppo" else "optimizer steps")
     step = "iteration" if stage == "ppo" else "step"
-    p.add_argument("--batch", type=data.positive_int, help={"sft": "samples", "rm": "pairs", "ppo": "prompts"}[stage]
-                   + f" per {step}, all processes together")
+    p.add_argument("--batch", type=data.positive_int, help={"sft": "samples", "rm": "pairs", "ppo": "responses (rloo: "
+                   "batch / k prompts, k samples each)"}[stage] + f" per {step}, all processes together")
     p.add_argument("--token-budget", type=data.positive_int, help="max padded tokens per micro-batch, rows x the "
                    "widest row as built (memory follows this)" + {"sft": "", "rm": "; a pair is two rows as wide as its "
                    "longer side", "ppo": "; a row is as wide as the longest prompt plus the longest response"}[stage])
@@ -330,8 +331,8 @@ def rm_data(a, rank):
     return pairs_kept, held
 
 
-# a pair's two answers run together: its padded width is twice its longer side's, and the batcher's per-forward
-# overhead (batching.token_budget_batches) doubles with it, which keeps the cuts those of the pair's own length
+# a pair's two answers run together: its padded width is twice its longer side's, so the batcher's per-forward cost
+# (32 tokens, batching.token_budget_batches) counts twice too: 2 x 32 keeps the cuts those of the pair's own length
 PAIR_OVERHEAD = 64
 
 
