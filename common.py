@@ -357,8 +357,9 @@ class Run:
 
     def share(self, order, per_epoch, lengths, device, overhead=32):
         """This rank's samples of the current step (indices into `order`'s dataset) and their micro-batches. A step
-        is a random draw from the epoch's order; inside it, samples sorted by length pack into micro-batches of at
-        most --token-budget padded tokens."""
+        takes the next --batch samples of the epoch's shuffled order (an epoch's tail shorter than a batch is left
+        out); sorted by length, they are dealt to the ranks in turn, so that every rank gets short and long ones
+        alike, and each rank's share packs into micro-batches of at most --token-budget padded tokens."""
         a, at = self.a, (self.step % per_epoch) * self.a.batch
         mine = sorted(order[at:at + a.batch], key=lambda i: lengths[i])[self.rank::self.n_proc]
         return mine, batching.micro_batches([lengths[i] for i in mine], a.token_budget, self.n_proc, a.fsdp, device,
