@@ -712,10 +712,11 @@ def gpu_check(out, quick=False):
                   "--save-every", "100"]
         subprocess.run([sys.executable, "train.py", "--stage", "rm", "--steps", "2", "--out", f"{tmp}/rm", *launch],
                        cwd=ROOT, check=True, capture_output=True)
-        # one mini-batch and epoch: the first iteration's logged ratio is the rollout policy's own, 1 exactly
-        ppo_args = ["--stage", "ppo", "--rm", f"{tmp}/rm", "--steps", "2", "--autocast", "bf16", "--eval-every",
-                    "0", "--max-new-tokens", "16", "--mini-batches", "1", "--ppo-epochs", "1", "--out", f"{tmp}/ppo",
-                    *launch]
+        # one mini-batch and epoch: the first iteration's logged ratio is the rollout policy's own, 1 exactly; the
+        # world's prompts as a --data file: no held-out evaluation, which the memory model leaves out
+        ppo_args = ["--stage", "ppo", "--rm", f"{tmp}/rm", "--steps", "2", "--autocast", "bf16", "--data",
+                    f"{tmp}/world/sft_train.json", "--max-new-tokens", "16", "--mini-batches", "1", "--ppo-epochs",
+                    "1", "--out", f"{tmp}/ppo", *launch]
         r = subprocess.run([sys.executable, "bench.py", "--ppo-memory-check", *ppo_args], cwd=ROOT,
                            capture_output=True, text=True)
         lines = [json.loads(x.split(" ", 1)[1]) for x in r.stdout.splitlines() if x.startswith("ppo_memory_check ")]

@@ -79,7 +79,8 @@ def stage_parser(stage, settings):
     p.add_argument("--save-every", type=data.positive_int, default=50, help=f"checkpoint every N {step}s")
     p.add_argument("--stop-after", type=int, help=f"save and exit after this many {step}s in this invocation (job "
                    "time limits); --resume continues (default: none, run to --steps)")
-    p.add_argument("--seed", type=int, default=0, help="data order, initialisation and sampling")
+    p.add_argument("--seed", type=int, default=0, help={"sft": "data order", "rm": "data order and the score head's "
+                   "initialisation", "ppo": "the prompts drawn and the responses sampled"}[stage])
     p.add_argument("--world-dir", default=str(WORLD_DIR), help="the built-in world's files, made on first use "
                    f"(default: {rel(WORLD_DIR)} in the repository)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
@@ -93,12 +94,13 @@ def stage_parser(stage, settings):
         p.add_argument("--heldout", help="with --data: held-out set to evaluate on (" + {
             "sft": "world held-out prompts such as runs/world/heldout_prompts.json", "rm": "preference pairs"}[stage]
             + ") (default: none with --data; the world brings its own)")
-        p.add_argument("--train-transform", action="store_true", help="the official training HD transform (1.5x "
-                       "wider grid, centred padding) instead of inference's")
+        p.add_argument("--train-transform", action="store_true", help="the official training HD transform (a crop grid "
+                       "up to 1.5x as wide as the inference transform's, centred padding) instead of inference's")
         p.add_argument("--freeze-vision", choices=["yes", "no"], default="yes",
                        help="the ViT and vision_proj frozen (yes: the paper's setting) or trained (no)")
     if stage == "rm":
-        p.add_argument("--head", choices=["linear", "mlp"], help="IXC's score head or BaseReward's MLP")
+        p.add_argument("--head", choices=["linear", "mlp"], help="IXC's score head (one linear layer) or an MLP head "
+                       "(linear, SiLU, linear), as BaseReward's reward models use")
         p.add_argument("--share-prefix", type=int, choices=[0, 1], help="score each sequence alone (0), or run a "
                        "pair's common image + prompt once for both answers (1: the same rewards, less compute); off "
                        "under --fsdp and --grad-ckpt")
