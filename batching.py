@@ -13,9 +13,9 @@ The anchors: OpenRLHF's experience maker (micro-batches by tokens), TRL's chunke
 (device-resident sampling). docs/scale.md measures what this buys.
 """
 import math
-import queue
 import random
-import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -170,7 +170,7 @@ def to_device(t, device):
     copy overlaps the kernels already queued; elsewhere a plain move."""
     if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def ids_to_device(rows, device):
@@ -182,9 +182,9 @@ def ids_to_device(rows, device):
 class Prefetcher:
     """`prepare(item)` for each of `items`, computed on one background thread up to `depth` items ahead of the
     consumer, yielded in order: the host decodes images, tiles them and tokenises the next micro-batch while the
-    device computes this one. One worker keeps the order and every random draw of `prepare` what it is without
-    prefetching; `depth=0` prepares inline (the same results, no thread). An exception in `prepare` is raised in the
-    consumer, at the item that raised it."""
+    device computes this one. One worker runs the items in order, so every random draw of `prepare` is what it is
+    without prefetching; `depth=0` prepares inline (the same results, no thread). An exception in `prepare` is
+    raised in the consumer, at the item that raised it."""
 
     def __init__(self, prepare, items, depth=2):
         self.prepare, self.items, self.depth = prepare, list(items), depth
@@ -193,34 +193,22 @@ class Prefetcher:
         if self.depth == 0:
             yield from map(self.prepare, self.items)
             return
-        q, stop = queue.Queue(maxsize=self.depth), threading.Event()
-
-        def work():
-            for item in self.items:
-                try:
-                    out = (self.prepare(item), None)
-                except BaseException as e:  # re-raised in the consumer's thread
-                    out = (None, e)
-                while not stop.is_set():
-                    try:
-                        q.put(out, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if out[1] is not None or stop.is_set():
-                    return
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
+        pool = ThreadPoolExecutor(max_workers=1)
+        ahead = deque(pool.submit(self.prepare, item) for item in self.items[:self.depth])
         try:
-            for _ in self.items:
-                out, err = q.get()
-                if err is not None:
-                    raise err
+            for k in range(len(self.items)):
+                out = ahead.popleft().result()
+                if k + self.depth < len(self.items):
+                    ahead.append(pool.submit(self.prepare, self.items[k + self.depth]))
                 yield out
-        finally:
-            stop.set()
-            worker.join()
+        finally:  # a consumer that stops early leaves nothing running
+            pool.shutdown(cancel_futures=True)
+
+
+def pin(tensors, device):
+    """Host tensors in page-locked memory when they go to a GPU (to_device then copies them without blocking): the
+    prefetch thread pins, so the consumer does not."""
+    return [t.pin_memory() for t in tensors] if device.type == "cuda" else tensors
 
 
 def pad_right(rows, pad, device):

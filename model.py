@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import batching
 from data import DEFAULT_META, Tokenizer, atomic_write_bytes, atomic_write_text, chat_prompt, tokenize_segments
 from vision import CLIPVisionTower, VisionConfig, build_vision_proj, hd_views, layout_tokens, load_visual
 
@@ -346,7 +347,7 @@ class InternLMXComposer2(nn.Module):
     def encode_images(self, pixel_list):
         """HD pixel tensors -> projected image tokens [n_i, D] each (one ViT batch over all views of all images)."""
         crop, grid = self.cfg.vision.image_size, self.cfg.vision.grid
-        views, grids = zip(*(hd_views(p.to(self.device), crop) for p in pixel_list))
+        views, grids = zip(*(hd_views(batching.to_device(p, self.device), crop) for p in pixel_list))
         feats = self.vit(torch.cat(views).to(self.dtype))
         tokens, start = [], 0
         for hw in grids:

@@ -177,7 +177,8 @@ class SFTObjective(nn.Module):
         m, seqs, flags = self.model, [], []
         for s in samples:
             segments, f = data.sft_segments(m.tokenizer, s)
-            seqs.append((segments, pinned(m.load_images(s["images"], self.hd_num, self.train_transform), m.device)))
+            pixels = m.load_images(s["images"], self.hd_num, self.train_transform)
+            seqs.append((segments, batching.pin(pixels, m.device)))
             flags.append(torch.tensor(f))
         return seqs, flags
 
@@ -187,16 +188,12 @@ class SFTObjective(nn.Module):
         labels = torch.full_like(batch["ids"], -100)
         for b, f in enumerate(flags):
             text = (batch["ids"][b] != -100).nonzero().squeeze(1)  # text positions in order (images, padding: -100)
-            labels[b, text[f.to(m.device)]] = batch["ids"][b, text[f.to(m.device)]]
+            answer = text[f.to(m.device)]
+            labels[b, answer] = batch["ids"][b, answer]
         logits = m(batch["embeds"], batch["im_mask"], batch["attention_mask"])
         target = labels[:, 1:]
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
         return (ce.sum(1) / (target != -100).sum(1)).sum()
-
-
-def pinned(pixels, device):
-    """Pixel tensors in page-locked memory when they go to a GPU, so that their copy does not block the host."""
-    return [p.pin_memory() for p in pixels] if device.type == "cuda" else pixels
 
 
 def sft_data(a):
@@ -297,7 +294,7 @@ class PairRewards(nn.Module):
 
     def prepare(self, pairs):
         """The host's part, run ahead of the device by batching.Prefetcher: tokens, decoded and tiled images."""
-        return [(segments, pinned(pixels, self.model.device)) for segments, pixels in
+        return [(segments, batching.pin(pixels, self.model.device)) for segments, pixels in
                 (self.model.sequence(data.reward_template(conv), p["images"], self.hd_num, self.train_transform)
                  for p in pairs for conv in (p["chosen"], p["rejected"]))]
 
