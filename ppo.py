@@ -35,7 +35,7 @@ import data
 import figures
 from world import WORLD_SFT, checker, store
 from model import InternLMXComposer2
-from reward import RewardModel
+from reward import RewardModel, reward_norm
 
 
 def add_args(p):
@@ -305,14 +305,6 @@ class Roles:
     ref: nn.Module              # PolicyLogprobs of the frozen reference
     critic: nn.Module | None    # CriticValues; None for RLOO
     rms: list                   # RewardScore of each frozen reward model, averaged
-
-
-def reward_norm(rm, normalize):
-    """(mean, std) the scores are normalised with: the held-out statistics the RM stage stored, when asked and
-    stored (load_roles says when they are not)."""
-    if not normalize or rm.cfg.reward_mean is None:
-        return 0.0, 1.0
-    return rm.cfg.reward_mean, rm.cfg.reward_std
 
 
 # the reward template's ending after a response: end-of-turn (added when the response has none), then this

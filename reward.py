@@ -153,12 +153,20 @@ class RewardModel(InternLMXComposer2):
         return (order, scores) if return_logits else order
 
 
+def reward_norm(rm, normalize):
+    """(mean, std) a reward model's scores are standardised with: the held-out statistics the RM stage stored, when
+    asked and stored (a checkpoint without them, the released one, scores as it is)."""
+    if not normalize or rm.cfg.reward_mean is None:
+        return 0.0, 1.0
+    return rm.cfg.reward_mean, rm.cfg.reward_std
+
+
 def ensemble_scores(rms, convs, images, hd_num, normalize=False):
     """Mean over reward models of their scores (each optionally standardised by its stored held-out mean/std)."""
     total = torch.zeros(len(convs))
     for rm in rms:
-        s = torch.tensor(rm.score_list(convs, images, hd_num=hd_num))
-        total += (s - (rm.cfg.reward_mean or 0.0)) / (rm.cfg.reward_std or 1.0) if normalize else s
+        mean, std = reward_norm(rm, normalize)
+        total += (torch.tensor(rm.score_list(convs, images, hd_num=hd_num)) - mean) / std
     return (total / len(rms)).tolist()
 
 
