@@ -700,13 +700,13 @@ CURVES = ["score", "kl", "train_accuracy", "value_loss", "entropy", "response_le
 def finish(run, policy, held, summary, stats):
     """summary.json (held-out accuracy before and after, the last KL), curves.svg and overoptimisation.svg."""
     args, out, rank = run.a, run.out, run.rank
-    if stats is None:  # resumed a finished run: its last logged iteration
-        stats = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    summary["kl"] = stats["kl"]
-    if rank == 0:  # the README's KL: the mean over the last 20 iterations, steadier than the last one
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        kls = [m["kl"] for m in lines if "phase" not in m][-20:]
-        summary["kl_last_20"] = sum(kls) / len(kls)
+    # the logged iterations (not the held-out checks): a resumed finished run's last KL, and on rank 0 the README's
+    # KL, the mean over the last 20 iterations, steadier than the last one
+    iterations = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "phase" not in m] \
+        if rank == 0 or stats is None else []
+    summary["kl"] = stats["kl"] if stats is not None else iterations[-1]["kl"]
+    if iterations:
+        summary["kl_last_20"] = sum(m["kl"] for m in iterations[-20:]) / len(iterations[-20:])
     if held and rank == 0:
         summary.update(checker.tagged(checker.eval_policy(policy, held, args.hd_num), "after"))
         if "accuracy_before" not in summary:  # measured before a resume, in the summary written then
